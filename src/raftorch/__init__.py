@@ -1,0 +1,2 @@
+"""raftorch: train neural networks with low-dimensional error feedback."""
+__version__ = "0.1.0"

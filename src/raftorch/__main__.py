@@ -1,0 +1,5 @@
+import sys
+
+from raftorch.cli import main
+
+sys.exit(main())
