@@ -1,0 +1,67 @@
+"""The paper's models, written once and rule-agnostic.
+
+Every model here is a plain PyTorch module built from ``nn.Linear`` / ``nn.Conv2d``;
+:func:`raftorch.convert` decides how it learns (BP, FA, RAF, ...). No model has a copy per rule.
+
+``build_model(name, input_shape, num_classes, **options)`` builds one by name:
+
+========  ==========================================================  =====================
+name      model                                                       paper
+========  ==========================================================  =====================
+``mlp``   fully connected, ReLU, optional BatchNorm1d                 Fig. 3a-d (4 x 512)
+``vgg``   four 3x3 conv blocks with BatchNorm, FC 256, dropout        Fig. 3e, 4a-b, Tab. C1
+``vit``   vision transformer, pre-norm, class token, learned pos.     Fig. 3f
+``retina`` Lindsey et al.'s retina-VVS net with a retina bottleneck   Fig. 4c-d, Tab. C2
+========  ==========================================================  =====================
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from torch import nn
+
+from raftorch.models.mlp import MLP
+from raftorch.models.retina import RetinaVVS
+from raftorch.models.vgg import VGG
+from raftorch.models.vit import ViT
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "vgg": VGG,
+    "vit": ViT,
+    "retina": RetinaVVS,
+}
+
+
+def model_options(name: str) -> dict[str, object]:
+    """The keyword options of model ``name`` and their defaults."""
+    cls = _lookup(name)
+    params = list(inspect.signature(cls).parameters.values())[2:]  # skip input_shape, num_classes
+    return {p.name: p.default for p in params}
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **options) -> nn.Module:
+    """Build model ``name`` for inputs of shape ``input_shape`` (without the batch dimension).
+
+    ``options`` are the model's keyword arguments (see :func:`model_options`); an unknown
+    option raises a ``ValueError`` that lists the accepted ones.
+    """
+    cls = _lookup(name)
+    known = model_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"model {name!r} has no option(s) {', '.join(map(repr, unknown))}; "
+            f"its options are: {', '.join(f'{k}={v!r}' for k, v in known.items())}"
+        )
+    return cls(tuple(input_shape), int(num_classes), **options)
+
+
+def _lookup(name: str):
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+__all__ = ["MLP", "VGG", "ViT", "RetinaVVS", "MODELS", "build_model", "model_options"]

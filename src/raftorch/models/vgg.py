@@ -1,0 +1,65 @@
+"""VGG-like convolutional network of the paper's Table C1 (Fig. 3e, 4a-b)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+from torch import Tensor, nn
+
+
+class VGG(nn.Module):
+    r"""Four blocks of two 3x3 convolutions, then a small classifier (paper, Table C1).
+
+    Each convolution is ``Conv2d(3x3, padding=1) -> ReLU -> BatchNorm2d`` (the table's order).
+    Blocks 1-3 end with a 2x2 max-pool, block 4 with an adaptive average pool to 1x1;
+    the classifier is ``Linear(C_4, fc) -> ReLU -> Dropout -> Linear(fc, classes)``.
+
+    Args:
+        input_shape: ``(C, H, W)`` of one image.
+        num_classes: number of outputs.
+        widths: channels of the four blocks (paper: ``(64, 128, 256, 512)``).
+        width_mult: multiplies every width (and ``fc``), e.g. ``0.25`` for a CPU-sized
+            net with blocks 16-32-64-128. Widths are rounded, never below 1.
+        fc: width of the hidden fully connected layer (paper: 256).
+        dropout: dropout probability in the classifier (the paper's value is not given; 0.5).
+
+    Shape:
+        Input ``(N, C, H, W)`` with ``H, W >= 8`` (three 2x2 pools), output ``(N, num_classes)``.
+
+    Module names: ``features.block{b}.conv{1,2}`` and ``classifier.fc1`` / ``classifier.fc2``,
+    so ``ranks={"features.block4.*": r}`` limits the feedback of the 512-channel block.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int,
+                 widths: Sequence[int] = (64, 128, 256, 512), width_mult: float = 1.0,
+                 fc: int = 256, dropout: float = 0.5):
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(f"vgg needs image inputs (C, H, W), got input shape {tuple(input_shape)}")
+        scale = lambda w: max(1, int(round(w * width_mult)))  # noqa: E731
+        self.widths = tuple(scale(w) for w in widths)
+        blocks: OrderedDict[str, nn.Module] = OrderedDict()
+        c_in = input_shape[0]
+        for b, w in enumerate(self.widths, start=1):
+            layers: OrderedDict[str, nn.Module] = OrderedDict()
+            for i in (1, 2):
+                layers[f"conv{i}"] = nn.Conv2d(c_in, w, kernel_size=3, padding=1)
+                layers[f"relu{i}"] = nn.ReLU()
+                layers[f"bn{i}"] = nn.BatchNorm2d(w)
+                c_in = w
+            if b < len(self.widths):
+                layers["pool"] = nn.MaxPool2d(2)
+            blocks[f"block{b}"] = nn.Sequential(layers)
+        blocks["avgpool"] = nn.AdaptiveAvgPool2d(1)
+        self.features = nn.Sequential(blocks)
+        hidden = scale(fc)
+        self.classifier = nn.Sequential(OrderedDict([
+            ("flatten", nn.Flatten()),
+            ("fc1", nn.Linear(c_in, hidden)),
+            ("relu", nn.ReLU()),
+            ("dropout", nn.Dropout(dropout)),
+            ("fc2", nn.Linear(hidden, num_classes)),
+        ]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
