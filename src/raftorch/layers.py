@@ -1,0 +1,271 @@
+"""Drop-in ``Linear`` and ``Conv2d`` layers that learn with a chosen feedback rule.
+
+They subclass ``torch.nn.Linear`` / ``torch.nn.Conv2d``: the forward pass, the ``weight`` and
+``bias`` parameters, ``state_dict`` keys, ``.to()``, ``deepcopy`` and optimizers are those of
+PyTorch. Only the backward pass changes (:mod:`raftorch.functional`), and the feedback weights
+are ordinary ``nn.Parameter``s (``B`` or ``Q``, ``P``); fixed ones have
+``requires_grad=False``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from raftorch import functional as RF
+from raftorch.rules import Rule, check_rank, get_rule
+
+_OJA_KEYS = {"oja_source": "source", "oja_center": "center", "oja_scale": "scale", "oja_reduce": "reduce"}
+OPTIONS = tuple(_OJA_KEYS)
+
+
+def _parse_options(rule: Rule, options: dict) -> RF.OjaOptions | None:
+    unknown = sorted(set(options) - set(_OJA_KEYS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; valid options are {list(_OJA_KEYS)}")
+    if options and "P" not in rule.learns:
+        raise ValueError(
+            f"options {sorted(options)} set how P learns (Oja's rule), but rule {rule.name!r} "
+            "does not learn P; use rule='raf' or drop them"
+        )
+    if "P" not in rule.learns:
+        return None
+    return RF.OjaOptions(**{_OJA_KEYS[k]: v for k, v in options.items()})
+
+
+class FeedbackLayer:
+    """What ``raftorch.Linear`` and ``raftorch.Conv2d`` share: the rule, the rank, the
+    feedback parameters and their initialisation.
+
+    Initialisation: ``B`` is drawn like the forward weight (``U(-1/sqrt(fan_in), +)``);
+    ``P`` has random orthonormal rows (Oja's rule keeps them orthonormal); ``Q`` is uniform
+    with the scale that gives ``B = Q P`` the same entry variance as ``B`` of ``fa``.
+    """
+
+    rule: Rule
+    rank: int | None
+    oja: RF.OjaOptions | None
+
+    def _setup_feedback(self, rule, rank, rank_limit: int, options: dict) -> None:
+        self.rule = get_rule(rule)
+        self.rank = check_rank(self.rule, rank, rank_limit, layer=type(self).__name__)
+        self.oja = _parse_options(self.rule, options)
+        if self.oja is not None and self.oja.source == "target":
+            if not isinstance(self, nn.Linear):
+                raise ValueError("oja_source='target' is only meaningful for a Linear output layer")
+            self._targets = RF.TargetSlot(f"{type(self).__name__}({self.extra_repr()})")
+        else:
+            self._targets = None
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        for name, shape in self._feedback_shapes().items():
+            p = nn.Parameter(torch.empty(shape, **factory), requires_grad=name in self.rule.learns)
+            self.register_parameter(name, p)
+        self.reset_feedback()
+
+    # subclasses say how big their feedback weights are and how they enter the math
+    def _feedback_shapes(self) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _fan_in(self) -> int:
+        return self.weight[0].numel()
+
+    def _rank_per_group(self) -> int:
+        return self.rank
+
+    @torch.no_grad()
+    def reset_feedback(self) -> None:
+        """Draw new random feedback weights (see the class docstring for the distributions)."""
+        bound = 1.0 / math.sqrt(self._fan_in())
+        if self.rule.path == "full":
+            self.B.uniform_(-bound, bound)
+        elif self.rule.path == "lowrank":
+            nn.init.orthogonal_(self.P)
+            n_out = self.P.shape[1]
+            self.Q.uniform_(-1.0, 1.0).mul_(math.sqrt(n_out / (self._rank_per_group() * self._fan_in())))
+
+    def feedback_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the feedback parameters (empty for ``bp``)."""
+        return {n: tuple(getattr(self, n).shape) for n in self.rule.feedback_names}
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        rank = f", rank={self.rank}" if self.rank is not None else ""
+        oja = ""
+        if self.oja is not None and self.oja != RF.OjaOptions():
+            oja = f", oja={self.oja}"
+        return f"{base}, rule={self.rule.name!r}{rank}{oja}"
+
+
+class Linear(FeedbackLayer, nn.Linear):
+    r"""``y = x W^T + b``, trained with the feedback rule ``rule``.
+
+    Args:
+        in_features, out_features, bias: as ``torch.nn.Linear``.
+        rule: ``"bp"``, ``"fa"``, ``"kp"``, ``"fa-lowrank"``, ``"raf-q"`` or ``"raf"``
+            (see :mod:`raftorch.rules`).
+        rank: rank ``r`` of the feedback path for the low-rank rules, clamped to
+            ``min(in_features, out_features)``.
+        **options: Oja options for ``rule="raf"``: ``oja_source``, ``oja_center``,
+            ``oja_scale``, ``oja_reduce`` (see :class:`raftorch.functional.OjaOptions`).
+
+    Feedback parameters: ``B`` ``(in_features, out_features)`` for ``fa``/``kp``;
+    ``Q`` ``(in_features, r)`` and ``P`` ``(r, out_features)`` for the low-rank rules.
+
+    Shape: input ``(*, in_features)`` (token tensors ``(N, T, D)`` included), output
+    ``(*, out_features)``. Backward: ``grad_input = grad_output B^T`` with ``B = W^T``,
+    ``B`` or ``Q P``; ``grad_W`` is always the exact ``grad_output^T input``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 rule: str = "raf", rank: int | None = None, device=None, dtype=None, **options):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._setup_feedback(rule, rank, min(in_features, out_features), options)
+
+    def _feedback_shapes(self):
+        if self.rule.path == "full":
+            return {"B": (self.in_features, self.out_features)}
+        if self.rule.path == "lowrank":
+            return {"Q": (self.in_features, self.rank), "P": (self.rank, self.out_features)}
+        return {}
+
+    def forward(self, input: Tensor) -> Tensor:
+        path = self.rule.path
+        if path == "lowrank":
+            return RF.LinearLowRankFeedback.apply(
+                input, self.weight, self.bias, self.Q, self.P, self.oja, self._targets
+            )
+        B = self.B if path == "full" else self.weight.detach().t()
+        return RF.LinearFullFeedback.apply(input, self.weight, self.bias, B)
+
+    @torch.no_grad()
+    def feedback_matrix(self) -> Tensor:
+        """The effective feedback matrix ``B`` ``(in_features, out_features)``:
+        ``W^T`` for bp, ``B`` for fa/kp, ``Q P`` for the low-rank rules."""
+        if self.rule.path == "lowrank":
+            return self.Q @ self.P
+        if self.rule.path == "full":
+            return self.B.detach().clone()
+        return self.weight.t().clone()
+
+    @torch.no_grad()
+    def weight_transpose(self) -> Tensor:
+        """``W^T`` in the layout of :meth:`feedback_matrix` (what backprop would use)."""
+        return self.weight.t().clone()
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class Conv2d(FeedbackLayer, nn.Conv2d):
+    r"""2-d convolution trained with the feedback rule ``rule``.
+
+    Arguments as ``torch.nn.Conv2d`` (stride, padding, dilation and groups all supported;
+    ``padding_mode="zeros"`` only), plus ``rule``, ``rank`` and ``**options`` as
+    :class:`Linear`. The rank counts **channels** of the error map and is clamped to
+    ``min(out_channels, in_channels * kH * kW)``.
+
+    Feedback parameters: ``B`` with the weight's shape ``(C_out, C_in / groups, kH, kW)``
+    for ``fa``/``kp``, used like the transpose of the forward convolution;
+    ``Q`` ``(r, C_in / groups, kH, kW)`` (a transposed convolution with the forward
+    stride, padding, dilation and groups) and ``P`` ``(r, C_out)`` (a 1x1 convolution) for the
+    low-rank rules.
+
+    Groups: ``P`` mixes all output channels into the ``r`` error channels; the ``r`` channels
+    are then split evenly between the groups, group ``j`` of the input receiving the
+    ``r / groups`` channels ``j r/groups ... (j+1) r/groups - 1`` through its slice of ``Q``.
+    So the rank must be a multiple of ``groups``.
+
+    Shape: input ``(N, C_in, H, W)``, output ``(N, C_out, H_out, W_out)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
+                 rule: str = "raf", rank: int | None = None, device=None, dtype=None, **options):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device=device, dtype=dtype)
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"raftorch.Conv2d supports padding_mode='zeros' only, got {padding_mode!r}; "
+                "pad the input explicitly (F.pad) before a zero-padded convolution"
+            )
+        self.geometry = RF.ConvGeometry(
+            _pair(self.stride), self._explicit_padding(), _pair(self.dilation), groups
+        )
+        kh, kw = self.kernel_size
+        limit = min(out_channels, in_channels * kh * kw)
+        self._setup_feedback(rule, rank, limit, options)
+        if self.rank is not None and self.rank % groups:
+            raise ValueError(
+                f"rank {self.rank} does not fit groups={groups}: the error channels are split "
+                f"evenly between groups, so the rank must be a multiple of {groups}"
+            )
+
+    def _explicit_padding(self) -> tuple[int, int]:
+        if self.padding == "valid":
+            return (0, 0)
+        if self.padding == "same":
+            pads = []
+            for d, k in zip(_pair(self.dilation), self.kernel_size):
+                total = d * (k - 1)
+                if total % 2:
+                    raise ValueError(
+                        "padding='same' with an even kernel needs asymmetric padding, which "
+                        "raftorch.Conv2d does not support; pad explicitly instead"
+                    )
+                pads.append(total // 2)
+            return tuple(pads)
+        return _pair(self.padding)
+
+    def _feedback_shapes(self):
+        if self.rule.path == "full":
+            return {"B": tuple(self.weight.shape)}
+        if self.rule.path == "lowrank":
+            r = self.rank
+            return {"Q": (r, self.in_channels // self.groups, *self.kernel_size),
+                    "P": (r, self.out_channels)}
+        return {}
+
+    def _rank_per_group(self):
+        return self.rank // self.groups
+
+    def forward(self, input: Tensor) -> Tensor:
+        path = self.rule.path
+        if path == "lowrank":
+            return RF.Conv2dLowRankFeedback.apply(
+                input, self.weight, self.bias, self.Q, self.P, self.geometry, self.oja
+            )
+        B = self.B if path == "full" else self.weight.detach()
+        return RF.Conv2dFullFeedback.apply(input, self.weight, self.bias, B, self.geometry)
+
+    def _dense(self, kernel: Tensor) -> Tensor:
+        """A grouped kernel ``(C_out, C_in/g, kH, kW)`` as its dense equivalent
+        ``(C_out, C_in, kH, kW)`` (zeros between groups)."""
+        g = self.groups
+        if g == 1:
+            return kernel.detach().clone()
+        co, ci = self.out_channels // g, self.in_channels // g
+        dense = kernel.new_zeros(self.out_channels, self.in_channels, *kernel.shape[2:])
+        for j in range(g):
+            dense[j * co:(j + 1) * co, j * ci:(j + 1) * ci] = kernel[j * co:(j + 1) * co]
+        return dense
+
+    @torch.no_grad()
+    def feedback_matrix(self) -> Tensor:
+        """The effective feedback kernel ``K`` ``(C_out, C_in, kH, kW)`` (dense over groups):
+        the error sent down is ``conv_transpose2d(grad_output, K)`` with the forward
+        geometry. ``W`` for bp, ``B`` for fa/kp, ``sum_k P[k, o] Q[k, c]`` for low rank."""
+        if self.rule.path != "lowrank":
+            return self._dense(self.B if self.rule.path == "full" else self.weight)
+        g, r = self.groups, self.rank
+        rg, ci = r // g, self.in_channels // g
+        P = self.P.view(g, rg, self.out_channels)
+        Q = self.Q.view(g, rg, ci, *self.kernel_size)
+        blocks = torch.einsum("gko,gkchw->gochw", P, Q)  # (g, C_out, C_in/g, kH, kW)
+        return torch.cat(list(blocks), dim=1)
+
+    @torch.no_grad()
+    def weight_transpose(self) -> Tensor:
+        """The weight in the layout of :meth:`feedback_matrix` (what backprop would use)."""
+        return self._dense(self.weight)

@@ -1,0 +1,108 @@
+"""The learning rules: which feedback path a layer uses and which of its parts learn.
+
+Every rule sends the error arriving at a layer's output, ``delta_{l+1}`` (``grad_output`` in
+PyTorch), back to the layer's input through a feedback matrix ``B_l``
+(``delta_l = B_l delta_{l+1}``, then the nonlinearity's own backward multiplies by ``f'``).
+The weight update is the same for every rule: ``grad_W = delta_{l+1} h_l^T``. Only ``B_l``
+differs (see ``shared/design/ALGORITHM.md`` for the equations):
+
+============  ====================  =================================================
+rule          feedback ``B_l``      what learns in the feedback path
+============  ====================  =================================================
+bp            ``W_l^T``             nothing (weight transport; exact backprop)
+fa            ``B`` fixed random    nothing (Lillicrap et al. 2016)
+kp            ``B`` learned         ``grad_B = grad_W^T`` (Kolen-Pollack; with weight decay
+                                    on both, ``B - W^T`` decays to 0)
+fa-lowrank    ``Q P`` fixed random  nothing (the paper's Fig. 2c baseline)
+raf-q         ``Q P``, ``P`` fixed  ``Q`` by the Kolen-Pollack-like rule
+raf           ``Q P``               ``Q`` Kolen-Pollack-like, ``P`` Oja's subspace rule
+============  ====================  =================================================
+
+The arithmetic of each path lives in :mod:`raftorch.functional`; this module only names the
+rules and validates ranks.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One learning rule.
+
+    ``path`` is the feedback path: ``"transpose"`` (``B = W^T``), ``"full"`` (a full-rank
+    ``B``) or ``"lowrank"`` (``B = Q P``). ``learns`` names the feedback parameters that
+    receive a local update in ``.grad``; the others are fixed (``requires_grad=False``).
+    """
+
+    name: str
+    path: str
+    learns: tuple[str, ...]
+    summary: str
+
+    @property
+    def low_rank(self) -> bool:
+        return self.path == "lowrank"
+
+    @property
+    def feedback_names(self) -> tuple[str, ...]:
+        return {"transpose": (), "full": ("B",), "lowrank": ("Q", "P")}[self.path]
+
+
+RULES: dict[str, Rule] = {
+    r.name: r
+    for r in [
+        Rule("bp", "transpose", (), "backpropagation: B = W^T"),
+        Rule("fa", "full", (), "feedback alignment: fixed random full-rank B"),
+        Rule("kp", "full", ("B",), "Kolen-Pollack: B learns with grad_B = grad_W^T"),
+        Rule("fa-lowrank", "lowrank", (), "fixed random low-rank B = Q P"),
+        Rule("raf-q", "lowrank", ("Q",), "B = Q P, Q Kolen-Pollack-like, P fixed"),
+        Rule("raf", "lowrank", ("Q", "P"), "B = Q P, Q Kolen-Pollack-like, P Oja subspace rule"),
+    ]
+}
+
+
+def get_rule(rule: str | Rule) -> Rule:
+    """Look a rule up by name; raise ``ValueError`` listing the valid names otherwise."""
+    if isinstance(rule, Rule):
+        return rule
+    if isinstance(rule, str) and rule.lower() in RULES:
+        return RULES[rule.lower()]
+    extra = ""
+    if isinstance(rule, str) and rule.lower() in ("dfa", "draf"):
+        extra = (
+            " Direct rules send the error of a source layer straight to earlier layers; "
+            "they are not per-layer rules and need the direct-feedback wiring."
+        )
+    raise ValueError(
+        f"unknown rule {rule!r}; choose one of {', '.join(repr(n) for n in RULES)}.{extra}"
+    )
+
+
+def check_rank(rule: Rule, rank, limit: int, *, layer: str = "layer") -> int | None:
+    """Validate ``rank`` for ``rule`` and clamp it to ``limit``.
+
+    Full-rank rules take no rank (``None``); low-rank rules need a positive integer, which is
+    clamped to ``limit`` (``min(in, out)`` for a Linear): a feedback path cannot carry more
+    independent directions than that. ``rank="full"`` means ``limit``.
+    """
+    if not rule.low_rank:
+        if rank is not None:
+            raise ValueError(
+                f"rule {rule.name!r} uses full-rank feedback and takes no rank (got rank={rank!r}); "
+                f"use a low-rank rule ('fa-lowrank', 'raf-q', 'raf') to limit the rank"
+            )
+        return None
+    if rank == "full":
+        return int(limit)
+    if rank is None:
+        raise ValueError(
+            f"rule {rule.name!r} needs a rank: pass rank=r, a positive integer "
+            f"(the paper uses r about the number of classes, e.g. rank=10 for CIFAR-10)"
+        )
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise ValueError(f"rank must be a positive integer or 'full', got {rank!r} for {layer}")
+    if rank <= 0:
+        raise ValueError(f"rank must be a positive integer (>= 1), got {rank} for {layer}")
+    return int(min(rank, limit))
