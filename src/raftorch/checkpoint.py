@@ -1,0 +1,62 @@
+"""Atomic result files and checkpoints of a run folder.
+
+Every file is written to a temporary file in the same folder and renamed over the target,
+so a run killed at any moment leaves either the old or the new file, never a torn one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+FINAL = "final.json"
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    _atomic_write(Path(path), lambda f: f.write(text), "w")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Rewrite a JSON-lines file with ``records`` (the whole history: small, and never torn)."""
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    _atomic_write(Path(path), lambda f: torch.save(state, f), "wb")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors, numbers, strings only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a bad file
+        raise ValueError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
+                         f"it is corrupt: delete the run folder's checkpoint to start over") from None

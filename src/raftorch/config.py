@@ -1,0 +1,156 @@
+"""The settings of one training run: a flat dataclass, read from YAML and command-line flags.
+
+Precedence: the defaults below < a YAML file (``--config``) < command-line flags. Every
+hyperparameter of the paper's appendix is a field here, never a literal in the training code.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. YAML keys and ``--flag-names`` are these field names."""
+
+    # data
+    data: str = "digits"  # digits | fashion-mnist | cifar10 | cifar100 | cifar100:K
+    data_dir: str | None = None  # else $RAFTORCH_DATA, else ~/.cache/raftorch
+    download: bool = False  # fetch a missing dataset (needs a network)
+    grayscale: bool = False  # one luma channel (paper Fig. 4)
+    val_fraction: float = 0.0  # stratified held-out part of the training set
+    crop_padding: int = 0  # random crop after zero-padding by this many pixels (0: off)
+    flip: bool = False  # random horizontal flip
+    cutout: int = 0  # side of the cutout square (0: off)
+    # model
+    model: str = "mlp"  # mlp | vgg | vit | retina
+    model_options: dict[str, Any] = field(default_factory=dict)  # keyword options of the model
+    # learning rule (raftorch.convert)
+    rule: str = "bp"  # bp | fa | kp | fa-lowrank | raf-q | raf | dfa | draf
+    rank: int | None = None  # feedback rank of every converted layer
+    ranks: dict[str, int] = field(default_factory=dict)  # per-layer ranks: module name / glob -> rank
+    rule_options: dict[str, Any] = field(default_factory=dict)  # other convert() options
+    # optimisation
+    optimizer: str = "adam"  # adam | adamw | sgd | rmsprop
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    amsgrad: bool = False  # Adam / AdamW only (the paper uses Adam with AMSGrad)
+    momentum: float = 0.0  # SGD / RMSProp only
+    lr_decay: float = 1.0  # the learning rate is multiplied by this after every epoch
+    feedback_lr: float | None = None  # learning rate of feedback parameters (B, Q, P); None: lr
+    feedback_weight_decay: float | None = None  # None: weight_decay
+    batch_size: int = 32  # global batch: split over the processes of a distributed run
+    epochs: int = 20
+    seed: int = 0
+    # runtime
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    bf16: bool = False  # bfloat16 autocast for the forward pass
+    eval_batch_size: int = 1000
+    out: str | None = None  # run folder; None: write nothing
+
+    # Fields that may differ when a run is resumed (they do not change the numbers).
+    RESUMABLE_CHANGES = ("epochs", "device", "data_dir", "download", "out")
+
+    @classmethod
+    def fields(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        """Build from a mapping; an unknown key raises a ``ValueError`` naming the known ones."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(cls.fields()))
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {', '.join(map(repr, unknown))}; "
+                             f"known settings: {', '.join(cls.fields())}")
+        cfg = cls(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()})
+        cfg.validate(source)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def validate(self, source: str = "config") -> None:
+        """Raise one clear ``ValueError`` for the first bad setting."""
+        from raftorch.data import parse_dataset_name
+        from raftorch.models import MODELS, model_options
+
+        def bad(msg: str):
+            raise ValueError(f"{source}: {msg}")
+
+        parse_dataset_name(self.data)
+        if self.model not in MODELS:
+            bad(f"unknown model {self.model!r}; choose one of {', '.join(sorted(MODELS))}")
+        if not isinstance(self.model_options, dict):
+            bad("model_options must be a mapping, e.g. {hidden: [512, 512]}")
+        unknown = sorted(set(self.model_options) - set(model_options(self.model)))
+        if unknown:
+            known = ", ".join(f"{k}={v!r}" for k, v in model_options(self.model).items())
+            bad(f"model {self.model!r} has no option(s) {', '.join(map(repr, unknown))}; its options: {known}")
+        if not isinstance(self.rule, str) or not self.rule:
+            bad(f"rule must be a rule name such as 'bp' or 'raf', got {self.rule!r}")
+        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
+            bad(f"rank must be a positive whole number or null, got {self.rank!r}")
+        if not isinstance(self.ranks, dict) or any(
+                not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in self.ranks.values()):
+            bad(f"ranks must map module names (or glob patterns) to positive whole numbers, got {self.ranks!r}")
+        if not isinstance(self.rule_options, dict):
+            bad("rule_options must be a mapping, e.g. {oja_source: target}")
+        if self.optimizer not in OPTIMIZERS:
+            bad(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.amsgrad and self.optimizer not in ("adam", "adamw"):
+            bad(f"amsgrad applies to adam / adamw only, not {self.optimizer!r}")
+        if self.momentum and self.optimizer not in ("sgd", "rmsprop"):
+            bad(f"momentum applies to sgd / rmsprop only, not {self.optimizer!r}")
+        for name in ("lr", "eval_batch_size", "batch_size", "epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                bad(f"{name} must be a positive number, got {value!r}")
+        for name in ("batch_size", "epochs", "eval_batch_size", "seed", "crop_padding", "cutout"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                bad(f"{name} must be a non-negative whole number, got {value!r}")
+        if self.feedback_lr is not None and self.feedback_lr <= 0:
+            bad(f"feedback_lr must be positive or null, got {self.feedback_lr!r}")
+        for name in ("weight_decay", "momentum"):
+            if getattr(self, name) < 0:
+                bad(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.feedback_weight_decay is not None and self.feedback_weight_decay < 0:
+            bad(f"feedback_weight_decay must be >= 0 or null, got {self.feedback_weight_decay!r}")
+        if not 0 < self.lr_decay <= 1:
+            bad(f"lr_decay is the per-epoch factor on the learning rate and must be in (0, 1], "
+                f"got {self.lr_decay!r} (e.g. 0.975)")
+        if not 0 <= self.val_fraction < 1:
+            bad(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            bad(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping (not yet validated)."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings, got {type(values).__name__}")
+    return values
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,467 @@
+"""``raftorch train``: train one model on one dataset with one learning rule.
+
+The whole training path is :func:`train`: load the data into memory, build the model,
+``raftorch.convert`` it to the rule, then per epoch: shuffled batches sliced from the tensors,
+forward, ``feed_targets``, backward, optimizer step; evaluate; write the checkpoint and the
+metrics. Distributed runs (``torchrun --nproc_per_node=N -m raftorch train ...``) use
+DistributedDataParallel: each process takes its slice of every global batch, and only
+rank 0 writes files.
+
+Run folder (``out``): ``config.yaml`` (every setting), ``metrics.jsonl`` (one line per epoch),
+``checkpoint.pt`` (the last finished epoch), ``final.json`` (the final epoch's numbers, with
+``test_accuracy`` as a fraction). All are written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from raftorch import checkpoint as ckpt
+from raftorch.config import TrainConfig, dump_config, load_config_file
+from raftorch.data import (Augmentation, CorruptDatasetError, DatasetNotFoundError, batch_indices,
+                           load_dataset, shard)
+from raftorch.models import build_model
+
+FEEDBACK_SUFFIXES = (".B", ".Q", ".P")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run folder keeps the last good checkpoint."""
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank), initialising the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if world > 1:
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def convert_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Swap the model's layers for the rule's (``bp`` keeps the plain PyTorch model)."""
+    if cfg.rule == "bp" and not cfg.ranks and cfg.rank is None and not cfg.rule_options:
+        return model
+    import raftorch
+
+    return raftorch.convert(model, cfg.rule, cfg.rank, ranks=cfg.ranks or None, **cfg.rule_options)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg``; feedback parameters (names ending in ``.B``, ``.Q``, ``.P``)
+    form their own group when ``feedback_lr`` or ``feedback_weight_decay`` is set."""
+    forward, feedback = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (feedback if name.endswith(FEEDBACK_SUFFIXES) else forward).append(p)
+    groups = [{"params": forward}]
+    if feedback:
+        groups.append({"params": feedback,
+                       "lr": cfg.lr if cfg.feedback_lr is None else cfg.feedback_lr,
+                       "weight_decay": (cfg.weight_decay if cfg.feedback_weight_decay is None
+                                        else cfg.feedback_weight_decay)})
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad, **fused)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad, **fused)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, **fused)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, *,
+             rank: int = 0, world: int = 1, autocast=nullcontext) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on ``(x, y)``, shared out over the processes."""
+    was_training = model.training
+    model.eval()
+    mine = shard(torch.arange(len(x)), rank, world)
+    totals = torch.zeros(2, dtype=torch.float64, device=x.device)  # loss sum, correct
+    for idx in torch.split(mine.to(x.device), batch_size):
+        with autocast():
+            logits = model(x[idx])
+        totals[0] += F.cross_entropy(logits.float(), y[idx], reduction="sum").double()
+        totals[1] += (logits.argmax(1) == y[idx]).sum()
+    if world > 1:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    return totals[0].item() / len(x), totals[1].item() / len(x)
+
+
+def _alignment(model: nn.Module) -> dict[str, float]:
+    from raftorch.metrics import alignment_angles
+
+    return {k: float(v) for k, v in alignment_angles(model).items()}
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Data order and augmentation of one epoch depend on (seed, epoch) only: resumable."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
+    """The checkpoint to resume from (or None); refuses to overwrite a finished or running run."""
+    path = out / ckpt.CHECKPOINT
+    if not resume:
+        if path.exists() or (out / ckpt.FINAL).exists():
+            raise ValueError(f"run folder {out} already holds a run; pass --resume to continue it, "
+                             f"or choose another --out")
+        return None
+    if not path.exists():
+        print(f"no checkpoint in {out}: starting a new run", file=sys.stderr)
+        return None
+    state = ckpt.load_checkpoint(path)
+    saved, now = dict(state["config"]), cfg.to_dict()
+    changed = [k for k in now if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if changed:
+        diffs = "; ".join(f"{k}: run has {saved.get(k)!r}, given {now[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume {out} with different settings ({diffs}); only "
+                         f"{', '.join(TrainConfig.RESUMABLE_CHANGES)} may change. Start a new run instead.")
+    return state
+
+
+# --------------------------------------------------------------------------- the training function
+
+def train(config: TrainConfig | dict[str, Any], *, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Train one run and return its final numbers (also written to ``out/final.json``).
+
+    Args:
+        config: a :class:`TrainConfig` or a mapping of its fields.
+        resume: continue from ``out/checkpoint.pt`` (a new run if there is none). The result
+            equals that of an uninterrupted run with the same seed.
+        progress: show a progress bar per epoch and a summary line per epoch.
+        stop_after: stop after this many finished epochs (as if the job were killed then),
+            leaving a resumable run folder; for time-limited job slots and tests.
+
+    Raises:
+        TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
+        ValueError: a bad setting. :class:`raftorch.data.DatasetNotFoundError`: no data.
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    cfg.validate()
+    rank, world, local_rank = _distributed()
+    device = _device(cfg.device, local_rank)
+    lead = rank == 0
+    out = Path(cfg.out) if cfg.out else None
+    if resume and out is None:
+        raise ValueError("resume needs the run folder: set out / --out")
+    if cfg.batch_size < world:
+        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} processes; "
+                         f"it is the global batch, split over the processes")
+    state = _check_run_folder(out, cfg, resume) if out else None
+
+    # data: in memory, on the device
+    def load():
+        return load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download and lead,
+                            grayscale=cfg.grayscale, val_fraction=cfg.val_fraction, seed=cfg.seed)
+
+    if world > 1 and not lead:
+        dist.barrier()  # rank 0 downloads, if it has to, before the others look
+    data = load().to(device)
+    if world > 1 and lead:
+        dist.barrier()
+    augment = Augmentation(cfg.crop_padding, cfg.flip, cfg.cutout)
+
+    # model, rule, optimizer
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_options)
+    plain = model
+    model = convert_model(model, cfg).to(device)
+    converted = model is not plain
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
+    torch.manual_seed(cfg.seed + 1 + rank)  # dropout: its own stream per process
+    history: list[dict[str, Any]] = []
+    start_epoch, elapsed = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if len(state["rng"]) == world:
+            _set_rng_state(state["rng"][rank], device)
+        history, start_epoch, elapsed = list(state["history"]), int(state["epoch"]), float(state["elapsed"])
+    if out and lead:
+        ckpt.write_text(out / ckpt.CONFIG, dump_config(cfg))
+        ckpt.write_jsonl(out / ckpt.METRICS, history)
+    net = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+           if world > 1 else model)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else nullcontext
+    import raftorch
+
+    feed_targets = getattr(raftorch, "feed_targets", None)
+
+    def sync_buffers():  # BatchNorm statistics: everyone uses rank 0's
+        if world > 1:
+            for b in model.buffers():
+                dist.broadcast(b, 0)
+
+    last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    for epoch in range(start_epoch, last_epoch):
+        net.train()
+        gen = _epoch_generator(cfg.seed, epoch)
+        batches = batch_indices(len(data.x_train), cfg.batch_size, shuffle=True, generator=gen)
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum, correct, seen = 0.0, torch.zeros((), device=device), 0
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=True if not (progress and lead) else None,
+                   leave=False, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        for step, batch in enumerate(bar):
+            params = augment.sample(len(batch), *data.input_shape[1:], gen) if augment else None
+            mine = shard(torch.arange(len(batch)), rank, world)
+            idx = batch[mine].to(device)
+            x, y = data.x_train[idx], data.y_train[idx]
+            if params is not None:
+                x = augment.apply(x, {k: v[mine] for k, v in params.items()})
+            with autocast():
+                logits = net(x)
+            # sum over my samples / my share of the global batch: DDP's average over the
+            # processes then gives the mean over the global batch, even for uneven shares
+            local_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+            loss = local_sum / (len(batch) / world)
+            optimizer.zero_grad(set_to_none=True)
+            if feed_targets is not None:
+                feed_targets(model, y)
+            loss.backward()
+            step_loss = local_sum.detach().double()
+            if world > 1:
+                dist.all_reduce(step_loss)
+            step_loss = step_loss.item()
+            if not math.isfinite(step_loss):
+                bar.close()
+                where = (f"the last good checkpoint ({out / ckpt.CHECKPOINT}, epoch {start_epoch}) is kept"
+                         if out and start_epoch else "no checkpoint was written")
+                raise TrainingDiverged(
+                    f"loss is {step_loss} at epoch {epoch + 1}, step {step + 1}: training diverged and "
+                    f"stopped; {where}. Start a new run with a lower learning rate (now {lr:g}).")
+            optimizer.step()
+            loss_sum += step_loss
+            seen += len(batch)
+            correct += (logits.argmax(1) == y).sum()
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        scheduler.step()
+
+        if world > 1:
+            dist.all_reduce(correct)
+        sync_buffers()
+        t1 = time.perf_counter()
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen,
+                                  "train_accuracy": correct.item() / seen}
+        if data.x_val is not None:
+            record["val_loss"], record["val_accuracy"] = evaluate(
+                model, data.x_val, data.y_val, cfg.eval_batch_size, rank=rank, world=world, autocast=autocast)
+        record["test_loss"], record["test_accuracy"] = evaluate(
+            model, data.x_test, data.y_test, cfg.eval_batch_size, rank=rank, world=world, autocast=autocast)
+        record["alignment"] = _alignment(model) if lead and converted else {}
+        record["seconds"] = seconds
+        record["eval_seconds"] = time.perf_counter() - t1
+        history.append(record)
+        elapsed += seconds
+        start_epoch = epoch + 1
+
+        rng = [_rng_state(device)]
+        if world > 1:
+            rng = [None] * world
+            dist.all_gather_object(rng, _rng_state(device))
+        if out and lead:
+            ckpt.save_checkpoint(out / ckpt.CHECKPOINT, {
+                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng, "history": history,
+                "elapsed": elapsed, "config": cfg.to_dict()})
+            ckpt.write_jsonl(out / ckpt.METRICS, history)
+        if progress and lead:
+            val = f" val {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
+                       f"train {record['train_accuracy']:.4f}{val} test {record['test_accuracy']:.4f} "
+                       f"({seconds:.1f} s)")
+
+    if start_epoch < cfg.epochs:  # stopped early on purpose: the run folder is resumable
+        return {"stopped_after_epoch": start_epoch, "history": history}
+    last = history[-1]
+    final = {
+        "test_accuracy": last["test_accuracy"],
+        "test_loss": last["test_loss"],
+        **({"val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"]} if "val_accuracy" in last else {}),
+        "train_loss": last["train_loss"],
+        "train_accuracy": last["train_accuracy"],
+        "epochs": cfg.epochs,
+        "seconds_per_epoch": elapsed / cfg.epochs,
+        "seconds_total": elapsed,
+        "parameters": sum(p.numel() for n, p in model.named_parameters() if not n.endswith(FEEDBACK_SUFFIXES)),
+        "feedback_parameters": sum(p.numel() for n, p in model.named_parameters() if n.endswith(FEEDBACK_SUFFIXES)),
+        "alignment": last["alignment"],
+        "world_size": world,
+        "device": str(device),
+        "data": cfg.data, "model": cfg.model, "rule": cfg.rule, "rank": cfg.rank, "seed": cfg.seed,
+    }
+    if out and lead:
+        ckpt.write_json(out / ckpt.FINAL, final)
+    return final
+
+
+# --------------------------------------------------------------------------- command line
+
+_FLAG_HELP = {
+    "data": "dataset: digits, fashion-mnist, cifar10, cifar100, cifar100:K (first K classes)",
+    "data_dir": "folder with the datasets (else $RAFTORCH_DATA, else ~/.cache/raftorch)",
+    "download": "download a missing dataset (needs a network)",
+    "grayscale": "convert images to one grayscale channel",
+    "val_fraction": "hold out this fraction of the training set for validation",
+    "crop_padding": "random-crop augmentation: pad by this many pixels (0: off)",
+    "flip": "random horizontal flip augmentation",
+    "cutout": "cutout augmentation: side of the square (0: off)",
+    "model": "model: mlp, vgg, vit, retina",
+    "model_options": "a model option as KEY=VALUE (YAML value), repeatable: --model-option hidden=[64,64]",
+    "rule": "learning rule: bp, fa, kp, fa-lowrank, raf-q, raf, dfa, draf",
+    "rank": "feedback rank of every converted layer",
+    "ranks": "rank of one layer as NAME=R (glob patterns allowed), repeatable: --layer-rank fc2=10",
+    "rule_options": "a raftorch.convert option as KEY=VALUE (YAML value), repeatable",
+    "optimizer": "adam, adamw, sgd, rmsprop",
+    "lr": "learning rate",
+    "weight_decay": "weight decay (L2, added to the gradient; decoupled for adamw)",
+    "amsgrad": "AMSGrad variant of Adam (the paper's optimizer)",
+    "momentum": "momentum of sgd / rmsprop",
+    "lr_decay": "multiply the learning rate by this after every epoch (paper: 0.975)",
+    "feedback_lr": "learning rate of the feedback parameters B, Q, P (default: --lr)",
+    "feedback_weight_decay": "weight decay of the feedback parameters (default: --weight-decay)",
+    "batch_size": "global batch size (split over the processes of a distributed run)",
+    "epochs": "number of epochs",
+    "seed": "random seed (same seed, same numbers on CPU)",
+    "device": "auto, cpu, cuda or cuda:N",
+    "bf16": "bfloat16 autocast for the forward pass",
+    "eval_batch_size": "batch size of evaluation",
+    "out": "run folder (default: runs/MODEL-DATA-RULE[-rRANK]-sSEED)",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every :class:`TrainConfig` field, plus ``--config``, ``--resume``, ``--no-progress``.
+
+    Flags left out keep the value of the config file, or the default.
+    """
+    parser.add_argument("--config", metavar="YAML", help="YAML file of settings (flags override it)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last checkpoint (its config.yaml is used)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or epoch lines")
+    defaults = TrainConfig()
+    for name, f in TrainConfig.fields().items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        help_text = _FLAG_HELP.get(name, name)
+        if "default" not in help_text and not isinstance(default, (bool, dict)):
+            help_text += f" (default: {default})"
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif name in ("model_options", "rule_options", "ranks"):
+            parser.add_argument(flag.rstrip("s") if name != "ranks" else "--layer-rank", action="append",
+                                metavar="KEY=VALUE", **kw)
+        elif name in ("lr", "weight_decay", "momentum", "lr_decay", "val_fraction",
+                      "feedback_lr", "feedback_weight_decay"):
+            parser.add_argument(flag, type=float, **kw)
+        elif name in ("rank", "batch_size", "epochs", "seed", "eval_batch_size", "crop_padding", "cutout"):
+            parser.add_argument(flag, type=int, **kw)
+        else:
+            parser.add_argument(flag, **kw)
+
+
+def _parse_pairs(items: list[str], flag: str) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"{flag} {item!r}: the value is not valid YAML") from None
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < the run folder's config.yaml (with --resume) or --config < flags."""
+    values: dict[str, Any] = {}
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.fields()}
+    for name, flag in (("model_options", "--model-option"), ("rule_options", "--rule-option"),
+                       ("ranks", "--layer-rank")):
+        if name in given:
+            given[name] = _parse_pairs(given[name], flag)
+    saved = Path(given["out"]) / ckpt.CONFIG if given.get("out") else None
+    if getattr(args, "config", None):
+        values.update(load_config_file(args.config))
+    elif getattr(args, "resume", False) and saved is not None and saved.exists():
+        values.update(load_config_file(saved))
+    for name in ("model_options", "rule_options", "ranks"):  # flags add to the file's mapping
+        if name in given:
+            given[name] = {**values.get(name, {}), **given[name]}
+    values.update(given)
+    cfg = TrainConfig.from_dict(values, source="raftorch train")
+    if cfg.out is None:
+        rank = f"-r{cfg.rank}" if cfg.rank is not None else ""
+        cfg.out = f"runs/{cfg.model}-{cfg.data.replace(':', '_')}-{cfg.rule}{rank}-s{cfg.seed}"
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+        final = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except (ValueError, DatasetNotFoundError, CorruptDatasetError, TrainingDiverged) as exc:
+        print(f"raftorch train: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0 and not args.no_progress:
+        print(f"test accuracy {final['test_accuracy']:.4f} after {final['epochs']} epochs "
+              f"({final['seconds_per_epoch']:.1f} s/epoch); results in {cfg.out}")
+    return 0
