@@ -35,7 +35,8 @@ class TrainConfig:
     rule: str = "bp"  # bp | fa | kp | fa-lowrank | raf-q | raf | dfa | draf
     rank: int | None = None  # feedback rank of every converted layer
     ranks: dict[str, int] = field(default_factory=dict)  # per-layer ranks: module name / glob -> rank
-    rule_options: dict[str, Any] = field(default_factory=dict)  # other convert() options
+    rule_options: dict[str, Any] = field(default_factory=dict)  # other convert() options, every layer
+    layer_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # name / glob -> options
     # optimisation
     optimizer: str = "adam"  # adam | adamw | sgd | rmsprop
     lr: float = 1e-3
@@ -106,6 +107,9 @@ class TrainConfig:
             bad(f"ranks must map module names (or glob patterns) to positive whole numbers, got {self.ranks!r}")
         if not isinstance(self.rule_options, dict):
             bad("rule_options must be a mapping, e.g. {oja_source: target}")
+        if not isinstance(self.layer_options, dict) or any(not isinstance(v, dict) for v in self.layer_options.values()):
+            bad("layer_options must map module names (or glob patterns) to mappings of options, "
+                "e.g. {out: {oja_source: target}}")
         if self.optimizer not in OPTIMIZERS:
             bad(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.amsgrad and self.optimizer not in ("adam", "adamw"):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+import raftorch
 from raftorch import checkpoint as ckpt
 from raftorch.config import TrainConfig, dump_config, load_config_file
 from raftorch.data import (Augmentation, CorruptDatasetError, DatasetNotFoundError, batch_indices,
@@ -67,12 +68,22 @@ def _device(name: str, local_rank: int) -> torch.device:
 
 
 def convert_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """Swap the model's layers for the rule's (``bp`` keeps the plain PyTorch model)."""
-    if cfg.rule == "bp" and not cfg.ranks and cfg.rank is None and not cfg.rule_options:
-        return model
-    import raftorch
+    """Swap the model's layers for the rule's (``bp`` keeps the plain PyTorch model).
 
-    return raftorch.convert(model, cfg.rule, cfg.rank, ranks=cfg.ranks or None, **cfg.rule_options)
+    ``rule_options`` go to every layer; ``layer_options`` (module name or glob -> options) are
+    added for the matching layers only, e.g. ``{"out": {"oja_source": "target"}}`` (the paper
+    learns the output layer's ``P`` on the targets).
+    """
+    if (cfg.rule == "bp" and not cfg.ranks and cfg.rank is None and not cfg.rule_options
+            and not cfg.layer_options):
+        return model
+    special = list(cfg.layer_options)
+    ranks = cfg.ranks or None
+    converted = raftorch.convert(model, cfg.rule, cfg.rank, ranks=ranks, exclude=special, **cfg.rule_options)
+    for pattern, options in cfg.layer_options.items():
+        raftorch.convert(converted, cfg.rule, cfg.rank, ranks=ranks, include=[pattern], inplace=True,
+                         **{**cfg.rule_options, **options})
+    return converted
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -120,9 +131,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def _alignment(model: nn.Module) -> dict[str, float]:
-    from raftorch.metrics import alignment_angles
-
-    return {k: float(v) for k, v in alignment_angles(model).items()}
+    return {k: float(v) for k, v in raftorch.metrics.alignment_angles(model).items()}
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -231,10 +240,6 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = False, progres
     net = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
            if world > 1 else model)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else nullcontext
-    import raftorch
-
-    feed_targets = getattr(raftorch, "feed_targets", None)
-
     def sync_buffers():  # BatchNorm statistics: everyone uses rank 0's
         if world > 1:
             for b in model.buffers():
@@ -264,8 +269,7 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = False, progres
             local_sum = F.cross_entropy(logits.float(), y, reduction="sum")
             loss = local_sum / (len(batch) / world)
             optimizer.zero_grad(set_to_none=True)
-            if feed_targets is not None:
-                feed_targets(model, y)
+            raftorch.feed_targets(model, y)  # for layers whose P learns on the targets
             loss.backward()
             step_loss = local_sum.detach().double()
             if world > 1:
@@ -363,6 +367,7 @@ _FLAG_HELP = {
     "rank": "feedback rank of every converted layer",
     "ranks": "rank of one layer as NAME=R (glob patterns allowed), repeatable: --layer-rank fc2=10",
     "rule_options": "a raftorch.convert option as KEY=VALUE (YAML value), repeatable",
+    "layer_options": "options of some layers as NAME={KEY: VALUE} (YAML), repeatable: --layer-option 'out={oja_source: target}'",
     "optimizer": "adam, adamw, sgd, rmsprop",
     "lr": "learning rate",
     "weight_decay": "weight decay (L2, added to the gradient; decoupled for adamw)",
@@ -400,7 +405,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif name in ("model_options", "rule_options", "ranks"):
+        elif name in ("model_options", "rule_options", "layer_options", "ranks"):
             parser.add_argument(flag.rstrip("s") if name != "ranks" else "--layer-rank", action="append",
                                 metavar="KEY=VALUE", **kw)
         elif name in ("lr", "weight_decay", "momentum", "lr_decay", "val_fraction",
@@ -432,7 +437,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = {}
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.fields()}
     for name, flag in (("model_options", "--model-option"), ("rule_options", "--rule-option"),
-                       ("ranks", "--layer-rank")):
+                       ("layer_options", "--layer-option"), ("ranks", "--layer-rank")):
         if name in given:
             given[name] = _parse_pairs(given[name], flag)
     saved = Path(given["out"]) / ckpt.CONFIG if given.get("out") else None
@@ -440,7 +445,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values.update(load_config_file(args.config))
     elif getattr(args, "resume", False) and saved is not None and saved.exists():
         values.update(load_config_file(saved))
-    for name in ("model_options", "rule_options", "ranks"):  # flags add to the file's mapping
+    for name in ("model_options", "rule_options", "layer_options", "ranks"):  # flags add to the file's mapping
         if name in given:
             given[name] = {**values.get(name, {}), **given[name]}
     values.update(given)
