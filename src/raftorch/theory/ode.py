@@ -21,6 +21,7 @@ import time
 import numpy as np
 from scipy.integrate import solve_ivp
 
+from raftorch.theory._threads import single_threaded_blas
 from raftorch.theory.result import TheoryResult, mode_strengths, p_alignment, relative_error
 from raftorch.theory.rules import Weights, check_rank, check_weights, init_weights
 from raftorch.theory.task import LinearTask
@@ -36,8 +37,9 @@ def oja_flow(P0: np.ndarray, C: np.ndarray, times: np.ndarray, *, rtol: float = 
              atol: float = 1e-12, solver: str = "DOP853") -> np.ndarray:
     """Integrate Oja's subspace flow with ``C`` fixed; returns ``P`` at ``times``, ``(T, r, n)``."""
     r, n = P0.shape
-    sol = solve_ivp(lambda t, p: oja_rhs(p.reshape(r, n), C).ravel(), (0.0, float(times[-1])),
-                    P0.ravel().astype(np.float64), method=solver, t_eval=times, rtol=rtol, atol=atol)
+    with single_threaded_blas():
+        sol = solve_ivp(lambda t, p: oja_rhs(p.reshape(r, n), C).ravel(), (0.0, float(times[-1])),
+                        P0.ravel().astype(np.float64), method=solver, t_eval=times, rtol=rtol, atol=atol)
     if not sol.success:
         raise RuntimeError(f"solve_ivp failed on Oja's flow: {sol.message}")
     return sol.y.T.reshape(len(times), r, n)
@@ -143,19 +145,19 @@ def integrate(
         y0["P"] = w0.P @ U
     times = np.linspace(0.0, float(t_end), n_records)
     start = time.perf_counter()
-    sol = solve_ivp(rhs, (0.0, float(t_end)), packer.pack(**y0), method=solver, t_eval=times,
-                    rtol=rtol, atol=atol)
-    if not sol.success:
-        raise RuntimeError(f"solve_ivp failed for rule {rule!r}: {sol.message}")
-
-    traj_m, traj_err, traj_a = [], [], []
-    for k in range(len(times)):
-        m = packer.unpack(sol.y[:, k])
-        W1, W2 = m["W1"] @ V.T, U @ m["W2"]  # back to the task's basis
-        P = m["P"] @ U.T if "P" in m else w0.P
-        traj_m.append(mode_strengths(task, W1, W2))
-        traj_err.append(relative_error(task, W1, W2))
-        traj_a.append(p_alignment(task, P))
+    with single_threaded_blas():
+        sol = solve_ivp(rhs, (0.0, float(t_end)), packer.pack(**y0), method=solver, t_eval=times,
+                        rtol=rtol, atol=atol)
+        if not sol.success:
+            raise RuntimeError(f"solve_ivp failed for rule {rule!r}: {sol.message}")
+        traj_m, traj_err, traj_a = [], [], []
+        for k in range(len(times)):
+            m = packer.unpack(sol.y[:, k])
+            W1, W2 = m["W1"] @ V.T, U @ m["W2"]  # back to the task's basis
+            P = m["P"] @ U.T if "P" in m else w0.P
+            traj_m.append(mode_strengths(task, W1, W2))
+            traj_err.append(relative_error(task, W1, W2))
+            traj_a.append(p_alignment(task, P))
     final = packer.unpack(sol.y[:, -1])
     weights = Weights(W1=final["W1"] @ V.T, W2=U @ final["W2"], B=w0.B,
                       Q=final.get("Q", w0.Q), P=final["P"] @ U.T if "P" in final else w0.P)

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from raftorch.theory._threads import single_threaded_blas
 from raftorch.theory.result import TheoryResult, mode_strengths, p_alignment, relative_error
 from raftorch.theory.rules import Weights, check_rank, check_weights, init_weights
 from raftorch.theory.task import LinearTask
@@ -90,32 +91,32 @@ def simulate(
     w = init_weights(task, rule, rank, seed, init_scale) if init is None else check_weights(task, rule, rank, init)
 
     record_at = np.unique(np.round(np.linspace(0, steps, n_records)).astype(int))
+    record_set = set(record_at.tolist())
     rng = np.random.default_rng([seed, 2])
     order, cursor = rng.permutation(n), 0
     traj_m, traj_err, traj_a = [], [], []
     start = time.perf_counter()
-    next_record = 0
-    for step in range(steps + 1):
-        if step == record_at[next_record]:
-            traj_m.append(mode_strengths(task, w.W1, w.W2))
-            traj_err.append(relative_error(task, w.W1, w.W2))
-            traj_a.append(p_alignment(task, w.P))
-            next_record += 1
-        if step == steps:
-            break
-        if batch_size is None:
-            x, y = task.X, task.Y
-        else:
-            if cursor + batch_size > n:
-                order, cursor = rng.permutation(n), 0
-            idx = order[cursor: cursor + batch_size]
-            cursor += batch_size
-            x, y = task.X[:, idx], task.Y[:, idx]
-        sgd_step(w, rule, x, y, lr, weight_decay)
-        if not np.isfinite(w.W2[0, 0]):
-            raise FloatingPointError(
-                f"{rule} diverged at step {step} with lr={lr}; use a smaller lr (below ~1/s_max^2 for raf)"
-            )
+    with single_threaded_blas():
+        for step in range(steps + 1):
+            if step in record_set:
+                traj_m.append(mode_strengths(task, w.W1, w.W2))
+                traj_err.append(relative_error(task, w.W1, w.W2))
+                traj_a.append(p_alignment(task, w.P))
+            if step == steps:
+                break
+            if batch_size is None:
+                x, y = task.X, task.Y
+            else:  # a fresh permutation every epoch, the incomplete last batch dropped
+                if cursor + batch_size > n:
+                    order, cursor = rng.permutation(n), 0
+                idx = order[cursor: cursor + batch_size]
+                cursor += batch_size
+                x, y = task.X[:, idx], task.Y[:, idx]
+            sgd_step(w, rule, x, y, lr, weight_decay)
+            if not np.isfinite(w.W2[0, 0]):
+                raise FloatingPointError(
+                    f"{rule} diverged at step {step} with lr={lr}; use a smaller lr (raf needs lr < ~1/s_max^2)"
+                )
     return TheoryResult(
         rule=rule, rank=rank, method="sim", strengths=task.strengths.copy(),
         times=record_at * lr, mode_strength_trajectory=np.array(traj_m),
@@ -125,3 +126,4 @@ def simulate(
                   "weight_decay": weight_decay, "init_scale": init_scale},
         task=task.config(), wall_s=time.perf_counter() - start, weights=w,
     )
+
