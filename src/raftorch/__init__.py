@@ -6,9 +6,10 @@
 """
 from raftorch import metrics
 from raftorch.convert import ConversionReport, RaftorchConversionWarning, convert, describe, feed_targets
+from raftorch.direct import DirectFeedback
 from raftorch.layers import Conv2d, Linear
 from raftorch.rules import RULES, get_rule
 
 __version__ = "0.1.0"
 __all__ = ["Linear", "Conv2d", "convert", "describe", "feed_targets", "metrics", "RULES",
-           "get_rule", "ConversionReport", "RaftorchConversionWarning"]
+           "get_rule", "ConversionReport", "RaftorchConversionWarning", "DirectFeedback"]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from raftorch.layers import Conv2d, FeedbackLayer, Linear
-from raftorch.rules import get_rule
+from raftorch.rules import DIRECT_RULES, get_rule
 
 # Modules with weights that convert() cannot reach, and why.
 _UNSUPPORTED = {
@@ -79,12 +79,13 @@ def _build(old: nn.Module, rule, rank, options) -> nn.Module:
 
 def convert(model: nn.Module, rule: str, rank=None, *, ranks: dict | None = None,
             include=None, exclude=(), inplace: bool = False, strict: bool = False,
-            report: bool = False, **options):
+            report: bool = False, source=None, targets=None, **options):
     """Replace every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` by its raftorch twin.
 
     Args:
         model: any ``nn.Module`` (the root itself may be a Linear or Conv2d).
-        rule: ``"bp"``, ``"fa"``, ``"kp"``, ``"fa-lowrank"``, ``"raf-q"`` or ``"raf"``.
+        rule: ``"bp"``, ``"fa"``, ``"kp"``, ``"fa-lowrank"``, ``"raf-q"`` or ``"raf"``; or the
+            direct rules ``"dfa"``, ``"draf"`` (with ``source=``, ``targets=``).
         rank: feedback rank for the low-rank rules (an int or ``"full"``), clamped per layer.
         ranks: ``{module name or glob pattern: rank}``, overriding ``rank`` per layer (the
             paper's Fig. 3a limits one layer at a time). The first matching entry wins.
@@ -94,6 +95,12 @@ def convert(model: nn.Module, rule: str, rank=None, *, ranks: dict | None = None
         strict: raise instead of warning when a weight layer cannot be converted.
         report: also return a :class:`ConversionReport`.
         **options: layer options (Oja options for ``raf``), see :class:`raftorch.Linear`.
+        source, targets: for the direct rules ``"dfa"`` and ``"draf"`` only: the module whose
+            output error is broadcast (``"output"`` by default, ``"penultimate"`` or a module
+            name) and the modules fed directly (default: every weight layer before the
+            source). See :func:`raftorch.direct.convert_direct` (which also takes
+            ``rest_rule``, ``rest_rank`` and ``example_input``) and
+            :class:`raftorch.DirectFeedback`.
 
     Weights and biases are copied, so the forward pass is unchanged bit for bit. Modules with
     weights that cannot be converted (``nn.MultiheadAttention``, RNNs, Conv1d, ...) are
@@ -103,6 +110,16 @@ def convert(model: nn.Module, rule: str, rank=None, *, ranks: dict | None = None
     Returns:
         the converted model, or ``(model, report)`` with ``report=True``.
     """
+    if isinstance(rule, str) and rule.lower() in DIRECT_RULES:
+        if ranks or include is not None or exclude or strict:
+            raise ValueError(f"rule {rule!r} takes source= and targets=, not ranks/include/exclude/strict")
+        from raftorch.direct import convert_direct  # direct builds on this module
+
+        return convert_direct(model, rule, rank, source="output" if source is None else source,
+                              targets=targets, inplace=inplace, report=report, **options)
+    if source is not None or targets is not None:
+        raise ValueError(f"source= and targets= are for the direct rules 'dfa' and 'draf', "
+                         f"not {rule!r}")
     rule = get_rule(rule)
     ranks = dict(ranks or {})
     include = None if include is None else ([include] if isinstance(include, str) else list(include))

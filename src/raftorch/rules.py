@@ -18,6 +18,11 @@ raf-q         ``Q P``, ``P`` fixed  ``Q`` by the Kolen-Pollack-like rule
 raf           ``Q P``               ``Q`` Kolen-Pollack-like, ``P`` Oja's subspace rule
 ============  ====================  =================================================
 
+The direct rules ``dfa`` (fixed random ``B_l``) and ``draf`` (``B_l = Q_l P_l``, learned as in
+``raf``) are not per-layer rules: they send the error of a *source* layer straight to earlier
+target layers. They are listed in ``DIRECT_RULES`` and wired by :mod:`raftorch.direct`
+(``raftorch.convert(model, "draf", rank, source=...)`` or ``raftorch.DirectFeedback``).
+
 The arithmetic of each path lives in :mod:`raftorch.functional`; this module only names the
 rules and validates ranks.
 """
@@ -63,6 +68,14 @@ RULES: dict[str, Rule] = {
 }
 
 
+# Direct rules: the same description, for the paths of raftorch.direct.DirectFeedback.
+DIRECT_RULES: dict[str, Rule] = {
+    "dfa": Rule("dfa", "full", (), "direct feedback alignment: fixed random B from the source"),
+    "draf": Rule("draf", "lowrank", ("Q", "P"),
+                 "direct RAF: B = Q P from the source, Q Kolen-Pollack-like, P Oja on e_s"),
+}
+
+
 def get_rule(rule: str | Rule) -> Rule:
     """Look a rule up by name; raise ``ValueError`` listing the valid names otherwise."""
     if isinstance(rule, Rule):
@@ -70,10 +83,11 @@ def get_rule(rule: str | Rule) -> Rule:
     if isinstance(rule, str) and rule.lower() in RULES:
         return RULES[rule.lower()]
     extra = ""
-    if isinstance(rule, str) and rule.lower() in ("dfa", "draf"):
+    if isinstance(rule, str) and rule.lower() in DIRECT_RULES:
         extra = (
             " Direct rules send the error of a source layer straight to earlier layers; "
-            "they are not per-layer rules and need the direct-feedback wiring."
+            "they are not per-layer rules: use raftorch.convert(model, "
+            f"{rule.lower()!r}, ..., source='output') or raftorch.DirectFeedback."
         )
     raise ValueError(
         f"unknown rule {rule!r}; choose one of {', '.join(repr(n) for n in RULES)}.{extra}"
