@@ -165,6 +165,9 @@ def test_raf_rank3_recovers_the_top_three_modes_within_2_percent(fig2):
     assert np.all(np.abs(m[:3] - s[:3]) <= 0.02 * s[:3])
     assert np.all(np.abs(m[3:]) < 0.05 * s[3:])  # the bottom modes are not learned
     assert np.all(res.alignment[:3] > 0.999) and np.all(res.alignment[3:] < 1e-3)
+    # Eckart-Young: the best rank-3 approximation of A misses exactly the bottom two modes
+    floor = np.linalg.norm(s[3:]) / np.linalg.norm(s)
+    assert res.relative_error == pytest.approx(floor, rel=0.01)
 
 
 def test_raf_rank3_with_sgd_recovers_the_top_three_modes(fig2):

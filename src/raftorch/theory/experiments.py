@@ -89,7 +89,7 @@ def format_table(results: list[TheoryResult], tol: float = 0.02) -> str:
     if results:
         rows.append(["", "target", "", "", "", "", " ".join(f"{s:.3f}" for s in results[0].strengths)])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)

@@ -46,6 +46,15 @@ Fixed point of ``W1``: ``B E = 0``. For ``B = Q P`` with ``Q`` of full column ra
 ``P`` fixed at random (``fa-lowrank``, ``raf-q``) and ``r < d`` those are the wrong ones; Oja
 turns the rows of ``P`` into a basis of the top-``r`` principal subspace of the targets, which
 (for ``Sigma_xx = I``) is the span of the top-``r`` modes, so ``raf`` learns those exactly.
+With ``P`` fixed, ``W1`` only grows inside ``span(Q)`` and ``W2 W1`` stops at
+``Sigma_yx Pi``, ``Pi`` the projector on the row space of ``P Sigma_yx`` (whatever ``Q`` does).
+
+These are fixed points of the small-initialisation regime (Saxe et al.): ``W1``'s initial
+part outside the feedback's reach is tiny. It is not zero, and ``W2`` alone can solve a
+linear task, so through it ``W2`` slowly learns the rest; the wrong solution of
+``fa-lowrank`` is then a plateau whose length grows as ``init_scale`` shrinks (measured on the
+default task: with ``init_scale = 0.1`` fa-lowrank r=3 reaches BP's error by ``t = 40``; with
+``1e-3`` it stays at the plateau far beyond ``t = 60``).
 
 **Initial weights** (``init_weights``): ``W1``, ``W2`` entries ``N(0, init_scale^2)`` (small:
 the Saxe et al. regime); ``B`` (fa) and ``Q`` entries ``N(0, 1/n_hidden)``, so their singular
