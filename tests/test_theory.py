@@ -306,3 +306,12 @@ def test_cli_prints_the_table_and_writes_json_and_png(tmp_path, capsys):
     (tmp_path / "figure2.png").unlink()
     assert main(["theory", "--redraw", str(tmp_path / "theory.json")]) == 0
     assert (tmp_path / "figure2.png").exists()
+
+
+def test_cli_reports_bad_parameters_without_a_traceback(capsys):
+    from raftorch.cli import main
+
+    assert main(["theory", "--noise", "-1"]) == 2
+    assert "noise=-1.0 is the standard deviation of the target noise and must be >= 0" in capsys.readouterr().err
+    assert main(["theory", "--rank-low", "7"]) == 2
+    assert "need rank_low < d <= rank_high, got rank_low=7, d=5" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -50,7 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.redraw is not None:
         png = (args.out or args.redraw.parent) / "figure2.png"
-        print(f"wrote {draw_figure(args.redraw, png)}")
+        try:
+            print(f"wrote {draw_figure(args.redraw, png)}")
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"raftorch theory: error: cannot redraw from {args.redraw}: {exc}", file=sys.stderr)
+            return 2
         return 0
     task = {"n_in": args.n_in, "n_hidden": args.n_hidden, "n_out": args.n_out, "strengths": args.strengths,
             "n_samples": args.samples, "noise": args.noise}
@@ -59,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
                            methods=methods, t_end=args.t_end, lr=args.lr, batch_size=args.batch_size,
                            weight_decay=args.weight_decay, init_scale=args.init_scale)
     start = time.perf_counter()
-    linear_task, results = run_figure2(config)
+    try:
+        linear_task, results = run_figure2(config)
+    except ValueError as exc:  # bad parameters: say what and how to fix, no traceback
+        print(f"raftorch theory: error: {exc}", file=sys.stderr)
+        return 2
     print(linear_task)
     print(format_table(results, args.tol))
     print(f"({len(results)} runs in {time.perf_counter() - start:.1f} s; t_end={args.t_end}, lr={args.lr})")

@@ -92,6 +92,11 @@ class TheoryResult:
     def label(self) -> str:
         return self.rule if self.rank is None else f"{self.rule} r={self.rank}"
 
+    def __repr__(self) -> str:
+        m = ", ".join(f"{v:.3f}" for v in self.mode_strengths)
+        return (f"TheoryResult(rule={self.rule!r}, rank={self.rank}, method={self.method!r}, "
+                f"t_end={self.times[-1]:g}, relative_error={self.relative_error:.4f}, mode_strengths=[{m}])")
+
     def recovered(self, tol: float = 0.02) -> list[int]:
         """0-based indices of the modes whose final strength is within ``tol`` (relative) of ``s_i``."""
         ok = np.abs(self.mode_strengths - self.strengths) <= tol * self.strengths
