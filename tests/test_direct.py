@@ -331,3 +331,10 @@ def test_direct_rules_and_layer_rules_do_not_mix_their_keywords():
     net = raftorch.convert(mlp(), "draf", 3)
     with pytest.raises(ValueError, match="already has a direct_feedback"):
         DirectFeedback(net, "dfa")
+
+
+def test_describe_lists_each_direct_path_with_its_target():
+    rows = raftorch.describe(raftorch.convert(mlp(), "draf", 3)).rows
+    direct = [r for r in rows if r["type"] == "DirectPath"]
+    assert [(r["rule"], r["rank"]) for r in direct] == [("draf", 3), ("draf", 3)]
+    assert "into '0' at '1'" in direct[0]["feedback"]

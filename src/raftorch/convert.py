@@ -221,16 +221,21 @@ def _shape(t) -> str:
 def describe(model: nn.Module) -> Table:
     """One row per module that owns weights: name, type, rule, rank, weight shape and
     feedback parameters. Layers that are not raftorch layers learn with exact backprop
-    (rule ``"bp*"``) or, for norm layers, with their local exact gradient."""
+    (rule ``"bp*"``) or, for norm layers, with their local exact gradient. Direct-feedback
+    paths (``dfa``/``draf``) get one row each, naming their target."""
+    from raftorch.direct import DirectPath  # direct builds on this module
+
     rows = []
     for name, m in model.named_modules():
         own = dict(m.named_parameters(recurse=False))
         if not own:
             continue
-        if isinstance(m, FeedbackLayer):
+        if isinstance(m, (FeedbackLayer, DirectPath)):
             rule, rank = m.rule.name, ("-" if m.rank is None else m.rank)
             fb = ", ".join(f"{k} {_shape(s)}{'' if k in m.rule.learns else ' (fixed)'}"
                            for k, s in m.feedback_shapes().items()) or "-"
+            if isinstance(m, DirectPath):
+                fb += f" (into {m.target!r} at {m.point!r})"
         else:
             rule, rank, fb = "bp*", "-", "-"
         w = own.get("weight", next(iter(own.values())))
