@@ -21,7 +21,7 @@ from raftorch.config import TrainConfig
 TINY = dict(data="digits", model="mlp", model_options={"hidden": [24, 24], "dropout": 0.1, "batchnorm": True},
             rule="raf", rank=4, layer_options={"out": {"oja_source": "target"}}, crop_padding=1, flip=True,
             optimizer="adam", amsgrad=True, lr=3e-3, weight_decay=1e-4, lr_decay=0.9, batch_size=128,
-            epochs=4, seed=3, val_fraction=0.1, device="cpu")
+            epochs=4, seed=3, val_fraction=0.1, device="cpu", threads=1)
 TIMING = {"seconds", "eval_seconds", "seconds_per_epoch", "seconds_total"}
 
 
@@ -106,8 +106,10 @@ def test_cli_writes_config_metrics_checkpoint_and_final(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"model": "mlp", "model_options": {"hidden": [16]}, "epochs": 5,
                                    "lr": 0.01, "optimizer": "sgd", "momentum": 0.9, "rule": "kp"}))
     out = tmp_path / "run"
+    threads_before = torch.get_num_threads()
     rc = cli_main(["train", "--config", str(cfg), "--epochs", "2", "--model-option", "batchnorm=true",
-                   "--val-fraction", "0.2", "--feedback-lr", "0.001", "--out", str(out), "--no-progress"])
+                   "--val-fraction", "0.2", "--feedback-lr", "0.001", "--threads", "1", "--out", str(out),
+                   "--no-progress"])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "final.json", "metrics.jsonl"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -124,6 +126,7 @@ def test_cli_writes_config_metrics_checkpoint_and_final(tmp_path, capsys):
     assert cli_main(["train", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 1
     assert "already holds a run" in capsys.readouterr().err
     assert cli_main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
+    assert saved["threads"] == 1 and torch.get_num_threads() == threads_before  # restored after the run
     assert json.loads((out / "final.json").read_text())["test_loss"] == final["test_loss"]
 
 

@@ -33,8 +33,8 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)  # keyword options of the model
     # learning rule (raftorch.convert)
     rule: str = "bp"  # bp | fa | kp | fa-lowrank | raf-q | raf | dfa | draf
-    rank: int | None = None  # feedback rank of every converted layer
-    ranks: dict[str, int] = field(default_factory=dict)  # per-layer ranks: module name / glob -> rank
+    rank: int | str | None = None  # feedback rank of every converted layer; "full": no limit
+    ranks: dict[str, int | str] = field(default_factory=dict)  # per layer: module name / glob -> rank
     rule_options: dict[str, Any] = field(default_factory=dict)  # other convert() options, every layer
     layer_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # name / glob -> options
     # optimisation
@@ -53,6 +53,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     bf16: bool = False  # bfloat16 autocast for the forward pass
     eval_batch_size: int = 1000
+    threads: int | None = None  # CPU threads of this process (torch.set_num_threads); None: PyTorch's choice
     out: str | None = None  # run folder; None: write nothing
 
     # Fields that may differ when a run is resumed (they do not change the numbers).
@@ -100,11 +101,11 @@ class TrainConfig:
             bad(f"model {self.model!r} has no option(s) {', '.join(map(repr, unknown))}; its options: {known}")
         if not isinstance(self.rule, str) or not self.rule:
             bad(f"rule must be a rule name such as 'bp' or 'raf', got {self.rule!r}")
-        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
-            bad(f"rank must be a positive whole number or null, got {self.rank!r}")
-        if not isinstance(self.ranks, dict) or any(
-                not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in self.ranks.values()):
-            bad(f"ranks must map module names (or glob patterns) to positive whole numbers, got {self.ranks!r}")
+        if self.rank is not None and not _is_rank(self.rank):
+            bad(f"rank must be a positive whole number, 'full' or null, got {self.rank!r}")
+        if not isinstance(self.ranks, dict) or not all(_is_rank(r) for r in self.ranks.values()):
+            bad(f"ranks must map module names (or glob patterns) to positive whole numbers or 'full', "
+                f"got {self.ranks!r}")
         if not isinstance(self.rule_options, dict):
             bad("rule_options must be a mapping, e.g. {oja_source: target}")
         if not isinstance(self.layer_options, dict) or any(not isinstance(v, dict) for v in self.layer_options.values()):
@@ -124,6 +125,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 bad(f"{name} must be a non-negative whole number, got {value!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                                         or self.threads < 1):
+            bad(f"threads must be a positive whole number or null, got {self.threads!r}")
         if self.feedback_lr is not None and self.feedback_lr <= 0:
             bad(f"feedback_lr must be positive or null, got {self.feedback_lr!r}")
         for name in ("weight_decay", "momentum"):
@@ -138,6 +142,10 @@ class TrainConfig:
             bad(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             bad(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+
+def _is_rank(r) -> bool:
+    return r == "full" or (isinstance(r, int) and not isinstance(r, bool) and r >= 1)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -526,11 +526,12 @@ class Augmentation:
         dev = x.device
         if "crop" in params:
             p = self.crop_padding
-            padded = F.pad(x, (p, p, p, p))
+            padded = F.pad(x, (p, p, p, p)).flatten(2)  # (n, C, (H+2p)(W+2p))
             off = params["crop"].to(dev)
-            rows = (off[:, 0:1] + torch.arange(h, device=dev))[:, :, None]  # (n, H, 1)
-            cols = (off[:, 1:2] + torch.arange(w, device=dev))[:, None, :]  # (n, 1, W)
-            x = padded[torch.arange(n, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+            rows = off[:, 0:1] + torch.arange(h, device=dev)  # (n, H)
+            cols = off[:, 1:2] + torch.arange(w, device=dev)  # (n, W)
+            flat = (rows[:, :, None] * (w + 2 * p) + cols[:, None, :]).flatten(1)  # (n, H W)
+            x = padded.gather(2, flat[:, None, :].expand(-1, x.shape[1], -1)).view_as(x)
         if "flip" in params:
             x = torch.where(params["flip"].to(dev).view(n, 1, 1, 1), x.flip(3), x)
         if "cutout" in params:

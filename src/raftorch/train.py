@@ -193,6 +193,17 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = False, progres
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg.validate()
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, resume, progress, stop_after)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None) -> dict[str, Any]:
+    """The body of :func:`train`: data, model, rule, optimizer, then the epochs."""
     rank, world, local_rank = _distributed()
     device = _device(cfg.device, local_rank)
     lead = rank == 0
@@ -364,7 +375,7 @@ _FLAG_HELP = {
     "model": "model: mlp, vgg, vit, retina",
     "model_options": "a model option as KEY=VALUE (YAML value), repeatable: --model-option hidden=[64,64]",
     "rule": "learning rule: bp, fa, kp, fa-lowrank, raf-q, raf, dfa, draf",
-    "rank": "feedback rank of every converted layer",
+    "rank": "feedback rank of every converted layer (a number or 'full')",
     "ranks": "rank of one layer as NAME=R (glob patterns allowed), repeatable: --layer-rank fc2=10",
     "rule_options": "a raftorch.convert option as KEY=VALUE (YAML value), repeatable",
     "layer_options": "options of some layers as NAME={KEY: VALUE} (YAML), repeatable: --layer-option 'out={oja_source: target}'",
@@ -382,6 +393,7 @@ _FLAG_HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "bf16": "bfloat16 autocast for the forward pass",
     "eval_batch_size": "batch size of evaluation",
+    "threads": "CPU threads (torch.set_num_threads); 1 is much faster for small models on a busy machine",
     "out": "run folder (default: runs/MODEL-DATA-RULE[-rRANK]-sSEED)",
 }
 
@@ -411,10 +423,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif name in ("lr", "weight_decay", "momentum", "lr_decay", "val_fraction",
                       "feedback_lr", "feedback_weight_decay"):
             parser.add_argument(flag, type=float, **kw)
-        elif name in ("rank", "batch_size", "epochs", "seed", "eval_batch_size", "crop_padding", "cutout"):
+        elif name == "rank":
+            parser.add_argument(flag, type=_rank, **kw)
+        elif name in ("threads", "batch_size", "epochs", "seed", "eval_batch_size", "crop_padding", "cutout"):
             parser.add_argument(flag, type=int, **kw)
         else:
             parser.add_argument(flag, **kw)
+
+
+def _rank(text: str) -> int | str:
+    if text == "full":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a rank is a positive whole number or 'full', not {text!r}") from None
 
 
 def _parse_pairs(items: list[str], flag: str) -> dict[str, Any]:
