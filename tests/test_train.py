@@ -183,6 +183,16 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert final["world_size"] == 2 and abs(final["test_accuracy"] - single["test_accuracy"]) <= 1 / 360
 
 
+def test_every_example_config_is_valid_and_takes_flag_overrides():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    assert len(files) >= 8
+    for f in files:
+        cfg = T.config_from_args(_parse(["--config", str(f), "--rule", "bp", "--rank", "none", "--out", "x"]))
+        assert cfg.rule == "bp" and cfg.rank is None and cfg.out == "x"
+        assert TrainConfig.from_dict(yaml.safe_load(f.read_text()), source=str(f)).epochs >= 1
+
+
 def _parse(argv):
     import argparse
 

@@ -375,7 +375,7 @@ _FLAG_HELP = {
     "model": "model: mlp, vgg, vit, retina",
     "model_options": "a model option as KEY=VALUE (YAML value), repeatable: --model-option hidden=[64,64]",
     "rule": "learning rule: bp, fa, kp, fa-lowrank, raf-q, raf, dfa, draf",
-    "rank": "feedback rank of every converted layer (a number or 'full')",
+    "rank": "feedback rank of every converted layer: a number, 'full', or 'none' (full-rank rules)",
     "ranks": "rank of one layer as NAME=R (glob patterns allowed), repeatable: --layer-rank fc2=10",
     "rule_options": "a raftorch.convert option as KEY=VALUE (YAML value), repeatable",
     "layer_options": "options of some layers as NAME={KEY: VALUE} (YAML), repeatable: --layer-option 'out={oja_source: target}'",
@@ -431,9 +431,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, **kw)
 
 
-def _rank(text: str) -> int | str:
+def _rank(text: str) -> int | str | None:
     if text == "full":
         return text
+    if text.lower() in ("none", "null"):
+        return None
     try:
         return int(text)
     except ValueError:
