@@ -56,8 +56,9 @@ class TrainConfig:
     threads: int | None = None  # CPU threads of this process (torch.set_num_threads); None: PyTorch's choice
     out: str | None = None  # run folder; None: write nothing
 
-    # Fields that may differ when a run is resumed (they do not change the numbers).
-    RESUMABLE_CHANGES = ("epochs", "device", "data_dir", "download", "out")
+    # Fields that may differ when a run is resumed. A resumed run repeats an uninterrupted one
+    # exactly when device and threads are also the same (they change the float rounding).
+    RESUMABLE_CHANGES = ("epochs", "device", "threads", "data_dir", "download", "out")
 
     @classmethod
     def fields(cls) -> dict[str, dataclasses.Field]:

@@ -251,6 +251,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | Non
     net = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
            if world > 1 else model)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else nullcontext
+
     def sync_buffers():  # BatchNorm statistics: everyone uses rank 0's
         if world > 1:
             for b in model.buffers():
@@ -263,8 +264,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | Non
         batches = batch_indices(len(data.x_train), cfg.batch_size, shuffle=True, generator=gen)
         lr = optimizer.param_groups[0]["lr"]
         loss_sum, correct, seen = 0.0, torch.zeros((), device=device), 0
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=True if not (progress and lead) else None,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                   disable=True if not (progress and lead) else None)  # None: off when not a terminal
         t0 = time.perf_counter()
         for step, batch in enumerate(bar):
             params = augment.sample(len(batch), *data.input_shape[1:], gen) if augment else None
