@@ -145,10 +145,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--rank", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}")
     for name in args.models.split(","):
         bench(name, args.rules.split(","), args.rounds, args.steps, args.batch, args.rank, device)

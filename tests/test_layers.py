@@ -252,13 +252,13 @@ class ShapeRecorder(TorchDispatchMode):
 @pytest.mark.parametrize("rule,rank", [("bp", None), ("fa", None), ("raf", 2)])
 def test_input_gradient_is_not_computed_for_an_input_without_grad(rule, rank):
     """The first layer's input needs no gradient: no op of the backward may produce a tensor
-    of the input's shape (3, 8) unless the input asks for one."""
-    lin = raftorch.Linear(8, 6, rule=rule, rank=rank)
+    of the input's shape (3, 9) unless the input asks for one."""
+    lin = raftorch.Linear(9, 6, rule=rule, rank=rank)
     for needs, expect in [(False, False), (True, True)]:
-        y = lin(torch.randn(3, 8, requires_grad=needs))
+        y = lin(torch.randn(3, 9, requires_grad=needs))
         with ShapeRecorder() as rec:
             y.sum().backward()
-        assert ((3, 8) in rec.shapes) == expect, (needs, rec.shapes)
+        assert ((3, 9) in rec.shapes) == expect, (needs, rec.shapes)
         assert lin.weight.grad is not None
 
 

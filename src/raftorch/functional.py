@@ -114,16 +114,19 @@ class TargetSlot:
 def oja_grad(P: Tensor, e: Tensor, z: Tensor, opts: OjaOptions) -> Tensor:
     """``grad_P = -(z_n^T e_n - z_n^T z_n P)`` (divided by the rows for ``reduce="mean"``).
 
-    ``e`` is the Oja signal ``(M, n_out)`` and ``z = e P^T`` ``(M, r)``, both uncentred.
+    ``e`` is the Oja signal ``(M, n_out)`` and ``z = e P^T`` ``(M, r)``, both uncentred
+    (``z`` is fastest as a transposed view of a contiguous ``(r, M)`` tensor).
     Centring and a scalar scale ``s`` are applied to ``z`` only, which is exact because
     ``z_n = (e - mean e) P^T / s`` and the centred ``z_n`` is orthogonal to the constant
-    column: ``z_n^T e_n = z_n^T e / s``.
+    column: ``z_n^T e_n = z_n^T e / s``. With ``A = z_n^T e``, ``z_n^T z_n = A P^T``, so
+    ``grad_P = (A P^T) P - A`` needs one product with the batch.
     """
     rows = e.shape[0]
+    zt = z.t()
     if opts.center:
-        z = z - z.mean(0, keepdim=True)
-    zz = z.t() @ z
-    grad = torch.addmm(zz @ P, z.t(), e, alpha=-1.0)  # -(z^T e - z^T z P)
+        zt = zt - zt.mean(1, keepdim=True)
+    A = zt @ e
+    grad = torch.addmm(A, A @ P.t(), P, beta=-1.0)
     if opts.reduce == "mean":
         grad.div_(rows)
     if opts.scale == "none":
@@ -199,19 +202,23 @@ class LinearLowRankFeedback(Function):
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_w = grad_b = grad_Q = grad_P = None
-        z = g2 @ P.t() if (need_x or need_Q or need_P) else None
+        # z = g P^T, computed as (P g^T)^T: ~2x faster on CPU for a thin P
+        z = (P @ g2.t()).t() if (need_x or need_Q or need_P) else None
         if need_x:
             grad_x = (z @ Q.t()).view(x.shape)
-        if need_w:
+        if need_w and need_Q:  # one GEMM: [g | z]^T x = [grad_W ; grad_Q^T]
+            both = torch.cat([g2, z], 1).t() @ x2
+            grad_w, grad_Q = both[: g2.shape[1]], both[g2.shape[1]:].t()
+        elif need_w:
             grad_w = g2.t() @ x2
+        elif need_Q:  # x^T z as (z^T x)^T: ~6x faster on CPU for a thin z
+            grad_Q = (z.t() @ x2).t()
         if need_b:
             grad_b = g2.sum(0)
-        if need_Q:  # x^T z, computed as (z^T x)^T: ~6x faster on CPU for a thin z
-            grad_Q = (z.t() @ x2).t()
         if need_P:
             if ctx.oja.source == "target":
                 e = ctx.targets.take(g2.shape[0], g2.shape[1], g2)
-                grad_P = oja_grad(P, e, e @ P.t(), ctx.oja)
+                grad_P = oja_grad(P, e, (P @ e.t()).t(), ctx.oja)
             else:
                 grad_P = oja_grad(P, g2, z, ctx.oja)
         return grad_x, grad_w, grad_b, grad_Q, grad_P, None, None
