@@ -248,6 +248,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | Non
     if out and lead:
         ckpt.write_text(out / ckpt.CONFIG, dump_config(cfg))
         ckpt.write_jsonl(out / ckpt.METRICS, history)
+    if world > 1 and lead and any(n.endswith(".P") and p.requires_grad for n, p in model.named_parameters()):
+        print("note: Oja's update of P uses each process's own batch (centring, scale) and is then "
+              "averaged, so this run differs slightly from one process with the same global batch",
+              file=sys.stderr)
     net = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
            if world > 1 else model)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else nullcontext
