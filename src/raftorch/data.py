@@ -412,7 +412,7 @@ def _prepare(name: str, x_train, y_train, x_test, y_test, num_classes: int, *, c
 def parse_dataset_name(name: str) -> tuple[str, int | None]:
     """``"cifar100:50"`` -> ``("cifar100", 50)``; ``"cifar10"`` -> ``("cifar10", None)``."""
     base, sep, k = name.partition(":")
-    if base not in _LOADERS:
+    if base not in _NUM_CLASSES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} "
                          f"(optionally with ':K' for the first K classes, e.g. 'cifar100:50')")
     if not sep:
@@ -479,11 +479,9 @@ def _take_classes(splits: DataSplits, k: int, name: str) -> DataSplits:
     return DataSplits(name, x_tr, y_tr, x_te, y_te, k, x_va, y_va, splits.mean, splits.std, classes)
 
 
-_LOADERS = {"digits": load_digits, "fashion-mnist": load_fashion_mnist,
-            "cifar10": load_cifar, "cifar100": load_cifar}
 _NUM_CLASSES = {"digits": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
 
-DATASETS = tuple(_LOADERS)
+DATASETS = tuple(_NUM_CLASSES)
 
 
 # --------------------------------------------------------------------------- batches and augmentation
