@@ -202,6 +202,16 @@ def test_missing_fashion_mnist_explains_the_debian_package(tmp_path, monkeypatch
     assert str(tmp_path / "fashion-mnist") in msg and str(tmp_path / "no-debian") in msg
 
 
+def test_fashion_mnist_download_fetches_the_four_files(tmp_path, monkeypatch):
+    mirror = write_fake_fashion_mnist(tmp_path / "mirror")
+    monkeypatch.setattr(D, "FASHION_MNIST_URL", mirror.as_uri() + "/")
+    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    s = load_dataset("fashion-mnist", data_dir=tmp_path / "cache", download=True)
+    assert len(s.x_train) == 30
+    assert sorted(p.name for p in (tmp_path / "cache" / "fashion-mnist").iterdir()) == sorted(
+        p.name for p in mirror.iterdir())
+
+
 def test_fashion_mnist_falls_back_to_the_debian_folder(tmp_path, monkeypatch):
     debian = write_fake_fashion_mnist(tmp_path / "debian")
     monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", debian)
