@@ -202,17 +202,15 @@ class LinearLowRankFeedback(Function):
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_w = grad_b = grad_Q = grad_P = None
-        # z = g P^T, computed as (P g^T)^T: ~2x faster on CPU for a thin P
-        z = (P @ g2.t()).t() if (need_x or need_Q or need_P) else None
+        # z^T = P g^T, kept (r, M) contiguous: thin products are 2-6x faster on CPU this way
+        zt = P @ g2.t() if (need_x or need_Q or need_P) else None
+        z = None if zt is None else zt.t()
         if need_x:
             grad_x = (z @ Q.t()).view(x.shape)
-        if need_w and need_Q:  # one GEMM: [g | z]^T x = [grad_W ; grad_Q^T]
-            both = torch.cat([g2, z], 1).t() @ x2
-            grad_w, grad_Q = both[: g2.shape[1]], both[g2.shape[1]:].t()
-        elif need_w:
+        if need_w:
             grad_w = g2.t() @ x2
-        elif need_Q:  # x^T z as (z^T x)^T: ~6x faster on CPU for a thin z
-            grad_Q = (z.t() @ x2).t()
+        if need_Q:  # x^T z
+            grad_Q = (zt @ x2).t()
         if need_b:
             grad_b = g2.sum(0)
         if need_P:
