@@ -490,6 +490,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         final = train(cfg, resume=args.resume, progress=not args.no_progress)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every process done (rank 0 writing files) before gloo is torn down
     except (ValueError, DatasetNotFoundError, CorruptDatasetError, TrainingDiverged) as exc:
         print(f"raftorch train: error: {exc}", file=sys.stderr)
         return 1
