@@ -10,7 +10,7 @@ from raftorch.compare import plan, run_compare
 
 @pytest.fixture(scope="module")
 def digits_runs():
-    rows = run_compare(rules=("bp", "raf"), ranks=(10,), epochs=20, seed=0, progress=False)
+    rows = run_compare(rules=("bp", "raf"), ranks=(10,), epochs=30, seed=0, progress=False)
     return {r.rule: r for r in rows}
 
 

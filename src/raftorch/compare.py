@@ -23,6 +23,7 @@ from raftorch.checkpoint import write_json, write_text
 from raftorch.data import DATASETS, DataSplits, load_dataset
 from raftorch.models.mlp import MLP
 from raftorch.rules import get_rule
+from raftorch.train import evaluate
 
 DEFAULT_RULES = ("bp", "fa", "fa-lowrank", "raf")
 DEFAULT_RANKS = (1, 2, 5, 10)
@@ -49,17 +50,6 @@ def plan(rules, ranks) -> list[tuple[str, int | None]]:
     for rule in rules:
         runs += [(rule, r) for r in ranks] if _is_low_rank(rule) else [(rule, None)]
     return runs
-
-
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
-    """Fraction of correct predictions, in eval mode and without gradients."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
-                      for i in range(0, len(x), batch))
-    model.train(was_training)
-    return correct / len(x)
 
 
 def fit(model, data: DataSplits, *, epochs: int, lr: float, batch_size: int, seed: int,
@@ -107,7 +97,7 @@ def run_compare(*, rules=DEFAULT_RULES, ranks=DEFAULT_RANKS, dataset="digits", h
         start = time.perf_counter()
         loss = fit(model, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=bar)
         seconds = time.perf_counter() - start
-        acc = accuracy(model, data.x_test, data.y_test)
+        _, acc = evaluate(model, data.x_test, data.y_test, batch_size=1024)
         rows.append(Row(rule, rank, acc, loss, seconds, source if rule in DIRECT_RULES else None))
     bar.close()
     return rows

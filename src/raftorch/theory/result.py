@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from raftorch.checkpoint import write_text
 from raftorch.theory.rules import Weights
 from raftorch.theory.task import LinearTask
 
@@ -132,18 +132,8 @@ class TheoryResult:
 def save_results(path: str | os.PathLike, results: list[TheoryResult], meta: dict | None = None) -> Path:
     """Write ``{"meta": ..., "results": [...]}`` to ``path`` atomically; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": "raftorch.theory/1", "meta": meta or {}, "results": [r.to_dict() for r in results]}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text(path, json.dumps(payload))
     return path
 
 
