@@ -52,7 +52,7 @@ def one_thread():
 
 @pytest.mark.slow
 def test_draf_on_digits_reaches_bp_learns_from_the_penultimate_layer_and_dfa_runs(one_thread):
-    seeds = (0, 1)
+    seeds = (0, 1, 2, 3)  # dRAF varies by +-1.4 points between seeds: compare means
     bp = sum(train_digits("bp", seed=s) for s in seeds) / len(seeds)
     draf = sum(train_digits("draf", 10, seed=s) for s in seeds) / len(seeds)
     draf_pen = train_digits("draf", 10, source="penultimate")

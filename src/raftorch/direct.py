@@ -67,13 +67,13 @@ One forward at a time per model instance (not thread-safe), as with BatchNorm st
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 
 from raftorch.functional import OjaOptions, oja_grad
+from raftorch.layers import init_feedback_
 from raftorch.rules import DIRECT_RULES, Rule, check_rank
 
 __all__ = ["DirectFeedback", "DirectPath", "convert_direct", "injection_point"]
@@ -134,9 +134,8 @@ class DirectPath(nn.Module):
     fixed) or ``Q`` ``(n_target, r)`` and ``P`` ``(r, d_source)`` (``draf``, both learned).
 
     Initialisation, as for a layer-wise feedback path whose virtual forward map goes from
-    the target's ``n_target`` units to the source's ``d_source``: ``B ~ U(+-1/sqrt(n_target))``;
-    ``P`` random orthonormal rows; ``Q`` uniform with the scale that gives ``Q P`` the entry
-    variance of ``B``.
+    the target's ``n_target`` units to the source's ``d_source`` (fan-in ``n_target``):
+    :func:`raftorch.layers.init_feedback_`.
     """
 
     def __init__(self, target: str, point: str, rule: Rule, rank, n_target: int, d_source: int,
@@ -159,12 +158,7 @@ class DirectPath(nn.Module):
     @torch.no_grad()
     def reset_feedback(self) -> None:
         """Draw new random feedback weights (see the class docstring)."""
-        bound = 1.0 / math.sqrt(self.n_target)
-        if self.rule.low_rank:
-            nn.init.orthogonal_(self.P)
-            self.Q.uniform_(-1.0, 1.0).mul_(math.sqrt(self.d_source / (self.rank * self.n_target)))
-        else:
-            self.B.uniform_(-bound, bound)
+        init_feedback_(self, self.n_target)
 
     @torch.no_grad()
     def feedback_matrix(self) -> Tensor:

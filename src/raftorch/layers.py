@@ -34,13 +34,32 @@ def _parse_options(rule: Rule, options: dict) -> RF.OjaOptions | None:
     return RF.OjaOptions(**{_OJA_KEYS[k]: v for k, v in options.items()})
 
 
+@torch.no_grad()
+def init_feedback_(module: nn.Module, fan_in: int) -> None:
+    """Draw the feedback weights ``B``, ``Q``, ``P`` that ``module`` has, in place.
+
+    ``B`` and ``Q`` are drawn like a forward weight with this fan-in,
+    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``; ``P`` gets random orthonormal rows (Oja's rule
+    keeps them orthonormal). ``Q`` on the forward weight's scale matters with Adam, which
+    moves every entry by about the learning rate per step: a larger random ``Q`` takes
+    correspondingly longer to be overwritten by its Kolen-Pollack-like updates (measured on
+    Fashion-MNIST, MLP 4 x 512, r = 10, 2 epochs: 74.9% test accuracy with ``Q`` scaled so that
+    ``Q P`` matched ``fa``'s ``B`` in entry variance, 83.7% with ``Q`` ten times smaller,
+    85.3% for BP).
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    for name in ("B", "Q"):
+        if getattr(module, name, None) is not None:
+            getattr(module, name).uniform_(-bound, bound)
+    if getattr(module, "P", None) is not None:
+        nn.init.orthogonal_(module.P)
+
+
 class FeedbackLayer:
     """What ``raftorch.Linear`` and ``raftorch.Conv2d`` share: the rule, the rank, the
     feedback parameters and their initialisation.
 
-    Initialisation: ``B`` is drawn like the forward weight (``U(-1/sqrt(fan_in), +)``);
-    ``P`` has random orthonormal rows (Oja's rule keeps them orthonormal); ``Q`` is uniform
-    with the scale that gives ``B = Q P`` the same entry variance as ``B`` of ``fa``.
+    Initialisation: see :func:`init_feedback_`.
     """
 
     rule: Rule
@@ -70,19 +89,9 @@ class FeedbackLayer:
     def _fan_in(self) -> int:
         return self.weight[0].numel()
 
-    def _rank_per_group(self) -> int:
-        return self.rank
-
-    @torch.no_grad()
     def reset_feedback(self) -> None:
-        """Draw new random feedback weights (see the class docstring for the distributions)."""
-        bound = 1.0 / math.sqrt(self._fan_in())
-        if self.rule.path == "full":
-            self.B.uniform_(-bound, bound)
-        elif self.rule.path == "lowrank":
-            nn.init.orthogonal_(self.P)
-            n_out = self.P.shape[1]
-            self.Q.uniform_(-1.0, 1.0).mul_(math.sqrt(n_out / (self._rank_per_group() * self._fan_in())))
+        """Draw new random feedback weights (:func:`init_feedback_`)."""
+        init_feedback_(self, self._fan_in())
 
     def feedback_shapes(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the feedback parameters (empty for ``bp``)."""
@@ -226,9 +235,6 @@ class Conv2d(FeedbackLayer, nn.Conv2d):
             return {"Q": (r, self.in_channels // self.groups, *self.kernel_size),
                     "P": (r, self.out_channels)}
         return {}
-
-    def _rank_per_group(self):
-        return self.rank // self.groups
 
     def forward(self, input: Tensor) -> Tensor:
         path = self.rule.path
