@@ -146,7 +146,8 @@ def oja_grad(P: Tensor, e: Tensor, z: Tensor, opts: OjaOptions) -> Tensor:
 
 def _autocast(x: Tensor, *tensors):
     """Under autocast, cast the floating inputs to the autocast dtype (custom Functions are
-    not autocast by PyTorch), so the forward and the saved tensors share one dtype."""
+    not autocast by PyTorch), so the forward (where autocast then has nothing left to cast)
+    and the saved tensors share one dtype."""
     dev = x.device.type
     if not torch.is_autocast_enabled(dev):
         return (x, *tensors)
@@ -164,8 +165,7 @@ class LinearFullFeedback(Function):
     def forward(ctx, x, weight, bias, B):
         x, weight, bias, B = _autocast(x, weight, bias, B)
         ctx.save_for_backward(x, B)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
@@ -192,8 +192,7 @@ class LinearLowRankFeedback(Function):
         x, weight, bias, Q, P = _autocast(x, weight, bias, Q, P)
         ctx.save_for_backward(x, Q, P)
         ctx.oja, ctx.targets = oja, targets
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
@@ -255,8 +254,7 @@ class Conv2dFullFeedback(Function):
         x, weight, bias, B = _autocast(x, weight, bias, B)
         ctx.save_for_backward(x, B)
         ctx.geom = geom
-        with torch.autocast(x.device.type, enabled=False):
-            return geom.conv(x, weight, bias)
+        return geom.conv(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
@@ -278,8 +276,7 @@ class Conv2dLowRankFeedback(Function):
         x, weight, bias, Q, P = _autocast(x, weight, bias, Q, P)
         ctx.save_for_backward(x, weight, Q, P)
         ctx.geom, ctx.oja = geom, oja
-        with torch.autocast(x.device.type, enabled=False):
-            return geom.conv(x, weight, bias)
+        return geom.conv(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
