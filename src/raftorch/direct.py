@@ -72,7 +72,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 
-from raftorch.functional import OjaOptions, oja_grad
+from raftorch.functional import OjaOptions, lowrank_feedback
 from raftorch.layers import init_feedback_
 from raftorch.rules import DIRECT_RULES, Rule, check_rank
 
@@ -196,13 +196,11 @@ class _DirectFeedbackFn(Function):
             if plan.low_rank:
                 Q, P = params[2 * i], params[2 * i + 1]
                 e2 = e.reshape(rows, -1).to(P.dtype)
-                z = e2 @ P.t()
-                if need_h[i]:
-                    grad_h[i] = (z @ Q.t()).view(shape).to(e.dtype)
-                if need_p[2 * i]:
-                    grad_p[2 * i] = hs[i].reshape(rows, -1).to(z.dtype).t() @ z
-                if need_p[2 * i + 1]:
-                    grad_p[2 * i + 1] = oja_grad(P, e2, z, plan.oja)
+                h = hs[i].reshape(rows, -1).to(P.dtype) if need_p[2 * i] else None
+                gh, grad_p[2 * i], grad_p[2 * i + 1] = lowrank_feedback(
+                    e2, h, Q, P, plan.oja, need_h[i], need_p[2 * i], need_p[2 * i + 1])
+                if gh is not None:
+                    grad_h[i] = gh.view(shape).to(e.dtype)
             else:
                 B = params[i]
                 if need_h[i]:
