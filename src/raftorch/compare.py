@@ -22,12 +22,11 @@ import raftorch
 from raftorch.checkpoint import write_json, write_text
 from raftorch.data import DATASETS, DataSplits, load_dataset
 from raftorch.models.mlp import MLP
-from raftorch.rules import get_rule
+from raftorch.rules import DIRECT_RULES, get_rule
 from raftorch.train import evaluate
 
 DEFAULT_RULES = ("bp", "fa", "fa-lowrank", "raf")
 DEFAULT_RANKS = (1, 2, 5, 10)
-DIRECT_RULES = ("dfa", "draf")
 
 
 @dataclass
@@ -41,7 +40,7 @@ class Row:
 
 
 def _is_low_rank(rule: str) -> bool:
-    return rule == "draf" or (rule not in DIRECT_RULES and get_rule(rule).low_rank)
+    return (DIRECT_RULES.get(rule) or get_rule(rule)).low_rank
 
 
 def plan(rules, ranks) -> list[tuple[str, int | None]]:
