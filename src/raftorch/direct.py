@@ -197,7 +197,7 @@ class _DirectFeedbackFn(Function):
                 Q, P = params[2 * i], params[2 * i + 1]
                 e2 = e.reshape(rows, -1).to(P.dtype)
                 h = hs[i].reshape(rows, -1).to(P.dtype) if need_p[2 * i] else None
-                gh, grad_p[2 * i], grad_p[2 * i + 1] = lowrank_feedback(
+                gh, grad_p[2 * i], grad_p[2 * i + 1], _, _ = lowrank_feedback(
                     e2, h, Q, P, plan.oja, need_h[i], need_p[2 * i], need_p[2 * i + 1])
                 if gh is not None:
                     grad_h[i] = gh.view(shape).to(e.dtype)
