@@ -141,9 +141,8 @@ class Linear(FeedbackLayer, nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
         path = self.rule.path
         if path == "lowrank":
-            return RF.LinearLowRankFeedback.apply(
-                input, self.weight, self.bias, self.Q, self.P, self.oja, self._targets
-            )
+            return RF.linear_lowrank(input, self.weight, self.bias, self.Q, self.P, self.oja,
+                                     self._targets)
         B = self.B if path == "full" else self.weight.detach().t()
         return RF.LinearFullFeedback.apply(input, self.weight, self.bias, B)
 

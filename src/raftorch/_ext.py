@@ -1,0 +1,87 @@
+"""The optional C++ fast path (``csrc/lowrank_linear.cpp``), compiled on first use.
+
+``raftorch.Linear`` with a low-rank rule on CPU tensors runs its forward and backward through
+one C++ ``autograd::Function`` when this extension is available: the arithmetic is the same as
+the Python path in :mod:`raftorch.functional` (tested equal), only the Python dispatch between
+the backward's ~20 small operations is gone, which is most of what a low-rank layer costs over
+plain backprop on a CPU.
+
+The first use compiles the extension with PyTorch's JIT builder (``torch.utils.cpp_extension``:
+a C++ compiler and ``ninja``, ~30 s on 2 cores) into PyTorch's extension cache
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later runs load it in well
+under a second. If it cannot be built, raftorch warns once and uses the Python path.
+``RAFTORCH_EXTENSION=0`` turns it off (``=1`` makes a failed build an error instead).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+
+_SOURCE = Path(__file__).parent / "csrc" / "lowrank_linear.cpp"
+_lock = threading.Lock()
+log = logging.getLogger("raftorch")
+_state: dict = {}
+
+
+class RaftorchExtensionWarning(UserWarning):
+    """The C++ fast path could not be built; raftorch runs its (slower) Python path."""
+
+
+def setting() -> str:
+    """``"0"`` (off), ``"1"`` (required) or ``"auto"`` (the default), from the environment."""
+    value = os.environ.get("RAFTORCH_EXTENSION", "auto").strip().lower()
+    if value not in ("0", "1", "auto"):
+        raise ValueError(f"RAFTORCH_EXTENSION={value!r} is not valid; use 0 (off), 1 (required) or auto")
+    return value
+
+
+def get():
+    """The compiled module, or ``None`` where it is turned off or cannot be built."""
+    if "module" in _state:
+        return _state["module"]
+    with _lock:
+        if "module" not in _state:
+            _state["module"] = _build()
+    return _state["module"]
+
+
+def _put_ninja_on_path():
+    """PyTorch's builder runs ``ninja`` from PATH; the pip package's binary lives in the
+    environment's bin folder, which is not on PATH unless the environment is activated."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    bindir = getattr(ninja, "BIN_DIR", None)
+    path = os.environ.get("PATH", "")
+    if bindir and bindir not in path.split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + path
+
+
+def _build():
+    mode = setting()
+    if mode == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        _put_ninja_on_path()
+        log.info("building raftorch's C++ fast path (once per machine, ~30 s)")
+        return load(name="raftorch_lowrank_linear", sources=[str(_SOURCE)],
+                    extra_cflags=["-O3"], verbose=False)
+    except Exception as exc:  # no compiler, no ninja, no headers, ...
+        if mode == "1":
+            raise RuntimeError(
+                f"RAFTORCH_EXTENSION=1 but the C++ fast path failed to build: {exc}. Install a C++ "
+                "compiler and ninja (pip install ninja), or set RAFTORCH_EXTENSION=auto"
+            ) from exc
+        warnings.warn(
+            f"raftorch's C++ fast path could not be built ({type(exc).__name__}: {exc}); using the "
+            "Python path (same results, slower on CPU). Install a C++ compiler and ninja "
+            "(pip install ninja) to enable it, or set RAFTORCH_EXTENSION=0 to silence this.",
+            RaftorchExtensionWarning, stacklevel=3,
+        )
+        return None
