@@ -7,6 +7,7 @@ backward and a fused Adam update, batch 256, r = 10.
 
     python benchmarks/bench_step.py                 # both MLPs, all rules
     python benchmarks/bench_step.py --rounds 10 --rules raf --models deep
+    python benchmarks/bench_step.py --rules raf --python-path   # C++ fast path vs Python path
 
 Memory: on CUDA the peak allocated memory of a step; on CPU the bytes saved for the backward
 pass (activations) plus parameters, gradients and Adam state, which is where rules differ.
@@ -16,12 +17,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import raftorch
+from raftorch import _ext
 
 MODELS = {
     "paper": (3072, [512] * 4, 10),    # (a) the paper's MLP on CIFAR-10 inputs
@@ -92,7 +95,14 @@ def peak_cuda(step):
     return torch.cuda.max_memory_allocated()
 
 
-def bench(name, rules, rounds, steps, batch, rank, device):
+def in_context(step, context):
+    def run():
+        with context():
+            step()
+    return run
+
+
+def bench(name, rules, rounds, steps, batch, rank, device, python_path=False):
     n_in, hidden, n_out = MODELS[name]
     torch.manual_seed(0)
     base = mlp(n_in, hidden, n_out).to(device)
@@ -100,9 +110,15 @@ def bench(name, rules, rounds, steps, batch, rank, device):
                for _ in range(8)]
     x, y = batches[0]
     variants = {"nn.Linear (BP)": base}
+    contexts = {}
     for rule in rules:
         variants[rule] = raftorch.convert(base, rule, rank if get_low_rank(rule) else None)
-    steps_fn = {k: make_step(m, batches) for k, m in variants.items()}
+        if python_path and get_low_rank(rule):
+            key = f"{rule} (Python path)"
+            variants[key] = raftorch.convert(base, rule, rank)
+            contexts[key] = _ext.disabled
+    steps_fn = {k: in_context(make_step(m, batches), contexts.get(k, nullcontext))
+                for k, m in variants.items()}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in steps_fn.values():  # warm-up (allocations, Adam state, kernel choice)
         for _ in range(3):
@@ -118,9 +134,10 @@ def bench(name, rules, rounds, steps, batch, rank, device):
             times[k].append((time.perf_counter() - t0) / steps)
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = med["nn.Linear (BP)"]
+    fast = "on" if _ext.get() is not None and device.type == "cpu" else "off"
     print(f"\n### ({name}) input {n_in}, hidden {'x'.join(map(str, hidden))}, {n_out} classes, "
           f"batch {batch}, r = {rank}, {device.type}, {torch.get_num_threads()} threads, "
-          f"median of {rounds} rounds x {steps} steps\n")
+          f"median of {rounds} rounds x {steps} steps, C++ fast path {fast}\n")
     mem_col = "peak memory (MB)" if device.type == "cuda" else "saved for backward + optimizer state (MB)"
     print(f"| variant | step (ms) | ratio to BP | {mem_col} |")
     print("|---|---|---|---|")
@@ -128,7 +145,8 @@ def bench(name, rules, rounds, steps, batch, rank, device):
         if device.type == "cuda":
             mem = peak_cuda(steps_fn[k]) / 2**20
         else:
-            mem = (saved_bytes(m, x, y) + state_bytes(m)) / 2**20
+            with contexts.get(k, nullcontext)():
+                mem = (saved_bytes(m, x, y) + state_bytes(m)) / 2**20
         print(f"| {k} | {1000 * med[k]:.2f} | {med[k] / ref:.3f} | {mem:.1f} |")
     return med
 
@@ -147,6 +165,8 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--python-path", action="store_true",
+                   help="also time each low-rank rule on the Python path (C++ fast path off)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.set_flush_denormal(True)
@@ -154,7 +174,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}")
     for name in args.models.split(","):
-        bench(name, args.rules.split(","), args.rounds, args.steps, args.batch, args.rank, device)
+        bench(name, args.rules.split(","), args.rounds, args.steps, args.batch, args.rank, device,
+              args.python_path)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 _SOURCE = Path(__file__).parent / "csrc" / "lowrank_linear.cpp"
@@ -85,3 +86,15 @@ def _build():
             RaftorchExtensionWarning, stacklevel=3,
         )
         return None
+
+
+@contextmanager
+def disabled():
+    """Inside this block the Python path runs even where the fast path is built (for side by
+    side benchmarks and tests)."""
+    module = get()
+    _state["module"] = None
+    try:
+        yield
+    finally:
+        _state["module"] = module

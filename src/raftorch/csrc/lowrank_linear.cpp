@@ -17,45 +17,86 @@ namespace {
 
 enum Scale : int64_t { kNone = 0, kMaxStd = 1, kRms = 2 };
 
-// s2 (the scale, times the rows M) and the floor below which the signal counts as constant,
-// as in oja_grad: var_j M = sum_i e_ij^2 - (sum_i e_ij)^2 / M.
-std::pair<double, double> oja_scale(const Tensor& e, const Tensor& colsum, bool center,
-                                    int64_t scale) {
+bool fusable(const Tensor& e) {
+  return e.device().is_cpu() && e.scalar_type() == at::kFloat && e.is_contiguous();
+}
+
+// Column sums and sums of squares of a float32 CPU matrix in one pass, four rows at a time
+// (one load and store of the accumulators per four rows), in blocks of 256 rows whose float
+// partial sums are added up in double (the error does not grow with the number of rows).
+Tensor column_stats(const Tensor& e, std::vector<float>& sq) {
   const int64_t M = e.size(0), n = e.size(1);
-  if (e.device().is_cpu() && e.scalar_type() == at::kFloat && e.is_contiguous() &&
-      colsum.is_contiguous()) {
-    std::vector<float> sq(n, 0.f);
-    const float* pe = e.const_data_ptr<float>();
-    float* s = sq.data();
-    for (int64_t i = 0; i < M; ++i) {
-      const float* row = pe + i * n;
-      for (int64_t j = 0; j < n; ++j) s[j] += row[j] * row[j];
+  const float* pe = e.const_data_ptr<float>();
+  std::vector<float> c(n), s(n);
+  std::vector<double> c_total(n, 0.0), s_total(n, 0.0);
+  for (int64_t start = 0; start < M; start += 256) {
+    const int64_t end = std::min(M, start + 256);
+    std::fill(c.begin(), c.end(), 0.f);
+    std::fill(s.begin(), s.end(), 0.f);
+    float* cp = c.data();
+    float* sp = s.data();
+    int64_t i = start;
+    for (; i + 4 <= end; i += 4) {
+      const float *r0 = pe + i * n, *r1 = r0 + n, *r2 = r1 + n, *r3 = r2 + n;
+      for (int64_t j = 0; j < n; ++j) {
+        cp[j] += (r0[j] + r1[j]) + (r2[j] + r3[j]);
+        sp[j] += (r0[j] * r0[j] + r1[j] * r1[j]) + (r2[j] * r2[j] + r3[j] * r3[j]);
+      }
     }
+    for (; i < end; ++i) {
+      const float* r0 = pe + i * n;
+      for (int64_t j = 0; j < n; ++j) {
+        cp[j] += r0[j];
+        sp[j] += r0[j] * r0[j];
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      c_total[j] += cp[j];
+      s_total[j] += sp[j];
+    }
+  }
+  Tensor colsum = at::empty({n}, e.options());
+  float* out = colsum.data_ptr<float>();
+  sq.resize(n);
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = float(c_total[j]);
+    sq[j] = float(s_total[j]);
+  }
+  return colsum;
+}
+
+// s2 (the scale, times the rows M) and the floor below which the signal counts as constant,
+// as in oja_grad: var_j M = sum_i e_ij^2 - (sum_i e_ij)^2 / M. `sq` holds the sums of
+// squares when column_stats made them, else is empty.
+std::pair<double, double> oja_scale(const Tensor& e, const Tensor& colsum,
+                                    const std::vector<float>& sq, bool center, int64_t scale) {
+  const int64_t M = e.size(0), n = e.size(1);
+  if (!sq.empty()) {
     const float* pc = colsum.const_data_ptr<float>();
     double mx = 0.0, sum = 0.0, tot = 0.0;
     for (int64_t j = 0; j < n; ++j) {
-      const double v = center ? double(s[j]) - double(pc[j]) * pc[j] / M : double(s[j]);
+      const double v = center ? double(sq[j]) - double(pc[j]) * pc[j] / M : double(sq[j]);
       mx = std::max(mx, v);
       sum += v;
-      tot += s[j];
+      tot += sq[j];
     }
     return {scale == kMaxStd ? mx : sum / n, 1e-6 * tot / n + 1e-30 * M};
   }
-  Tensor sq = (e * e).sum(0);
-  Tensor var = center ? at::addcmul(sq, colsum, colsum, -1.0 / M) : sq;
+  Tensor sqt = (e * e).sum(0);
+  Tensor var = center ? at::addcmul(sqt, colsum, colsum, -1.0 / M) : sqt;
   const double s2 = (scale == kMaxStd ? var.max() : var.mean()).item<double>();
-  return {s2, 1e-6 * sq.mean().item<double>() + 1e-30 * M};
+  return {s2, 1e-6 * sqt.mean().item<double>() + 1e-30 * M};
 }
 
 // grad_P = k ((A P^T) P - A) with A = z_c^T e, see oja_grad.
 Tensor oja_grad(const Tensor& P, const Tensor& e, const Tensor& zt, const Tensor& colsum,
-                bool center, int64_t scale, bool reduce_mean) {
+                const std::vector<float>& sq, bool center, int64_t scale, bool reduce_mean) {
   const int64_t M = e.size(0);
   Tensor A = at::mm(zt, e);
   if (center) A.addr_(zt.sum(1), colsum, 1.0, -1.0 / M);
   double k = reduce_mean ? 1.0 / M : 1.0;
   if (scale != kNone) {
-    const auto [s2, floor] = oja_scale(e, colsum, center, scale);
+    const auto [s2, floor] = oja_scale(e, colsum, sq, center, scale);
     k = s2 > floor ? k * M / s2 : 0.0;
   }
   return at::addmm(A, at::mm(A, P.t()), P, -k, k);
@@ -86,11 +127,15 @@ struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
     const Tensor g = grads[0].reshape({-1, grads[0].size(-1)});
     const Tensor x2 = x.reshape({-1, x.size(-1)});
     Tensor grad_x, grad_w, grad_b, grad_Q, grad_P, zt;
+    std::vector<float> sq;
     // passes over g first, while it is in cache (see lowrank_feedback)
-    if (need_b || (need_P && (center || scale != kNone))) grad_b = g.sum(0);
+    if (need_P && scale != kNone && fusable(g))
+      grad_b = column_stats(g, sq);
+    else if (need_b || (need_P && (center || scale != kNone)))
+      grad_b = g.sum(0);
     if (need_x || need_Q || need_P) zt = at::mm(P, g.t());
     if (need_P)
-      grad_P = oja_grad(P, g, zt, grad_b, center, scale, ctx->saved_data["mean"].toBool());
+      grad_P = oja_grad(P, g, zt, grad_b, sq, center, scale, ctx->saved_data["mean"].toBool());
     if (need_w) grad_w = at::mm(g.t(), x2);
     if (need_Q) grad_Q = at::mm(zt, x2).t();
     if (need_x) grad_x = at::mm(zt.t(), Q.t()).view(x.sizes());
