@@ -1,9 +1,10 @@
 // The low-rank feedback Linear (rules fa-lowrank, raf-q, raf) as one C++ autograd Function.
 //
 // Same arithmetic as raftorch.functional.LinearLowRankFeedback + lowrank_feedback + oja_grad
-// (see their docstrings for the equations); only the Python dispatch between the ~20 small
-// operations of the backward is gone, and Oja's per-feature statistics on a float32 CPU
-// signal come from one pass instead of four. Built on first use by raftorch._ext.
+// (see their docstrings for the equations). On float32 CPU tensors the thin (rank-r) part of
+// the backward runs as one fused, multithreaded pass over the rows (row_pass below); other
+// dtypes and layouts run the same steps as ATen operations. Built on first use by
+// raftorch._ext, with -fopenmp so that at::parallel_for shares PyTorch's OpenMP threads.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -17,90 +18,289 @@ namespace {
 
 enum Scale : int64_t { kNone = 0, kMaxStd = 1, kRms = 2 };
 
-bool fusable(const Tensor& e) {
-  return e.device().is_cpu() && e.scalar_type() == at::kFloat && e.is_contiguous();
+bool fusable(const Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
 }
 
-// Column sums and sums of squares of a float32 CPU matrix in one pass, four rows at a time
-// (one load and store of the accumulators per four rows), in blocks of 256 rows whose float
-// partial sums are added up in double (the error does not grow with the number of rows).
-Tensor column_stats(const Tensor& e, std::vector<float>& sq) {
-  const int64_t M = e.size(0), n = e.size(1);
-  const float* pe = e.const_data_ptr<float>();
-  std::vector<float> c(n), s(n);
-  std::vector<double> c_total(n, 0.0), s_total(n, 0.0);
-  for (int64_t start = 0; start < M; start += 256) {
-    const int64_t end = std::min(M, start + 256);
-    std::fill(c.begin(), c.end(), 0.f);
-    std::fill(s.begin(), s.end(), 0.f);
-    float* cp = c.data();
-    float* sp = s.data();
-    int64_t i = start;
-    for (; i + 4 <= end; i += 4) {
-      const float *r0 = pe + i * n, *r1 = r0 + n, *r2 = r1 + n, *r3 = r2 + n;
-      for (int64_t j = 0; j < n; ++j) {
-        cp[j] += (r0[j] + r1[j]) + (r2[j] + r3[j]);
-        sp[j] += (r0[j] * r0[j] + r1[j] * r1[j]) + (r2[j] * r2[j] + r3[j] * r3[j]);
-      }
-    }
-    for (; i < end; ++i) {
-      const float* r0 = pe + i * n;
-      for (int64_t j = 0; j < n; ++j) {
-        cp[j] += r0[j];
-        sp[j] += r0[j] * r0[j];
-      }
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      c_total[j] += cp[j];
-      s_total[j] += sp[j];
-    }
-  }
-  Tensor colsum = at::empty({n}, e.options());
-  float* out = colsum.data_ptr<float>();
-  sq.resize(n);
+// The factor k of grad_P = k ((A P^T) P - A) (see oja_grad) from the per-feature sums `csum`
+// and sums of squares `ssq` of the M x n signal: var_j M = ssq_j - csum_j^2 / M (centred),
+// s2 = max_j (maxstd) or mean_j (rms) of it; a numerically constant signal gets k = 0.
+double oja_factor(int64_t M, int64_t n, const double* csum, const double* ssq, bool center,
+                  int64_t scale, bool reduce_mean) {
+  double k = reduce_mean ? 1.0 / M : 1.0;
+  if (scale == kNone) return k;
+  double mx = 0.0, sum = 0.0, tot = 0.0;
   for (int64_t j = 0; j < n; ++j) {
-    out[j] = float(c_total[j]);
-    sq[j] = float(s_total[j]);
+    const double v = center ? ssq[j] - csum[j] * csum[j] / M : ssq[j];
+    mx = std::max(mx, v);
+    sum += v;
+    tot += ssq[j];
   }
-  return colsum;
+  const double s2 = scale == kMaxStd ? mx : sum / n;
+  return s2 > 1e-6 * tot / n + 1e-30 * M ? k * M / s2 : 0.0;
 }
 
-// s2 (the scale, times the rows M) and the floor below which the signal counts as constant,
-// as in oja_grad: var_j M = sum_i e_ij^2 - (sum_i e_ij)^2 / M. `sq` holds the sums of
-// squares when column_stats made them, else is empty.
-std::pair<double, double> oja_scale(const Tensor& e, const Tensor& colsum,
-                                    const std::vector<float>& sq, bool center, int64_t scale) {
-  const int64_t M = e.size(0), n = e.size(1);
-  if (!sq.empty()) {
-    const float* pc = colsum.const_data_ptr<float>();
-    double mx = 0.0, sum = 0.0, tot = 0.0;
-    for (int64_t j = 0; j < n; ++j) {
-      const double v = center ? double(sq[j]) - double(pc[j]) * pc[j] / M : double(sq[j]);
-      mx = std::max(mx, v);
-      sum += v;
-      tot += sq[j];
-    }
-    return {scale == kMaxStd ? mx : sum / n, 1e-6 * tot / n + 1e-30 * M};
-  }
-  Tensor sqt = (e * e).sum(0);
-  Tensor var = center ? at::addcmul(sqt, colsum, colsum, -1.0 / M) : sqt;
-  const double s2 = (scale == kMaxStd ? var.max() : var.mean()).item<double>();
-  return {s2, 1e-6 * sqt.mean().item<double>() + 1e-30 * M};
-}
-
-// grad_P = k ((A P^T) P - A) with A = z_c^T e, see oja_grad.
+// Generic path (any dtype and layout): grad_P = k ((A P^T) P - A) with A = z_c^T e, z = e P^T
+// given transposed as zt (r x M), colsum = e.sum(0).
 Tensor oja_grad(const Tensor& P, const Tensor& e, const Tensor& zt, const Tensor& colsum,
-                const std::vector<float>& sq, bool center, int64_t scale, bool reduce_mean) {
-  const int64_t M = e.size(0);
+                bool center, int64_t scale, bool reduce_mean) {
+  const int64_t M = e.size(0), n = e.size(1);
   Tensor A = at::mm(zt, e);
   if (center) A.addr_(zt.sum(1), colsum, 1.0, -1.0 / M);
   double k = reduce_mean ? 1.0 / M : 1.0;
   if (scale != kNone) {
-    const auto [s2, floor] = oja_scale(e, colsum, sq, center, scale);
-    k = s2 > floor ? k * M / s2 : 0.0;
+    const Tensor s = at::stack({colsum, (e * e).sum(0)}).to(at::kDouble).contiguous();
+    const double* ps = s.const_data_ptr<double>();
+    k = oja_factor(M, n, ps, ps + n, center, scale, reduce_mean);
   }
   return at::addmm(A, at::mm(A, P.t()), P, -k, k);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fused row pass (float32, CPU). With z_i = P g_i the compressed error of row i, one sweep over
+// the rows of g (M x n) and x (M x m) accumulates every thin product of the backward:
+//   z = g P^T (M x r),  A = z^T g (Oja's cross term),  gQt = z^T x (Q's gradient, transposed),
+//   the column sums and sums of squares of g (Oja's statistics, the bias gradient), sum_i z_i.
+// BLAS runs these as separate products with r (= 10) rows that each read g or x again, at a
+// fraction of the machine's speed; here g and x are read once, four rows at a time, while the
+// accumulators (r x n and r x m floats) stay in cache. Rows are split between threads, each
+// with its own accumulators, added up at the end.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// one compiled copy per instruction set (AVX-512, AVX2 + FMA, baseline), picked at load time
+#define RAF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RAF_CLONES
+#endif
+#if defined(__GNUC__)
+#define RAF_INLINE inline __attribute__((always_inline))
+#else
+#define RAF_INLINE inline
+#endif
+
+constexpr int64_t kMaxFusedRank = 64;
+constexpr int kLanes = 8;  // the pairwise sum in dots4 is written for 8
+
+struct RowPass {
+  int64_t r = 0, n = 0, m = 0;  // rank, width of g, width of x
+  const float* P = nullptr;     // r x n
+  const float* g = nullptr;     // M x n
+  const float* x = nullptr;     // M x m (read only for gQt)
+  float* z = nullptr;           // M x r, written
+  bool stats = false, cross = false, qgrad = false;
+};
+
+struct RowAcc {  // one thread's accumulators, zero on entry
+  float* A;      // r x n   (cross)
+  float* gQt;    // r x m   (qgrad)
+  double* csum;  // n       (stats)
+  double* ssq;   // n       (stats)
+  double* zsum;  // r       (cross)
+};
+
+// z[b][k] = P_k . g_b for the four rows g_0..g_3 and k < r, two rows of P at a time (each load
+// of g feeds two products), in kLanes independent lanes summed pairwise at the end.
+RAF_INLINE void dots4(const float* __restrict P, int64_t r, int64_t n, const float* __restrict g0,
+                      const float* __restrict g1, const float* __restrict g2,
+                      const float* __restrict g3, float (*z)[kMaxFusedRank]) {
+  for (int64_t k = 0; k < r; k += 2) {
+    const float* __restrict p = P + k * n;
+    const float* __restrict q = k + 1 < r ? p + n : p;  // an odd r repeats its last row
+    float a[8][kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const float u = p[j + l], v = q[j + l];
+        const float h0 = g0[j + l], h1 = g1[j + l], h2 = g2[j + l], h3 = g3[j + l];
+        a[0][l] += u * h0, a[1][l] += u * h1, a[2][l] += u * h2, a[3][l] += u * h3;
+        a[4][l] += v * h0, a[5][l] += v * h1, a[6][l] += v * h2, a[7][l] += v * h3;
+      }
+    float s[8];
+    for (int t = 0; t < 8; ++t)
+      s[t] = ((a[t][0] + a[t][4]) + (a[t][1] + a[t][5])) + ((a[t][2] + a[t][6]) + (a[t][3] + a[t][7]));
+    for (; j < n; ++j) {
+      const float u = p[j], v = q[j];
+      s[0] += u * g0[j], s[1] += u * g1[j], s[2] += u * g2[j], s[3] += u * g3[j];
+      s[4] += v * g0[j], s[5] += v * g1[j], s[6] += v * g2[j], s[7] += v * g3[j];
+    }
+    for (int b = 0; b < 4; ++b) {
+      z[b][k] = s[b];
+      if (k + 1 < r) z[b][k + 1] = s[4 + b];
+    }
+  }
+}
+
+// out[k][j] += sum_b c[b][k] a_b[j] for k < r, j < w, over four rows a_0..a_3, in column tiles
+// small enough that the four rows' tile and its r accumulator rows stay in L1.
+RAF_INLINE void outer4(float* __restrict out, int64_t ld, const float (*c)[kMaxFusedRank], int64_t r,
+                       const float* __restrict a0, const float* __restrict a1,
+                       const float* __restrict a2, const float* __restrict a3, int64_t w) {
+  constexpr int64_t kTile = 256;
+  for (int64_t j0 = 0; j0 < w; j0 += kTile) {
+    const int64_t j1 = std::min(w, j0 + kTile);
+    for (int64_t k = 0; k < r; ++k) {
+      const float c0 = c[0][k], c1 = c[1][k], c2 = c[2][k], c3 = c[3][k];
+      float* __restrict o = out + k * ld;
+      for (int64_t j = j0; j < j1; ++j) o[j] += (c0 * a0[j] + c1 * a1[j]) + (c2 * a2[j] + c3 * a3[j]);
+    }
+  }
+}
+
+RAF_CLONES __attribute__((noinline)) void row_pass(const RowPass& p, int64_t begin, int64_t end,
+                                                   RowAcc acc) {
+  const int64_t r = p.r, n = p.n, m = p.m;
+  // float sums over at most 256 rows, added up in double: the error does not grow with M
+  std::vector<float> cblock(p.stats ? n : 0), sblock(p.stats ? n : 0);
+  int64_t rows_in_block = 0;
+  auto flush = [&]() {
+    for (int64_t j = 0; j < n; ++j) {
+      acc.csum[j] += cblock[j];
+      acc.ssq[j] += sblock[j];
+      cblock[j] = 0.f;
+      sblock[j] = 0.f;
+    }
+    rows_in_block = 0;
+  };
+  float zb[4][kMaxFusedRank];
+  for (int64_t i = begin; i < end;) {
+    const int64_t nb = std::min<int64_t>(4, end - i);
+    // a block of fewer than four rows repeats its first row, with a zero coefficient
+    const float* g0 = p.g + i * n;
+    const float* g1 = nb > 1 ? g0 + n : g0;
+    const float* g2 = nb > 2 ? g0 + 2 * n : g0;
+    const float* g3 = nb > 3 ? g0 + 3 * n : g0;
+    dots4(p.P, r, n, g0, g1, g2, g3, zb);
+    for (int64_t b = 0; b < 4; ++b)
+      for (int64_t k = 0; k < r; ++k) {
+        if (b < nb)
+          p.z[(i + b) * r + k] = zb[b][k];
+        else
+          zb[b][k] = 0.f;
+      }
+    if (p.stats) {
+      float* __restrict cp = cblock.data();
+      float* __restrict sp = sblock.data();
+      for (int64_t b = 0; b < nb; b += 2) {  // two rows at a time (a lone last row alone)
+        const float* __restrict u = g0 + b * n;
+        if (b + 1 < nb) {
+          const float* __restrict v = u + n;
+          for (int64_t j = 0; j < n; ++j) {
+            cp[j] += u[j] + v[j];
+            sp[j] += u[j] * u[j] + v[j] * v[j];
+          }
+        } else {
+          for (int64_t j = 0; j < n; ++j) {
+            cp[j] += u[j];
+            sp[j] += u[j] * u[j];
+          }
+        }
+      }
+      rows_in_block += nb;
+      if (rows_in_block >= 256) flush();
+    }
+    if (p.cross) {
+      outer4(acc.A, n, zb, r, g0, g1, g2, g3, n);
+      for (int64_t k = 0; k < r; ++k) acc.zsum[k] += double(zb[0][k]) + zb[1][k] + zb[2][k] + zb[3][k];
+    }
+    if (p.qgrad) {
+      const float* x0 = p.x + i * m;
+      outer4(acc.gQt, m, zb, r, x0, nb > 1 ? x0 + m : x0, nb > 2 ? x0 + 2 * m : x0,
+             nb > 3 ? x0 + 3 * m : x0, m);
+    }
+    i += nb;
+  }
+  if (p.stats && rows_in_block > 0) flush();
+}
+
+// out = f ((A P^T) P - A) for A, P (r x n): Oja's update from its cross term (oja_grad).
+RAF_CLONES __attribute__((noinline)) void oja_finish(const float* A, const float* P, int64_t r,
+                                                     int64_t n, double f, float* out) {
+  std::vector<float> C(r * r);  // A P^T, each entry in kLanes lanes summed pairwise
+  for (int64_t a = 0; a < r; ++a)
+    for (int64_t b = 0; b < r; ++b) {
+      const float* __restrict u = A + a * n;
+      const float* __restrict v = P + b * n;
+      float l8[kLanes] = {};
+      int64_t j = 0;
+      for (; j + kLanes <= n; j += kLanes)
+        for (int l = 0; l < kLanes; ++l) l8[l] += u[j + l] * v[j + l];
+      float s = ((l8[0] + l8[4]) + (l8[1] + l8[5])) + ((l8[2] + l8[6]) + (l8[3] + l8[7]));
+      for (; j < n; ++j) s += u[j] * v[j];
+      C[a * r + b] = s;
+    }
+  for (int64_t a = 0; a < r; ++a) {
+    float* __restrict row = out + a * n;
+    const float* __restrict u = A + a * n;
+    for (int64_t j = 0; j < n; ++j) row[j] = -u[j];
+    for (int64_t b = 0; b < r; ++b) {
+      const float c = C[a * r + b];
+      const float* __restrict v = P + b * n;
+      for (int64_t j = 0; j < n; ++j) row[j] += c * v[j];
+    }
+    const float ff = float(f);
+    for (int64_t j = 0; j < n; ++j) row[j] *= ff;
+  }
+}
+
+struct Fused {
+  Tensor z, colsum, grad_Q, grad_P;  // grad_Q in Q's (m x r) layout
+};
+
+// The thin part of the backward from one row pass over g (M x n) and x (M x m), all float32
+// contiguous: z, the column sums of g (if stats), Q's gradient z^T x transposed (if qgrad) and
+// Oja's update of P (if oja; needs stats when centring or scaling).
+Fused fused_backward(const Tensor& g, const Tensor& x, const Tensor& P, bool stats, bool oja,
+                     bool qgrad, bool center, int64_t scale, bool reduce_mean) {
+  const int64_t M = g.size(0), n = g.size(1), r = P.size(0), m = qgrad ? x.size(1) : 0;
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M / 64));
+  const int64_t fsize = (oja ? r * n : 0) + r * m, dsize = (stats ? 2 * n : 0) + (oja ? r : 0);
+  std::vector<float> fbuf(T * fsize, 0.f);
+  std::vector<double> dbuf(T * dsize, 0.0);
+  Fused out;
+  out.z = at::empty({M, r}, g.options());
+  RowPass p;
+  p.r = r, p.n = n, p.m = m, p.P = P.const_data_ptr<float>(), p.g = g.const_data_ptr<float>();
+  p.x = qgrad ? x.const_data_ptr<float>() : nullptr, p.z = out.z.data_ptr<float>();
+  p.stats = stats, p.cross = oja, p.qgrad = qgrad;
+  auto acc_of = [&](int64_t t) {
+    float* f = fbuf.data() + t * fsize;
+    double* d = dbuf.data() + t * dsize;
+    return RowAcc{f, f + (oja ? r * n : 0), d, d + n, d + (stats ? 2 * n : 0)};
+  };
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) row_pass(p, M * t / T, M * (t + 1) / T, acc_of(t));
+  });
+  const RowAcc tot = acc_of(0);  // the other threads' parts are added into thread 0's
+  for (int64_t t = 1; t < T; ++t) {
+    const RowAcc a = acc_of(t);
+    for (int64_t i = 0; i < fsize; ++i) tot.A[i] += a.A[i];
+    for (int64_t i = 0; i < dsize; ++i) tot.csum[i] += a.csum[i];
+  }
+  if (stats) {
+    out.colsum = at::empty({n}, g.options());
+    float* c = out.colsum.data_ptr<float>();
+    for (int64_t j = 0; j < n; ++j) c[j] = float(tot.csum[j]);
+  }
+  if (qgrad) {
+    out.grad_Q = at::empty({m, r}, g.options());
+    float* q = out.grad_Q.data_ptr<float>();
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t k = 0; k < r; ++k) q[j * r + k] = tot.gQt[k * m + j];
+  }
+  if (oja) {  // grad_P = k ((A P^T) P - A), A centred by the rank-one correction (oja_grad)
+    float* A = tot.A;
+    if (center)
+      for (int64_t k = 0; k < r; ++k) {
+        const double zk = tot.zsum[k] / M;
+        for (int64_t j = 0; j < n; ++j) A[k * n + j] -= float(zk * tot.csum[j]);
+      }
+    out.grad_P = at::empty({r, n}, g.options());
+    oja_finish(A, p.P, r, n, oja_factor(M, n, tot.csum, tot.ssq, center, scale, reduce_mean),
+               out.grad_P.data_ptr<float>());
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 
 struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
@@ -124,21 +324,26 @@ struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
                need_P = ctx->needs_input_grad(3 + b);
     const bool center = ctx->saved_data["center"].toBool();
     const int64_t scale = ctx->saved_data["scale"].toInt();
+    const bool mean = ctx->saved_data["mean"].toBool();
     const Tensor g = grads[0].reshape({-1, grads[0].size(-1)});
     const Tensor x2 = x.reshape({-1, x.size(-1)});
-    Tensor grad_x, grad_w, grad_b, grad_Q, grad_P, zt;
-    std::vector<float> sq;
-    // passes over g first, while it is in cache (see lowrank_feedback)
-    if (need_P && scale != kNone && fusable(g))
-      grad_b = column_stats(g, sq);
-    else if (need_b || (need_P && (center || scale != kNone)))
-      grad_b = g.sum(0);
-    if (need_x || need_Q || need_P) zt = at::mm(P, g.t());
-    if (need_P)
-      grad_P = oja_grad(P, g, zt, grad_b, sq, center, scale, ctx->saved_data["mean"].toBool());
+    const bool thin = need_x || need_Q || need_P;
+    const bool stats = need_b || (need_P && (center || scale != kNone));
+    Tensor grad_x, grad_w, grad_b, grad_Q, grad_P, z;
+    if (thin && fusable(g) && fusable(P) && P.size(0) <= kMaxFusedRank && (!need_Q || fusable(x2))) {
+      Fused f = fused_backward(g, x2, P, stats, need_P, need_Q, center, scale, mean);
+      z = f.z, grad_b = f.colsum, grad_Q = f.grad_Q, grad_P = f.grad_P;
+    } else {  // other dtypes and layouts: the same steps as ATen operations
+      if (stats) grad_b = g.sum(0);
+      if (thin) {
+        const Tensor zt = at::mm(P, g.t());
+        if (need_P) grad_P = oja_grad(P, g, zt, grad_b, center, scale, mean);
+        if (need_Q) grad_Q = at::mm(zt, x2).t();
+        z = zt.t();
+      }
+    }
     if (need_w) grad_w = at::mm(g.t(), x2);
-    if (need_Q) grad_Q = at::mm(zt, x2).t();
-    if (need_x) grad_x = at::mm(zt.t(), Q.t()).view(x.sizes());
+    if (need_x) grad_x = at::mm(z, Q.t()).view(x.sizes());
     return {grad_x, grad_w, need_b ? grad_b : Tensor(), grad_Q, grad_P,
             Tensor(), Tensor(), Tensor()};
   }
