@@ -77,21 +77,33 @@ Tensor oja_grad(const Tensor& P, const Tensor& e, const Tensor& zt, const Tensor
 #define RAF_INLINE inline
 #endif
 
+#if defined(__GNUC__)  // GCC / Clang vector extensions: 8 floats, one AVX register where there is one
+typedef float vec8 __attribute__((vector_size(32)));
+#define RAF_LOAD8(p) ({ vec8 v_; std::memcpy(&v_, (p), sizeof v_); v_; })
+#define RAF_STORE8(p, v) do { const vec8 v_ = (v); std::memcpy((p), &v_, sizeof v_); } while (0)
+#define RAF_SUM8(v) (((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])))
+#endif
+
 constexpr int64_t kMaxFusedRank = 64;
+// Accumulator rows are padded by one cache line: with widths that are multiples of 1024 floats
+// their rows would all map to the same L1 cache sets (4 KiB apart) and evict each other.
+constexpr int64_t kPad = 16;
 constexpr int kLanes = 8;  // the pairwise sum in dots4 is written for 8
 
 struct RowPass {
   int64_t r = 0, n = 0, m = 0;  // rank, width of g, width of x
+  int64_t lda = 0, ldq = 0;     // row strides of the A and gQt accumulators (see kPad)
   const float* P = nullptr;     // r x n
   const float* g = nullptr;     // M x n
   const float* x = nullptr;     // M x m (read only for gQt)
-  float* z = nullptr;           // M x r, written
+  const float* Qt = nullptr;    // r x m, Q transposed (read only for gx)
+  float* gx = nullptr;          // M x m, written (the input gradient z Q^T) if not null
   bool stats = false, cross = false, qgrad = false;
 };
 
 struct RowAcc {  // one thread's accumulators, zero on entry
-  float* A;      // r x n   (cross)
-  float* gQt;    // r x m   (qgrad)
+  float* A;      // r x n, row stride lda   (cross)
+  float* gQt;    // r x m, row stride ldq   (qgrad)
   double* csum;  // n       (stats)
   double* ssq;   // n       (stats)
   double* zsum;  // r       (cross)
@@ -145,6 +157,35 @@ RAF_INLINE void outer4(float* __restrict out, int64_t ld, const float (*c)[kMaxF
   }
 }
 
+// out_b = sum_k Z[b][k] Qt_k for the K <= 4 rows of a block (the input gradient z Q^T): 16
+// columns at a time in registers, each loaded element of Qt feeding the four rows.
+RAF_INLINE void combine4(float* __restrict out, int64_t K, const float (*Z)[kMaxFusedRank],
+                         const float* __restrict Qt, int64_t r, int64_t m) {
+  int64_t j = 0;
+#if defined(__GNUC__)
+  for (; j + 16 <= m; j += 16) {
+    vec8 a[4][2] = {};
+    for (int64_t k = 0; k < r; ++k) {
+      const vec8 q0 = RAF_LOAD8(Qt + k * m + j), q1 = RAF_LOAD8(Qt + k * m + j + 8);
+      for (int b = 0; b < 4; ++b) {
+        a[b][0] += Z[b][k] * q0;
+        a[b][1] += Z[b][k] * q1;
+      }
+    }
+    for (int64_t b = 0; b < K; ++b) {
+      RAF_STORE8(out + b * m + j, a[b][0]);
+      RAF_STORE8(out + b * m + j + 8, a[b][1]);
+    }
+  }
+#endif
+  for (; j < m; ++j)
+    for (int64_t b = 0; b < K; ++b) {
+      float s = 0.f;
+      for (int64_t k = 0; k < r; ++k) s += Z[b][k] * Qt[k * m + j];
+      out[b * m + j] = s;
+    }
+}
+
 RAF_CLONES __attribute__((noinline)) void row_pass(const RowPass& p, int64_t begin, int64_t end,
                                                    RowAcc acc) {
   const int64_t r = p.r, n = p.n, m = p.m;
@@ -169,13 +210,8 @@ RAF_CLONES __attribute__((noinline)) void row_pass(const RowPass& p, int64_t beg
     const float* g2 = nb > 2 ? g0 + 2 * n : g0;
     const float* g3 = nb > 3 ? g0 + 3 * n : g0;
     dots4(p.P, r, n, g0, g1, g2, g3, zb);
-    for (int64_t b = 0; b < 4; ++b)
-      for (int64_t k = 0; k < r; ++k) {
-        if (b < nb)
-          p.z[(i + b) * r + k] = zb[b][k];
-        else
-          zb[b][k] = 0.f;
-      }
+    for (int64_t b = nb; b < 4; ++b)
+      for (int64_t k = 0; k < r; ++k) zb[b][k] = 0.f;
     if (p.stats) {
       float* __restrict cp = cblock.data();
       float* __restrict sp = sblock.data();
@@ -198,12 +234,13 @@ RAF_CLONES __attribute__((noinline)) void row_pass(const RowPass& p, int64_t beg
       if (rows_in_block >= 256) flush();
     }
     if (p.cross) {
-      outer4(acc.A, n, zb, r, g0, g1, g2, g3, n);
+      outer4(acc.A, p.lda, zb, r, g0, g1, g2, g3, n);
       for (int64_t k = 0; k < r; ++k) acc.zsum[k] += double(zb[0][k]) + zb[1][k] + zb[2][k] + zb[3][k];
     }
+    if (p.gx) combine4(p.gx + i * m, nb, zb, p.Qt, r, m);
     if (p.qgrad) {
       const float* x0 = p.x + i * m;
-      outer4(acc.gQt, m, zb, r, x0, nb > 1 ? x0 + m : x0, nb > 2 ? x0 + 2 * m : x0,
+      outer4(acc.gQt, p.ldq, zb, r, x0, nb > 1 ? x0 + m : x0, nb > 2 ? x0 + 2 * m : x0,
              nb > 3 ? x0 + 3 * m : x0, m);
     }
     i += nb;
@@ -211,25 +248,48 @@ RAF_CLONES __attribute__((noinline)) void row_pass(const RowPass& p, int64_t beg
   if (p.stats && rows_in_block > 0) flush();
 }
 
-// out = f ((A P^T) P - A) for A, P (r x n): Oja's update from its cross term (oja_grad).
-RAF_CLONES __attribute__((noinline)) void oja_finish(const float* A, const float* P, int64_t r,
-                                                     int64_t n, double f, float* out) {
-  std::vector<float> C(r * r);  // A P^T, each entry in kLanes lanes summed pairwise
-  for (int64_t a = 0; a < r; ++a)
-    for (int64_t b = 0; b < r; ++b) {
-      const float* __restrict u = A + a * n;
+// out = f ((A P^T) P - A) for A (r x n, row stride lda) and P (r x n): Oja's update from its
+// cross term (oja_grad).
+RAF_CLONES __attribute__((noinline)) void oja_finish(const float* A, int64_t lda, const float* P,
+                                                     int64_t r, int64_t n, double f, float* out) {
+  std::vector<float> C(r * r);  // A P^T
+  for (int64_t a = 0; a < r; ++a) {
+    const float* __restrict u = A + a * lda;
+    int64_t b = 0;
+#if defined(__GNUC__)
+    for (; b + 4 <= r; b += 4) {  // four products at once, in 8 lanes each
       const float* __restrict v = P + b * n;
-      float l8[kLanes] = {};
+      vec8 s0 = {}, s1 = {}, s2 = {}, s3 = {};
       int64_t j = 0;
-      for (; j + kLanes <= n; j += kLanes)
-        for (int l = 0; l < kLanes; ++l) l8[l] += u[j + l] * v[j + l];
-      float s = ((l8[0] + l8[4]) + (l8[1] + l8[5])) + ((l8[2] + l8[6]) + (l8[3] + l8[7]));
-      for (; j < n; ++j) s += u[j] * v[j];
-      C[a * r + b] = s;
+      for (; j + 8 <= n; j += 8) {
+        const vec8 x = RAF_LOAD8(u + j);
+        s0 += x * RAF_LOAD8(v + j);
+        s1 += x * RAF_LOAD8(v + n + j);
+        s2 += x * RAF_LOAD8(v + 2 * n + j);
+        s3 += x * RAF_LOAD8(v + 3 * n + j);
+      }
+      float t[4] = {RAF_SUM8(s0), RAF_SUM8(s1), RAF_SUM8(s2), RAF_SUM8(s3)};
+      for (; j < n; ++j)
+        for (int c = 0; c < 4; ++c) t[c] += u[j] * v[c * n + j];
+      for (int c = 0; c < 4; ++c) C[a * r + b + c] = t[c];
     }
+#endif
+    for (; b < r; ++b) {
+      const float* __restrict v = P + b * n;
+      int64_t j = 0;
+      float t = 0.f;
+#if defined(__GNUC__)
+      vec8 s0 = {};
+      for (; j + 8 <= n; j += 8) s0 += RAF_LOAD8(u + j) * RAF_LOAD8(v + j);
+      t = RAF_SUM8(s0);
+#endif
+      for (; j < n; ++j) t += u[j] * v[j];
+      C[a * r + b] = t;
+    }
+  }
   for (int64_t a = 0; a < r; ++a) {
     float* __restrict row = out + a * n;
-    const float* __restrict u = A + a * n;
+    const float* __restrict u = A + a * lda;
     for (int64_t j = 0; j < n; ++j) row[j] = -u[j];
     for (int64_t b = 0; b < r; ++b) {
       const float c = C[a * r + b];
@@ -242,29 +302,40 @@ RAF_CLONES __attribute__((noinline)) void oja_finish(const float* A, const float
 }
 
 struct Fused {
-  Tensor z, colsum, grad_Q, grad_P;  // grad_Q in Q's (m x r) layout
+  Tensor colsum, grad_x, grad_Q, grad_P;  // grad_Q in Q's (m x r) layout
 };
 
 // The thin part of the backward from one row pass over g (M x n) and x (M x m), all float32
-// contiguous: z, the column sums of g (if stats), Q's gradient z^T x transposed (if qgrad) and
-// Oja's update of P (if oja; needs stats when centring or scaling).
-Fused fused_backward(const Tensor& g, const Tensor& x, const Tensor& P, bool stats, bool oja,
-                     bool qgrad, bool center, int64_t scale, bool reduce_mean) {
-  const int64_t M = g.size(0), n = g.size(1), r = P.size(0), m = qgrad ? x.size(1) : 0;
+// contiguous: z, the column sums of g (if stats), the input gradient z Q^T (if need_x), Q's
+// gradient z^T x in Q's layout (if qgrad) and Oja's update of P (if oja; needs stats when
+// centring or scaling).
+Fused fused_backward(const Tensor& g, const Tensor& x, const Tensor& Q, const Tensor& P, bool stats,
+                     bool need_x, bool oja, bool qgrad, bool center, int64_t scale, bool reduce_mean) {
+  const int64_t M = g.size(0), n = g.size(1), r = P.size(0), m = x.size(1);
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M / 64));
-  const int64_t fsize = (oja ? r * n : 0) + r * m, dsize = (stats ? 2 * n : 0) + (oja ? r : 0);
+  const int64_t lda = n + kPad, ldq = m + kPad;
+  const int64_t fsize = (oja ? r * lda : 0) + (qgrad ? r * ldq : 0);
+  const int64_t dsize = (stats ? 2 * n : 0) + (oja ? r : 0);
   std::vector<float> fbuf(T * fsize, 0.f);
   std::vector<double> dbuf(T * dsize, 0.0);
   Fused out;
-  out.z = at::empty({M, r}, g.options());
   RowPass p;
-  p.r = r, p.n = n, p.m = m, p.P = P.const_data_ptr<float>(), p.g = g.const_data_ptr<float>();
-  p.x = qgrad ? x.const_data_ptr<float>() : nullptr, p.z = out.z.data_ptr<float>();
+  p.r = r, p.n = n, p.m = m, p.lda = lda, p.ldq = ldq, p.P = P.const_data_ptr<float>(), p.g = g.const_data_ptr<float>();
+  p.x = qgrad ? x.const_data_ptr<float>() : nullptr;
   p.stats = stats, p.cross = oja, p.qgrad = qgrad;
+  std::vector<float> Qt;
+  if (need_x) {  // Q (m x r) transposed, so that each of its r columns is read contiguously
+    Qt.resize(r * m);
+    const float* q = Q.const_data_ptr<float>();
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t k = 0; k < r; ++k) Qt[k * m + j] = q[j * r + k];
+    out.grad_x = at::empty({M, m}, g.options());
+    p.Qt = Qt.data(), p.gx = out.grad_x.data_ptr<float>();
+  }
   auto acc_of = [&](int64_t t) {
     float* f = fbuf.data() + t * fsize;
     double* d = dbuf.data() + t * dsize;
-    return RowAcc{f, f + (oja ? r * n : 0), d, d + n, d + (stats ? 2 * n : 0)};
+    return RowAcc{f, f + (oja ? r * lda : 0), d, d + n, d + (stats ? 2 * n : 0)};
   };
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) row_pass(p, M * t / T, M * (t + 1) / T, acc_of(t));
@@ -284,17 +355,17 @@ Fused fused_backward(const Tensor& g, const Tensor& x, const Tensor& P, bool sta
     out.grad_Q = at::empty({m, r}, g.options());
     float* q = out.grad_Q.data_ptr<float>();
     for (int64_t j = 0; j < m; ++j)
-      for (int64_t k = 0; k < r; ++k) q[j * r + k] = tot.gQt[k * m + j];
+      for (int64_t k = 0; k < r; ++k) q[j * r + k] = tot.gQt[k * ldq + j];
   }
   if (oja) {  // grad_P = k ((A P^T) P - A), A centred by the rank-one correction (oja_grad)
     float* A = tot.A;
     if (center)
       for (int64_t k = 0; k < r; ++k) {
         const double zk = tot.zsum[k] / M;
-        for (int64_t j = 0; j < n; ++j) A[k * n + j] -= float(zk * tot.csum[j]);
+        for (int64_t j = 0; j < n; ++j) A[k * lda + j] -= float(zk * tot.csum[j]);
       }
     out.grad_P = at::empty({r, n}, g.options());
-    oja_finish(A, p.P, r, n, oja_factor(M, n, tot.csum, tot.ssq, center, scale, reduce_mean),
+    oja_finish(A, lda, p.P, r, n, oja_factor(M, n, tot.csum, tot.ssq, center, scale, reduce_mean),
                out.grad_P.data_ptr<float>());
   }
   return out;
@@ -329,21 +400,23 @@ struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
     const Tensor x2 = x.reshape({-1, x.size(-1)});
     const bool thin = need_x || need_Q || need_P;
     const bool stats = need_b || (need_P && (center || scale != kNone));
-    Tensor grad_x, grad_w, grad_b, grad_Q, grad_P, z;
-    if (thin && fusable(g) && fusable(P) && P.size(0) <= kMaxFusedRank && (!need_Q || fusable(x2))) {
-      Fused f = fused_backward(g, x2, P, stats, need_P, need_Q, center, scale, mean);
-      z = f.z, grad_b = f.colsum, grad_Q = f.grad_Q, grad_P = f.grad_P;
+    Tensor grad_x, grad_w, grad_b, grad_Q, grad_P;
+    bool fused = thin && fusable(g) && fusable(P) && P.size(0) <= kMaxFusedRank;
+    fused = fused && (!need_Q || fusable(x2)) && (!need_x || fusable(Q));
+    if (fused) {
+      Fused f = fused_backward(g, x2, Q, P, stats, need_x, need_P, need_Q, center, scale, mean);
+      grad_b = f.colsum, grad_Q = f.grad_Q, grad_P = f.grad_P;
+      if (need_x) grad_x = f.grad_x.view(x.sizes());
     } else {  // other dtypes and layouts: the same steps as ATen operations
       if (stats) grad_b = g.sum(0);
       if (thin) {
         const Tensor zt = at::mm(P, g.t());
         if (need_P) grad_P = oja_grad(P, g, zt, grad_b, center, scale, mean);
         if (need_Q) grad_Q = at::mm(zt, x2).t();
-        z = zt.t();
+        if (need_x) grad_x = at::mm(zt.t(), Q.t()).view(x.sizes());
       }
     }
     if (need_w) grad_w = at::mm(g.t(), x2);
-    if (need_x) grad_x = at::mm(z, Q.t()).view(x.sizes());
     return {grad_x, grad_w, need_b ? grad_b : Tensor(), grad_Q, grad_P,
             Tensor(), Tensor(), Tensor()};
   }
