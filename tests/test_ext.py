@@ -245,3 +245,19 @@ def test_layouts_off_the_fused_pass_still_match(ext, case):
     ref, got = run(python_path, lin, x, g, True), run(cpp_path, lin, x, g, True)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5 * ref[k].abs().max().item(), msg=k)
+
+
+def test_the_cli_announces_the_fast_path_load(ext, monkeypatch, capsys):
+    """The first use on a machine compiles for ~30 s: the command line says so on stderr."""
+    import torch.utils.cpp_extension as cpp
+
+    from raftorch.cli import _show_progress_messages
+
+    monkeypatch.setattr(cpp, "load", lambda **kwargs: ext)
+    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setenv("RAFTORCH_EXTENSION", "auto")
+    _show_progress_messages()
+    _show_progress_messages()  # a second call adds no second handler
+    assert _ext.get() is ext
+    err = capsys.readouterr().err
+    assert err.count("raftorch: loading raftorch's C++ fast path (the first use on a machine compiles it") == 1

@@ -84,7 +84,7 @@ def _build():
         from torch.utils.cpp_extension import load
 
         _put_ninja_on_path()
-        log.info("building raftorch's C++ fast path (once per machine, ~30 s)")
+        log.info("loading raftorch's C++ fast path (the first use on a machine compiles it, ~30 s)")
         flag_sets = _flag_sets()
         for i, flags in enumerate(flag_sets):
             try:

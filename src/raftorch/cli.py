@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # name -> (module, one-line help)
@@ -35,7 +36,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_progress_messages() -> None:
+    """raftorch's INFO messages (such as the one-time ~30 s compile of the C++ fast path) go to
+    stderr, so a command never stalls silently; a program using the library sets up logging
+    itself."""
+    log = logging.getLogger("raftorch")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("raftorch: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message comes (not when it was made)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _show_progress_messages()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
