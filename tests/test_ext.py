@@ -186,8 +186,9 @@ def float64_reference(lin, x, g):
 # sizes that reach every branch of the fused pass: several threads' row ranges whose ends are
 # not multiples of the four-row block, more than 256 rows per thread (the float-to-double
 # flush of the column sums), widths with a lane remainder and above the 256-column tile,
-# odd ranks and rank 1
-FUSED_CASES = [(700, 300, 37, 5), (130, 9, 300, 1), (67, 16, 8, 3), (5, 12, 9, 4), (256, 512, 10, 10)]
+# odd ranks and rank 1, a single row, column and rank, and the benchmark's hidden layer
+FUSED_CASES = [(700, 300, 37, 5), (130, 9, 300, 1), (67, 16, 8, 3), (5, 12, 9, 4), (256, 512, 10, 10),
+               (1, 1, 1, 1), (3, 2, 3, 2)]
 
 
 @pytest.mark.parametrize("rows,n_in,n_out,rank", FUSED_CASES)
