@@ -59,7 +59,8 @@ Tensor oja_grad(const Tensor& P, const Tensor& e, const Tensor& zt, const Tensor
 // ---------------------------------------------------------------------------------------------
 // Fused row pass (float32, CPU). With z_i = P g_i the compressed error of row i, one sweep over
 // the rows of g (M x n) and x (M x m) accumulates every thin product of the backward:
-//   z = g P^T (M x r),  A = z^T g (Oja's cross term),  gQt = z^T x (Q's gradient, transposed),
+//   z = g P^T (kept per block only),  gx = z Q^T (the input gradient, M x m),
+//   A = z^T g (Oja's cross term),  gQt = z^T x (Q's gradient, transposed),
 //   the column sums and sums of squares of g (Oja's statistics, the bias gradient), sum_i z_i.
 // BLAS runs these as separate products with r (= 10) rows that each read g or x again, at a
 // fraction of the machine's speed; here g and x are read once, four rows at a time, while the
