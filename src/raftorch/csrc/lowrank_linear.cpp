@@ -307,9 +307,9 @@ struct Fused {
 };
 
 // The thin part of the backward from one row pass over g (M x n) and x (M x m), all float32
-// contiguous: z, the column sums of g (if stats), the input gradient z Q^T (if need_x), Q's
-// gradient z^T x in Q's layout (if qgrad) and Oja's update of P (if oja; needs stats when
-// centring or scaling).
+// contiguous: the column sums of g (if stats), the input gradient z Q^T (if need_x), Q's
+// gradient x^T z in Q's layout (if qgrad) and Oja's update of P (if oja; needs stats when
+// centring or scaling), with z = g P^T.
 Fused fused_backward(const Tensor& g, const Tensor& x, const Tensor& Q, const Tensor& P, bool stats,
                      bool need_x, bool oja, bool qgrad, bool center, int64_t scale, bool reduce_mean) {
   const int64_t M = g.size(0), n = g.size(1), r = P.size(0), m = x.size(1);
