@@ -28,6 +28,8 @@ class TrainConfig:
     crop_padding: int = 0  # random crop after zero-padding by this many pixels (0: off)
     flip: bool = False  # random horizontal flip
     cutout: int = 0  # side of the cutout square (0: off)
+    train_size: int | None = None  # a stratified random subset of this many training images; None: all
+    image_size: int | None = None  # resize images to image_size x image_size (area averaging); None: as stored
     # model
     model: str = "mlp"  # mlp | vgg | vit | retina
     model_options: dict[str, Any] = field(default_factory=dict)  # keyword options of the model
@@ -53,12 +55,13 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     bf16: bool = False  # bfloat16 autocast for the forward pass
     eval_batch_size: int = 1000
-    threads: int | None = None  # CPU threads of this process (torch.set_num_threads); None: PyTorch's choice
+    eval_every: int = 1  # evaluate every N epochs and after the last one; 0: after the last only
+    threads: int | None = None  # CPU threads (torch.set_num_threads); None: the idle usable cores (train.auto_threads)
     out: str | None = None  # run folder; None: write nothing
 
     # Fields that may differ when a run is resumed. A resumed run repeats an uninterrupted one
     # exactly when device and threads are also the same (they change the float rounding).
-    RESUMABLE_CHANGES = ("epochs", "device", "threads", "data_dir", "download", "out")
+    RESUMABLE_CHANGES = ("epochs", "device", "threads", "data_dir", "download", "out", "eval_every")
 
     @classmethod
     def fields(cls) -> dict[str, dataclasses.Field]:
@@ -122,13 +125,17 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 bad(f"{name} must be a positive number, got {value!r}")
-        for name in ("batch_size", "epochs", "eval_batch_size", "seed", "crop_padding", "cutout"):
+        for name in ("batch_size", "epochs", "eval_batch_size", "seed", "crop_padding", "cutout", "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 bad(f"{name} must be a non-negative whole number, got {value!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
                                          or self.threads < 1):
             bad(f"threads must be a positive whole number or null, got {self.threads!r}")
+        for name in ("train_size", "image_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                bad(f"{name} must be a positive whole number or null, got {value!r}")
         if self.feedback_lr is not None and self.feedback_lr <= 0:
             bad(f"feedback_lr must be positive or null, got {self.feedback_lr!r}")
         for name in ("weight_decay", "momentum"):

@@ -383,23 +383,55 @@ def _to_grayscale(x: Tensor) -> Tensor:
     return (x * w).sum(dim=1, keepdim=True)
 
 
+def stratified_subset(labels: Tensor, n: int, seed: int) -> Tensor:
+    """Sorted indices of ``n`` samples drawn without replacement, each class in its share
+    (largest remainders round the shares to whole numbers), chosen with ``seed``."""
+    if n >= len(labels):
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * n / len(labels)
+    take = exact.floor().long()
+    rest = n - int(take.sum())
+    if rest:
+        take[torch.argsort(exact - take, descending=True, stable=True)[:rest]] += 1
+    chosen = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        idx = torch.nonzero(labels == c).flatten()
+        chosen.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.sort(torch.cat(chosen)).values
+
+
+def resize_images(x: Tensor, size: int | None) -> Tensor:
+    """``(N, C, H, W)`` -> ``(N, C, size, size)`` by area averaging (each output pixel the mean
+    of the input pixels it covers); ``None`` or the same size: unchanged."""
+    if size is None or tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="area")
+
+
 def _prepare(name: str, x_train, y_train, x_test, y_test, num_classes: int, *, classes=None,
-             subset: int | None, grayscale: bool, val_fraction: float, seed: int) -> DataSplits:
-    """uint8 images -> float in [0, 1] -> optional grayscale, class subset, validation split ->
-    per-channel standardisation with the training part's mean and standard deviation."""
+             subset: int | None, grayscale: bool, val_fraction: float, seed: int,
+             train_size: int | None = None, image_size: int | None = None) -> DataSplits:
+    """uint8 images -> float in [0, 1] -> optional grayscale, class subset, resize, validation
+    split, training subset -> per-channel standardisation with the training part's mean and
+    standard deviation."""
     if subset is not None:
         keep_tr, keep_te = y_train < subset, y_test < subset
         x_train, y_train, x_test, y_test = x_train[keep_tr], y_train[keep_tr], x_test[keep_te], y_test[keep_te]
         num_classes = subset
         classes = None if classes is None else tuple(classes[:subset])
-    x_train = x_train.to(torch.float32).div_(255.0)
-    x_test = x_test.to(torch.float32).div_(255.0)
+    x_train = resize_images(x_train.to(torch.float32).div_(255.0), image_size)
+    x_test = resize_images(x_test.to(torch.float32).div_(255.0), image_size)
     if grayscale:
         x_train, x_test = _to_grayscale(x_train), _to_grayscale(x_test)
     x_val = y_val = None
     if val_fraction > 0:
         keep, val = _split_indices(y_train, val_fraction, seed=seed)
         x_val, y_val = x_train[val], y_train[val]
+        x_train, y_train = x_train[keep], y_train[keep]
+    if train_size is not None:
+        keep = stratified_subset(y_train, train_size, seed)
         x_train, y_train = x_train[keep], y_train[keep]
     mean = x_train.mean(dim=(0, 2, 3))
     std = x_train.std(dim=(0, 2, 3))
@@ -425,7 +457,8 @@ def parse_dataset_name(name: str) -> tuple[str, int | None]:
 
 def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = False,
                  grayscale: bool = False, check_md5: bool = False, val_fraction: float = 0.0,
-                 seed: int = 0, **kwargs) -> DataSplits:
+                 seed: int = 0, train_size: int | None = None, image_size: int | None = None,
+                 **kwargs) -> DataSplits:
     """Load a dataset by name into memory. Known names: see ``DATASETS``; ``"name:K"`` keeps the
     first ``K`` classes (e.g. ``"cifar100:50"``, paper Fig. 3c).
 
@@ -436,7 +469,11 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
         check_md5: verify the CIFAR files against their published MD5 checksums.
         val_fraction: hold out this stratified fraction of the training set as a validation
             split (chosen with ``seed``), so results are not picked on the test set.
-        seed: seed of the validation split.
+        seed: seed of the validation split and of the training subset.
+        train_size: keep a stratified random subset of this many training images (after the
+            validation split), for runs that must be short; ``None``: all of them.
+        image_size: resize images to ``image_size x image_size`` by area averaging (before
+            standardisation); ``None``: as stored.
         kwargs: passed to the loader (``digits``: ``test_fraction``).
 
     Raises:
@@ -447,12 +484,22 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
     base, subset = parse_dataset_name(name)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if train_size is not None and (not isinstance(train_size, int) or train_size < 1):
+        raise ValueError(f"train_size must be a positive whole number of images, got {train_size!r}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image_size must be a positive whole number of pixels, got {image_size!r}")
     if base == "digits":
         if kwargs.keys() - {"test_fraction"}:
             raise ValueError(f"digits: unknown option(s) {sorted(kwargs.keys() - {'test_fraction'})}")
         splits = load_digits(seed=seed, val_fraction=val_fraction, **kwargs)
         if subset is not None:
             splits = _take_classes(splits, subset, name)
+        if image_size is not None:
+            splits.x_train, splits.x_test = resize_images(splits.x_train, image_size), resize_images(splits.x_test, image_size)
+            splits.x_val = None if splits.x_val is None else resize_images(splits.x_val, image_size)
+        if train_size is not None:
+            keep = stratified_subset(splits.y_train, train_size, seed)
+            splits.x_train, splits.y_train = splits.x_train[keep], splits.y_train[keep]
         return splits
     if kwargs:
         raise ValueError(f"{base}: unknown option(s) {sorted(kwargs)}")
@@ -463,7 +510,8 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
         arrays = load_cifar(base, data_dir=data_dir, download=download, check_md5=check_md5)
         classes = CIFAR10_CLASSES if base == "cifar10" else None
     return _prepare(name, *arrays, _NUM_CLASSES[base], classes=classes, subset=subset,
-                    grayscale=grayscale, val_fraction=val_fraction, seed=seed)
+                    grayscale=grayscale, val_fraction=val_fraction, seed=seed,
+                    train_size=train_size, image_size=image_size)
 
 
 def _take_classes(splits: DataSplits, k: int, name: str) -> DataSplits:

@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +162,9 @@ def _check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> dict[str, An
                              f"or choose another --out")
         return None
     if not path.exists():
-        print(f"no checkpoint in {out}: starting a new run", file=sys.stderr)
-        return None
+        what = "does not exist" if not out.exists() else "holds no checkpoint.pt"
+        raise ValueError(f"nothing to resume: run folder {out} {what}; check --out, or drop --resume "
+                         f"to start a new run there")
     state = ckpt.load_checkpoint(path)
     saved, now = dict(state["config"]), cfg.to_dict()
     changed = [k for k in now if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
@@ -173,16 +175,72 @@ def _check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> dict[str, An
     return state
 
 
+# --------------------------------------------------------------------------- threads
+
+def usable_cores() -> int:
+    """Cores this process may run on (CPU affinity: ``taskset``, SLURM and container cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def auto_threads() -> int:
+    """The thread count ``threads: null`` resolves to: the usable cores that are not already
+    busy (the 1-minute load average), at least 1.
+
+    PyTorch's own default, one OpenMP thread per core, makes small models 20-60x slower as
+    soon as anything else runs on the machine (threads wait for each other at every operation);
+    one thread per busy core fewer avoids that, and on an idle machine uses every core.
+    """
+    cores = usable_cores()
+    try:
+        busy = int(round(os.getloadavg()[0]))
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, min(cores, cores - busy))
+
+
 # --------------------------------------------------------------------------- the training function
+
+@dataclass
+class Run:
+    """Everything one training run holds between its steps (see :func:`train`)."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path | None
+    data: Any
+    augment: Augmentation
+    model: nn.Module  # the (converted) model; ``net`` wraps it in DDP when distributed
+    net: nn.Module
+    converted: bool
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    autocast: Any
+    history: list[dict[str, Any]] = field(default_factory=list)
+    epoch: int = 0  # finished epochs
+    elapsed: float = 0.0  # training seconds of the finished epochs
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
 
 def train(config: TrainConfig | dict[str, Any], *, resume: bool = False, progress: bool = True,
           stop_after: int | None = None) -> dict[str, Any]:
     """Train one run and return its final numbers (also written to ``out/final.json``).
 
+    The whole path, one step a function: :func:`setup` (data, model, rule, optimizer, and the
+    checkpoint when resuming), then per epoch :func:`train_epoch`, :func:`evaluate_run` and
+    :func:`end_epoch` (history, checkpoint, one line), and :func:`finish` (``final.json``).
+
     Args:
         config: a :class:`TrainConfig` or a mapping of its fields.
-        resume: continue from ``out/checkpoint.pt`` (a new run if there is none). The result
-            equals that of an uninterrupted run with the same seed.
+        resume: continue from ``out/checkpoint.pt``; the result equals that of an
+            uninterrupted run with the same seed. A folder with no checkpoint is an error.
         progress: show a progress bar per epoch and a summary line per epoch.
         stop_after: stop after this many finished epochs (as if the job were killed then),
             leaving a resumable run folder; for time-limited job slots and tests.
@@ -191,21 +249,36 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = False, progres
         TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
         ValueError: a bad setting. :class:`raftorch.data.DatasetNotFoundError`: no data.
     """
-    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
-    cfg.validate()
+    cfg = TrainConfig.from_dict(config.to_dict() if isinstance(config, TrainConfig) else config)
     threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, resume, progress, stop_after)
+        run = setup(cfg, resume=resume)
+        last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+        while run.epoch < last_epoch:
+            record = train_epoch(run, progress=progress)
+            if run.epoch + 1 == cfg.epochs or (cfg.eval_every and (run.epoch + 1) % cfg.eval_every == 0):
+                record.update(evaluate_run(run))
+            end_epoch(run, record, progress=progress)
+        if run.epoch < cfg.epochs:  # stopped early on purpose: the run folder is resumable
+            return {"stopped_after_epoch": run.epoch, "history": run.history}
+        return finish(run)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None) -> dict[str, Any]:
-    """The body of :func:`train`: data, model, rule, optimizer, then the epochs."""
+def setup(cfg: TrainConfig, *, resume: bool = False) -> Run:
+    """Data in memory, the model built and converted to the rule, optimizer and schedule;
+    the run folder checked (and the checkpoint loaded when resuming); ``config.yaml`` written.
+
+    ``cfg.threads`` set to ``None`` is resolved here (:func:`auto_threads`, CPU runs) and
+    written back into ``cfg``, so ``config.yaml`` and ``final.json`` say what was used.
+    """
     rank, world, local_rank = _distributed()
     device = _device(cfg.device, local_rank)
+    if cfg.threads is None and device.type == "cpu":
+        cfg.threads = auto_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     lead = rank == 0
     out = Path(cfg.out) if cfg.out else None
     if resume and out is None:
@@ -216,135 +289,145 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | Non
     state = _check_run_folder(out, cfg, resume) if out else None
 
     # data: in memory, on the device
-    def load():
-        return load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download and lead,
-                            grayscale=cfg.grayscale, val_fraction=cfg.val_fraction, seed=cfg.seed)
-
     if world > 1 and not lead:
         dist.barrier()  # rank 0 downloads, if it has to, before the others look
-    data = load().to(device)
+    data = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download and lead,
+                        grayscale=cfg.grayscale, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                        train_size=cfg.train_size, image_size=cfg.image_size).to(device)
     if world > 1 and lead:
         dist.barrier()
-    augment = Augmentation(cfg.crop_padding, cfg.flip, cfg.cutout)
 
     # model, rule, optimizer
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_options)
-    plain = model
-    model = convert_model(model, cfg).to(device)
-    converted = model is not plain
+    plain = build_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_options)
+    model = convert_model(plain, cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
     torch.manual_seed(cfg.seed + 1 + rank)  # dropout: its own stream per process
-    history: list[dict[str, Any]] = []
-    start_epoch, elapsed = 0, 0.0
+    net = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+           if world > 1 else model)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else nullcontext
+    run = Run(cfg, rank, world, device, out, data, Augmentation(cfg.crop_padding, cfg.flip, cfg.cutout),
+              model, net, model is not plain, optimizer, scheduler, autocast)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if len(state["rng"]) == world:
             _set_rng_state(state["rng"][rank], device)
-        history, start_epoch, elapsed = list(state["history"]), int(state["epoch"]), float(state["elapsed"])
+        run.history, run.epoch, run.elapsed = list(state["history"]), int(state["epoch"]), float(state["elapsed"])
     if out and lead:
         ckpt.write_text(out / ckpt.CONFIG, dump_config(cfg))
-        ckpt.write_jsonl(out / ckpt.METRICS, history)
+        ckpt.write_jsonl(out / ckpt.METRICS, run.history)
     if world > 1 and lead and any(n.endswith(".P") and p.requires_grad for n, p in model.named_parameters()):
         print("note: Oja's update of P uses each process's own batch (centring, scale) and is then "
               "averaged, so this run differs slightly from one process with the same global batch",
               file=sys.stderr)
-    net = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-           if world > 1 else model)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else nullcontext
+    return run
 
-    def sync_buffers():  # BatchNorm statistics: everyone uses rank 0's
+
+def train_epoch(run: Run, *, progress: bool = True, max_steps: int | None = None) -> dict[str, Any]:
+    """One pass over the shuffled training set (or its first ``max_steps`` batches): forward,
+    ``feed_targets``, backward, optimizer step; then the learning-rate schedule's step.
+
+    Returns the epoch's record so far: epoch, lr, train loss / accuracy, seconds.
+    """
+    cfg, data, device, world, rank = run.cfg, run.data, run.device, run.world, run.rank
+    run.net.train()
+    gen = _epoch_generator(cfg.seed, run.epoch)
+    batches = batch_indices(len(data.x_train), cfg.batch_size, shuffle=True, generator=gen)
+    if max_steps is not None:
+        batches = batches[:max_steps]
+    lr = run.optimizer.param_groups[0]["lr"]
+    loss_sum, correct, seen = 0.0, torch.zeros((), device=device), 0
+    bar = tqdm(batches, desc=f"epoch {run.epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+               disable=True if not (progress and run.lead) else None)  # None: off when not a terminal
+    t0 = time.perf_counter()
+    for step, batch in enumerate(bar):
+        params = run.augment.sample(len(batch), *data.input_shape[1:], gen) if run.augment else None
+        mine = shard(torch.arange(len(batch)), rank, world)
+        idx = batch[mine].to(device)
+        x, y = data.x_train[idx], data.y_train[idx]
+        if params is not None:
+            x = run.augment.apply(x, {k: v[mine] for k, v in params.items()})
+        with run.autocast():
+            logits = run.net(x)
+        # sum over my samples / my share of the global batch: DDP's average over the
+        # processes then gives the mean over the global batch, even for uneven shares
+        local_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+        loss = local_sum / (len(batch) / world)
+        run.optimizer.zero_grad(set_to_none=True)
+        raftorch.feed_targets(run.model, y)  # for layers whose P learns on the targets
+        loss.backward()
+        step_loss = local_sum.detach().double()
         if world > 1:
-            for b in model.buffers():
-                dist.broadcast(b, 0)
+            dist.all_reduce(step_loss)
+        step_loss = step_loss.item()
+        if not math.isfinite(step_loss):
+            bar.close()
+            where = (f"the last good checkpoint ({run.out / ckpt.CHECKPOINT}, epoch {run.epoch}) is kept"
+                     if run.out and run.epoch else "no checkpoint was written")
+            raise TrainingDiverged(
+                f"loss is {step_loss} at epoch {run.epoch + 1}, step {step + 1}: training diverged and "
+                f"stopped; {where}. Start a new run with a lower learning rate (now {lr:g}).")
+        run.optimizer.step()
+        loss_sum += step_loss
+        seen += len(batch)
+        correct += (logits.argmax(1) == y).sum()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    run.scheduler.step()
+    if world > 1:
+        dist.all_reduce(correct)
+    if world > 1:  # BatchNorm statistics: everyone uses rank 0's
+        for b in run.model.buffers():
+            dist.broadcast(b, 0)
+    return {"epoch": run.epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1),
+            "train_accuracy": correct.item() / max(seen, 1), "seconds": seconds}
 
-    last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
-    for epoch in range(start_epoch, last_epoch):
-        net.train()
-        gen = _epoch_generator(cfg.seed, epoch)
-        batches = batch_indices(len(data.x_train), cfg.batch_size, shuffle=True, generator=gen)
-        lr = optimizer.param_groups[0]["lr"]
-        loss_sum, correct, seen = 0.0, torch.zeros((), device=device), 0
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=True if not (progress and lead) else None)  # None: off when not a terminal
-        t0 = time.perf_counter()
-        for step, batch in enumerate(bar):
-            params = augment.sample(len(batch), *data.input_shape[1:], gen) if augment else None
-            mine = shard(torch.arange(len(batch)), rank, world)
-            idx = batch[mine].to(device)
-            x, y = data.x_train[idx], data.y_train[idx]
-            if params is not None:
-                x = augment.apply(x, {k: v[mine] for k, v in params.items()})
-            with autocast():
-                logits = net(x)
-            # sum over my samples / my share of the global batch: DDP's average over the
-            # processes then gives the mean over the global batch, even for uneven shares
-            local_sum = F.cross_entropy(logits.float(), y, reduction="sum")
-            loss = local_sum / (len(batch) / world)
-            optimizer.zero_grad(set_to_none=True)
-            raftorch.feed_targets(model, y)  # for layers whose P learns on the targets
-            loss.backward()
-            step_loss = local_sum.detach().double()
-            if world > 1:
-                dist.all_reduce(step_loss)
-            step_loss = step_loss.item()
-            if not math.isfinite(step_loss):
-                bar.close()
-                where = (f"the last good checkpoint ({out / ckpt.CHECKPOINT}, epoch {start_epoch}) is kept"
-                         if out and start_epoch else "no checkpoint was written")
-                raise TrainingDiverged(
-                    f"loss is {step_loss} at epoch {epoch + 1}, step {step + 1}: training diverged and "
-                    f"stopped; {where}. Start a new run with a lower learning rate (now {lr:g}).")
-            optimizer.step()
-            loss_sum += step_loss
-            seen += len(batch)
-            correct += (logits.argmax(1) == y).sum()
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-        bar.close()
-        seconds = time.perf_counter() - t0
-        scheduler.step()
 
-        if world > 1:
-            dist.all_reduce(correct)
-        sync_buffers()
-        t1 = time.perf_counter()
-        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen,
-                                  "train_accuracy": correct.item() / seen}
-        if data.x_val is not None:
-            record["val_loss"], record["val_accuracy"] = evaluate(
-                model, data.x_val, data.y_val, cfg.eval_batch_size, rank=rank, world=world, autocast=autocast)
-        record["test_loss"], record["test_accuracy"] = evaluate(
-            model, data.x_test, data.y_test, cfg.eval_batch_size, rank=rank, world=world, autocast=autocast)
-        record["alignment"] = _alignment(model) if lead and converted else {}
-        record["seconds"] = seconds
-        record["eval_seconds"] = time.perf_counter() - t1
-        history.append(record)
-        elapsed += seconds
-        start_epoch = epoch + 1
+def evaluate_run(run: Run) -> dict[str, Any]:
+    """Validation (if held out) and test loss / accuracy, and the alignment angles."""
+    t1 = time.perf_counter()
+    record: dict[str, Any] = {}
+    data, kw = run.data, {"rank": run.rank, "world": run.world, "autocast": run.autocast}
+    if data.x_val is not None:
+        record["val_loss"], record["val_accuracy"] = evaluate(run.model, data.x_val, data.y_val,
+                                                              run.cfg.eval_batch_size, **kw)
+    record["test_loss"], record["test_accuracy"] = evaluate(run.model, data.x_test, data.y_test,
+                                                            run.cfg.eval_batch_size, **kw)
+    record["alignment"] = _alignment(run.model) if run.lead and run.converted else {}
+    record["eval_seconds"] = time.perf_counter() - t1
+    return record
 
-        rng = [_rng_state(device)]
-        if world > 1:
-            rng = [None] * world
-            dist.all_gather_object(rng, _rng_state(device))
-        if out and lead:
-            ckpt.save_checkpoint(out / ckpt.CHECKPOINT, {
-                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng, "history": history,
-                "elapsed": elapsed, "config": cfg.to_dict()})
-            ckpt.write_jsonl(out / ckpt.METRICS, history)
-        if progress and lead:
-            val = f" val {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
-            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
-                       f"train {record['train_accuracy']:.4f}{val} test {record['test_accuracy']:.4f} "
-                       f"({seconds:.1f} s)")
 
-    if start_epoch < cfg.epochs:  # stopped early on purpose: the run folder is resumable
-        return {"stopped_after_epoch": start_epoch, "history": history}
-    last = history[-1]
+def end_epoch(run: Run, record: dict[str, Any], *, progress: bool = True) -> None:
+    """Add the epoch's record to the history; write the checkpoint and ``metrics.jsonl``."""
+    run.history.append(record)
+    run.elapsed += record["seconds"]
+    run.epoch = record["epoch"]
+    rng = [_rng_state(run.device)]
+    if run.world > 1:
+        rng = [None] * run.world
+        dist.all_gather_object(rng, _rng_state(run.device))
+    if run.out and run.lead:
+        ckpt.save_checkpoint(run.out / ckpt.CHECKPOINT, {
+            "epoch": run.epoch, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "rng": rng, "history": run.history,
+            "elapsed": run.elapsed, "config": run.cfg.to_dict()})
+        ckpt.write_jsonl(run.out / ckpt.METRICS, run.history)
+    if progress and run.lead:
+        val = f" val {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
+        test = f" test {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
+        tqdm.write(f"epoch {run.epoch}/{run.cfg.epochs}: loss {record['train_loss']:.4f} "
+                   f"train {record['train_accuracy']:.4f}{val}{test} ({record['seconds']:.1f} s)")
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """The final (last) epoch's numbers, written to ``final.json``; never the best epoch."""
+    cfg, model, last = run.cfg, run.model, run.history[-1]
     final = {
         "test_accuracy": last["test_accuracy"],
         "test_loss": last["test_loss"],
@@ -352,17 +435,20 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | Non
         "train_loss": last["train_loss"],
         "train_accuracy": last["train_accuracy"],
         "epochs": cfg.epochs,
-        "seconds_per_epoch": elapsed / cfg.epochs,
-        "seconds_total": elapsed,
+        "seconds_per_epoch": run.elapsed / cfg.epochs,
+        "seconds_total": run.elapsed,
         "parameters": sum(p.numel() for n, p in model.named_parameters() if not n.endswith(FEEDBACK_SUFFIXES)),
         "feedback_parameters": sum(p.numel() for n, p in model.named_parameters() if n.endswith(FEEDBACK_SUFFIXES)),
         "alignment": last["alignment"],
-        "world_size": world,
-        "device": str(device),
+        "world_size": run.world,
+        "device": str(run.device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "raftorch": raftorch.__version__,
         "data": cfg.data, "model": cfg.model, "rule": cfg.rule, "rank": cfg.rank, "seed": cfg.seed,
     }
-    if out and lead:
-        ckpt.write_json(out / ckpt.FINAL, final)
+    if run.out and run.lead:
+        ckpt.write_json(run.out / ckpt.FINAL, final)
     return final
 
 
@@ -398,7 +484,10 @@ _FLAG_HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "bf16": "bfloat16 autocast for the forward pass",
     "eval_batch_size": "batch size of evaluation",
-    "threads": "CPU threads (torch.set_num_threads); 1 is much faster for small models on a busy machine",
+    "eval_every": "evaluate (val, test, alignment) every N epochs and after the last; 0: after the last only",
+    "threads": "CPU threads (torch.set_num_threads); default: the usable cores not already busy (load average)",
+    "train_size": "train on a stratified random subset of this many images (default: all)",
+    "image_size": "resize images to N x N pixels by area averaging (default: as stored)",
     "out": "run folder (default: runs/MODEL-DATA-RULE[-rRANK]-sSEED)",
 }
 
@@ -430,7 +519,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=float, **kw)
         elif name == "rank":
             parser.add_argument(flag, type=_rank, **kw)
-        elif name in ("threads", "batch_size", "epochs", "seed", "eval_batch_size", "crop_padding", "cutout"):
+        elif name in ("threads", "batch_size", "epochs", "seed", "eval_batch_size", "eval_every", "crop_padding", "cutout",
+                      "train_size", "image_size"):
             parser.add_argument(flag, type=int, **kw)
         else:
             parser.add_argument(flag, **kw)
