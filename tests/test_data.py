@@ -268,3 +268,34 @@ def test_shards_of_a_global_batch_cover_it_in_order():
         parts = [shard(b, r, 3) for r in range(3)]
         assert torch.equal(torch.cat(parts), b) and max(map(len, parts)) - min(map(len, parts)) <= 1
     assert len(batch_indices(23, 8, shuffle=False, drop_last=True)) == 2
+
+
+# --------------------------------------------------------------------------- subsets and resizing
+
+def test_stratified_subset_takes_exactly_n_in_each_class_share():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    idx = D.stratified_subset(labels, 10, seed=0)
+    assert len(idx) == 10 and len(set(idx.tolist())) == 10 and torch.equal(idx, idx.sort().values)
+    assert torch.bincount(labels[idx]).tolist() == [5, 3, 2]
+    odd = D.stratified_subset(labels, 7, seed=0)  # shares 3.5, 2.1, 1.4: the largest remainders round up
+    assert torch.bincount(labels[odd], minlength=3).tolist() == [4, 2, 1]
+    assert torch.equal(D.stratified_subset(labels, 10, seed=0), idx)
+    assert not torch.equal(D.stratified_subset(labels, 10, seed=1), idx)
+    assert torch.equal(D.stratified_subset(labels, 500, seed=0), torch.arange(100))
+
+
+def test_resize_images_averages_each_covered_block():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert torch.equal(D.resize_images(x, 2), torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))
+    assert D.resize_images(x, None) is x and D.resize_images(x, 4) is x
+
+
+def test_train_size_and_image_size_reach_every_dataset(tmp_path):
+    write_fake_fashion_mnist(tmp_path / "fashion-mnist", n_train=40, n_test=10)
+    s = load_dataset("fashion-mnist", data_dir=tmp_path, train_size=20, image_size=14, seed=3)
+    assert s.x_train.shape == (20, 1, 14, 14) and s.x_test.shape == (10, 1, 14, 14)
+    assert torch.bincount(s.y_train).tolist() == [2] * 10
+    d = load_dataset("digits", train_size=100, image_size=4)
+    assert d.x_train.shape == (100, 1, 4, 4) and len(d.x_test) == len(load_dataset("digits").x_test)
+    with pytest.raises(ValueError, match="train_size must be a positive"):
+        load_dataset("digits", train_size=0)

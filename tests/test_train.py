@@ -185,7 +185,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
 def test_every_example_config_is_valid_and_takes_flag_overrides():
     root = Path(__file__).resolve().parents[1] / "configs"
-    files = sorted(root.rglob("*.yaml"))
+    files = sorted(f for f in root.rglob("*.yaml") if "experiments" not in f.parts)  # panel specs: test_experiments
     assert len(files) >= 8
     for f in files:
         cfg = T.config_from_args(_parse(["--config", str(f), "--rule", "bp", "--rank", "none", "--out", "x"]))
@@ -199,3 +199,32 @@ def _parse(argv):
     parser = argparse.ArgumentParser()
     T.add_arguments(parser)
     return parser.parse_args(argv)
+
+
+def test_resume_of_a_folder_that_holds_no_run_stops_with_one_line(tmp_path, capsys):
+    missing = tmp_path / "typo"
+    assert cli_main(["train", "--resume", "--out", str(missing), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "does not exist" in err and "Traceback" not in err
+    assert not missing.exists()  # no new default run was started there
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no checkpoint.pt"):
+        T.train(dict(TINY, out=str(empty)), resume=True, progress=False)
+
+
+def test_eval_every_skips_evaluation_but_never_the_last_epoch(tmp_path):
+    final = T.train(dict(TINY, epochs=3, eval_every=0, out=str(tmp_path)), progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert ["test_accuracy" in r for r in lines] == [False, False, True]
+    full = T.train(dict(TINY, epochs=3), progress=False)
+    assert final["test_accuracy"] == full["test_accuracy"]  # evaluation does not change training
+
+
+def test_the_thread_count_used_is_recorded_and_an_explicit_one_obeyed(tmp_path, monkeypatch):
+    final = T.train(dict(TINY, epochs=1, threads=1, out=str(tmp_path / "one")), progress=False)
+    assert final["threads"] == 1 and final["torch"] == torch.__version__
+    monkeypatch.setattr(T, "auto_threads", lambda: 2)
+    final = T.train(dict(TINY, epochs=1, threads=None, out=str(tmp_path / "auto")), progress=False)
+    assert final["threads"] == 2
+    assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["threads"] == 2  # a resume uses it too

@@ -15,6 +15,7 @@ COMMANDS = {
     "compare": ("raftorch.compare", "train one MLP with several rules and ranks, print a table"),
     "train": ("raftorch.train", "train one model on one dataset with one rule"),
     "theory": ("raftorch.theory.cli", "linear-network theory: simulations, ODEs, Figure 2"),
+    "reproduce": ("raftorch.experiments.cli", "reproduce the paper's panels by name: sweeps, figures, claims"),
 }
 
 

@@ -35,6 +35,7 @@ from raftorch.config import TrainConfig, dump_config, load_config_file
 from raftorch.data import (Augmentation, CorruptDatasetError, DatasetNotFoundError, batch_indices,
                            load_dataset, shard)
 from raftorch.models import build_model
+from raftorch.rules import DIRECT_RULES
 
 FEEDBACK_SUFFIXES = (".B", ".Q", ".P")
 
@@ -68,19 +69,24 @@ def _device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def convert_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+def convert_model(model: nn.Module, cfg: TrainConfig, example_input: torch.Tensor | None = None) -> nn.Module:
     """Swap the model's layers for the rule's (``bp`` keeps the plain PyTorch model).
 
     ``rule_options`` go to every layer; ``layer_options`` (module name or glob -> options) are
     added for the matching layers only, e.g. ``{"out": {"oja_source": "target"}}`` (the paper
-    learns the output layer's ``P`` on the targets).
+    learns the output layer's ``P`` on the targets). The direct rules (``dfa``, ``draf``) get
+    ``example_input`` (a few training images) to size paths into convolutions, unless
+    ``rule_options`` gives one.
     """
     if (cfg.rule == "bp" and not cfg.ranks and cfg.rank is None and not cfg.rule_options
             and not cfg.layer_options):
         return model
     special = list(cfg.layer_options)
     ranks = cfg.ranks or None
-    converted = raftorch.convert(model, cfg.rule, cfg.rank, ranks=ranks, exclude=special, **cfg.rule_options)
+    options = dict(cfg.rule_options)
+    if cfg.rule in DIRECT_RULES and example_input is not None:
+        options.setdefault("example_input", example_input)
+    converted = raftorch.convert(model, cfg.rule, cfg.rank, ranks=ranks, exclude=special, **options)
     for pattern, options in cfg.layer_options.items():
         raftorch.convert(converted, cfg.rule, cfg.rank, ranks=ranks, include=[pattern], inplace=True,
                          **{**cfg.rule_options, **options})
@@ -185,19 +191,40 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def busy_cores(window: float = 0.25) -> float:
+    """How many cores other work keeps busy right now: CPU time not idle over ``window``
+    seconds (Linux ``/proc/stat``), else the 1-minute load average (which lags: it still
+    counts work that ended a minute ago)."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(window)
+        total1, idle1 = sample()
+        if total1 > total0:
+            return os.cpu_count() * (1.0 - (idle1 - idle0) / (total1 - total0))
+    except (OSError, ValueError, IndexError, TypeError):
+        pass
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
 def auto_threads() -> int:
-    """The thread count ``threads: null`` resolves to: the usable cores that are not already
-    busy (the 1-minute load average), at least 1.
+    """The thread count ``threads: null`` resolves to: the usable cores that other work does not
+    keep busy right now (:func:`busy_cores`), at least 1.
 
     PyTorch's own default, one OpenMP thread per core, makes small models 20-60x slower as
     soon as anything else runs on the machine (threads wait for each other at every operation);
-    one thread per busy core fewer avoids that, and on an idle machine uses every core.
+    leaving the busy cores alone avoids that, and on an idle machine every core is used.
     """
     cores = usable_cores()
-    try:
-        busy = int(round(os.getloadavg()[0]))
-    except (AttributeError, OSError):
-        busy = 0
+    busy = int(round(busy_cores()))
     return max(1, min(cores, cores - busy))
 
 
@@ -300,7 +327,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False) -> Run:
     # model, rule, optimizer
     torch.manual_seed(cfg.seed)
     plain = build_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_options)
-    model = convert_model(plain, cfg).to(device)
+    model = convert_model(plain, cfg, data.x_train[:2].cpu()).to(device)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
     torch.manual_seed(cfg.seed + 1 + rank)  # dropout: its own stream per process

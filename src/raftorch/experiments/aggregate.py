@@ -1,0 +1,151 @@
+"""Collect a panel's run folders into ``summary.csv`` (one row per run) and ``points.csv``
+(mean ± std over seeds per point). Only saved files are read, so this also works for a sweep
+whose shards ran on other machines, and for ``--redraw``.
+
+``summary.csv`` columns: ``panel, point, series``, every grid variable, ``seed, status``
+(``done``, ``failed``, ``partial`` (killed; resumable), ``missing``), ``test_accuracy`` and
+``val_accuracy`` **in percent** (the final epoch's, never the best epoch), ``test_loss,
+train_loss, epochs`` (finished), ``seconds`` (training time), ``threads, device, torch,
+error``. Theory panels have one row per rule and method: ``rule, rank, method,
+relative_error, recovered`` (modes within 2%).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from raftorch import checkpoint as ckpt
+from raftorch.experiments.spec import Panel, Point
+
+ERROR = "error.json"
+RUN_COLUMNS = ["seed", "status", "test_accuracy", "val_accuracy", "test_loss", "train_loss", "epochs",
+               "seconds", "threads", "device", "torch", "error"]
+THEORY_COLUMNS = ["seed", "status", "rule", "rank", "method", "relative_error", "recovered", "seconds", "error"]
+
+
+def panel_dir(root: str | Path, panel: Panel) -> Path:
+    return Path(root) / panel.profile / panel.id
+
+
+def run_dir(root: str | Path, panel: Panel, point: Point) -> Path:
+    return panel_dir(root, panel) / "runs" / point.id
+
+
+def run_status(folder: Path) -> str:
+    if (folder / ckpt.FINAL).exists():
+        return "done"
+    if (folder / ERROR).exists():
+        return "failed"
+    if (folder / ckpt.CHECKPOINT).exists():
+        return "partial"
+    return "missing"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def collect(root: str | Path, panel: Panel, points: list[Point]) -> list[dict[str, Any]]:
+    """One row per run (per result of a theory run) of ``points``, in point order."""
+    rows = []
+    for p in points:
+        folder = run_dir(root, panel, p)
+        status = run_status(folder)
+        head = {"panel": panel.id, "point": p.id, "series": p.series, **{v: p.values.get(v, "") for v in panel.variables}}
+        error = _read_json(folder / ERROR).get("error", "") if status == "failed" else ""
+        if panel.kind == "theory":
+            rows += _theory_rows(folder, head, p, status, error)
+            continue
+        row = {**head, "seed": p.seed, "status": status, "error": error}
+        if status == "done":
+            final = _read_json(folder / ckpt.FINAL)
+            row.update(test_accuracy=round(100 * final["test_accuracy"], 4),
+                       val_accuracy=round(100 * final["val_accuracy"], 4) if "val_accuracy" in final else "",
+                       test_loss=round(final["test_loss"], 6), train_loss=round(final["train_loss"], 6),
+                       epochs=final["epochs"], seconds=round(final["seconds_total"], 2),
+                       threads=final.get("threads", ""), device=final.get("device", ""),
+                       torch=final.get("torch", ""))
+        elif status == "partial":
+            row["epochs"] = len((folder / ckpt.METRICS).read_text().splitlines()) if (folder / ckpt.METRICS).exists() else 0
+        rows.append(row)
+    return rows
+
+
+def _theory_rows(folder: Path, head: dict, p: Point, status: str, error: str) -> list[dict]:
+    if status != "done":
+        return [{**head, "seed": p.seed, "status": status, "error": error}]
+    from raftorch.theory.result import load_results
+
+    final = _read_json(folder / ckpt.FINAL)
+    _, results = load_results(folder / "theory.json")
+    tol = float(p.config.get("tol", 0.02))
+    return [{**head, "series": r.rule, "seed": p.seed, "status": "done", "rule": r.rule,
+             "rank": "full" if r.rank is None else r.rank, "method": r.method,
+             "relative_error": round(r.relative_error, 6), "recovered": len(r.recovered(tol)),
+             "seconds": round(final.get("seconds_total", 0.0), 2), "error": ""} for r in results]
+
+
+def columns(panel: Panel) -> list[str]:
+    run_cols = THEORY_COLUMNS if panel.kind == "theory" else RUN_COLUMNS
+    return ["panel", "point", "series"] + [v for v in panel.variables if v not in run_cols] + run_cols
+
+
+def to_csv(rows: list[dict], cols: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({c: r.get(c, "") for c in cols})
+    return buf.getvalue()
+
+
+def parse_value(text: str):
+    """CSV text back to int / float where it is one (so selectors and sorting see numbers)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return text
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    with open(path, newline="") as f:
+        return [{k: parse_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def point_stats(rows: list[dict], panel: Panel, metric: str = "test_accuracy") -> list[dict[str, Any]]:
+    """Mean ± std (sample std over seeds) of ``metric`` per point (series + grid values)."""
+    group_cols = list(dict.fromkeys(["series", *panel.variables, *(("rank", "method") if panel.kind == "theory" else ())]))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(c, "") for c in group_cols), []).append(r)
+    out = []
+    for key, members in groups.items():
+        vals = [float(r[metric]) for r in members if r.get("status") == "done" and r.get(metric) not in (None, "")]
+        out.append({**dict(zip(group_cols, key)), "runs": len(members), "n": len(vals),
+                    f"{metric}_mean": round(statistics.fmean(vals), 4) if vals else "",
+                    f"{metric}_std": round(statistics.stdev(vals), 4) if len(vals) > 1 else (0.0 if vals else ""),
+                    "seconds_mean": round(statistics.fmean(float(r["seconds"]) for r in members
+                                                           if r.get("status") == "done" and r.get("seconds") not in (None, "")), 2)
+                    if vals else ""})
+    return out
+
+
+def write_summary(root: str | Path, panel: Panel, points: list[Point]) -> tuple[Path, list[dict]]:
+    """Collect, then write ``summary.csv`` and ``points.csv`` atomically; returns the rows."""
+    rows = collect(root, panel, points)
+    folder = panel_dir(root, panel)
+    ckpt.write_text(folder / "summary.csv", to_csv(rows, columns(panel)))
+    metric = "relative_error" if panel.kind == "theory" else "test_accuracy"
+    stats = point_stats(rows, panel, metric)
+    if stats:
+        ckpt.write_text(folder / "points.csv", to_csv(stats, list(stats[0])))
+    return folder / "summary.csv", rows

@@ -1,0 +1,145 @@
+"""``raftorch reproduce``: the paper's panels by name.
+
+    raftorch reproduce --list                              # panels, claims, run counts, cost
+    raftorch reproduce fig3b --profile quick               # one panel on this CPU
+    raftorch reproduce all --profile quick                 # every panel, results/quick/REPORT.md
+    raftorch reproduce fig3a --profile paper --dry-run     # the run list and its estimated cost
+    raftorch reproduce fig3a --profile paper --shard 3/40  # one slice of the sweep
+    raftorch reproduce fig3a --profile paper --redraw      # figure + claims from saved results
+    raftorch reproduce --spec my_panel.yaml                # a panel of your own
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from raftorch.experiments.runner import StaleRun, parse_shard
+from raftorch.experiments.spec import SpecError, available, load_panel, load_spec
+from raftorch.experiments.suite import _duration, dry_run, estimate, reproduce, verdict, write_report
+
+PROG = "raftorch reproduce"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("panels", nargs="*", metavar="PANEL",
+                   help="panel ids (fig2, fig3a, ... as the paper labels them) or 'all'")
+    p.add_argument("--profile", default="quick",
+                   help="quick (minutes on a CPU, Fashion-MNIST) or paper (the paper's settings, GPUs) (default quick)")
+    p.add_argument("--list", action="store_true", help="list the panels of the profile: claims, runs, cost")
+    p.add_argument("--spec", type=Path, metavar="YAML", action="append", help="run a panel spec file of your own (repeatable)")
+    p.add_argument("--results", type=Path, default=Path("results"), metavar="DIR",
+                   help="results root: runs go to DIR/PROFILE/PANEL/runs/POINT (default results)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="points run at once, each in its own process (default: one per idle core, one on a GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per job (default: the idle cores divided by --jobs, so 1 with the default jobs)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only the I-th of N deterministic slices of the points (for job arrays)")
+    p.add_argument("--dry-run", action="store_true", help="print the points and the estimated cost, run nothing")
+    p.add_argument("--redraw", action="store_true", help="only re-aggregate, re-check claims, redraw from saved runs")
+    p.add_argument("--retry-failed", action="store_true", help="run points that failed before again")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder with the datasets for every run (else $RAFTORCH_DATA, else ~/.cache/raftorch)")
+    p.add_argument("--device", default=None, help="device of every run: cpu, cuda, cuda:N (default: the spec's / auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (a line per finished point stays)")
+
+
+def _error(msg: str) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _panels(args) -> list:
+    if args.spec:
+        return [load_spec(path, args.profile) for path in args.spec]
+    names = args.panels
+    if not names:
+        raise SpecError("name a panel (e.g. fig3b), 'all', or use --list to see them")
+    if "all" in names:
+        names = available(args.profile)
+        if not names:
+            load_panel("?", args.profile)  # raises the unknown-profile message
+    return [load_panel(n, args.profile) for n in names]
+
+
+def _list(profile: str) -> str:
+    names = available(profile)
+    if not names:
+        load_panel("?", profile)
+    rows = []
+    for n in names:
+        p = load_panel(n, profile)
+        pts = p.points()
+        est = estimate(p, pts)
+        rows.append((p.id, p.paper, len(pts), len(p.seeds), len(p.claims),
+                     f"{_duration(est)} on {p.cost.get('hardware', '?')}" if est is not None else "?", p.title))
+    head = ("panel", "paper", "runs", "seeds", "claims", "estimated cost", "title")
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    total = [estimate(load_panel(n, profile), load_panel(n, profile).points()) for n in names]
+    if all(t is not None for t in total):
+        out.append(f"total: {sum(r[2] for r in rows)} runs, {_duration(sum(total))} of compute")
+    for n in names:
+        p = load_panel(n, profile)
+        out.append(f"\n{p.id}: {p.claim}")
+        out += [f"  - {c['text']}" for c in p.claims]
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        shard = parse_shard(args.shard)
+        if args.list:
+            print(_list(args.profile))
+            return 0
+        panels = _panels(args)
+        _check_writable(args.results)
+        if args.dry_run:
+            for p in panels:
+                print(dry_run(p, args.results, shard, args.jobs))
+            return 0
+        start = time.perf_counter()
+        results = reproduce(panels, args.results, jobs=args.jobs, threads=args.threads, shard=shard,
+                            redraw=args.redraw, device=args.device, retry_failed=args.retry_failed,
+                            data_dir=args.data_dir, progress=not args.no_progress)
+        wall = time.perf_counter() - start
+        if "all" in args.panels or len(results) > 1:
+            report = write_report(args.profile, results, args.results, wall_seconds=wall,
+                                  jobs_threads=results[0].parallel)
+            print(f"wrote {report}")
+        n_fail = sum(c["passed"] is False for r in results for c in r.claims)
+        n_na = sum(c["passed"] is None for r in results for c in r.claims)
+        n_all = sum(len(r.claims) for r in results)
+        print(f"{n_all - n_fail - n_na} of {n_all} claims pass, {n_fail} fail, {n_na} not evaluated "
+              f"({_duration(wall)}); results in {args.results / args.profile}")
+        if shard:
+            print(f"shard {shard[0]}/{shard[1]} done; when every shard has finished, "
+                  f"`{PROG} ... --redraw` aggregates them all")
+        return 0
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted; finished points are kept and killed ones resume from their "
+              f"last checkpoint: run the same command again to continue", file=sys.stderr)
+        return 130
+    except (SpecError, StaleRun, ValueError) as exc:
+        return _error(str(exc))
+
+
+def _check_writable(root: Path) -> None:
+    """Fail before any work when the results folder cannot be written."""
+    import os
+    import tempfile
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=".raftorch-write-check")
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as exc:
+        raise ValueError(f"--results {root} is not a writable folder ({exc.strerror or exc}); "
+                         f"choose another with --results DIR") from None
+
+
+__all__ = ["add_arguments", "run", "verdict"]

@@ -1,0 +1,143 @@
+"""A panel's figure, drawn from its saved ``summary.csv`` only (so ``--redraw`` needs no training).
+
+The layout of the paper's panels: test accuracy (mean ± std over seeds, error bars) against
+the spec's ``figure.x`` (usually the feedback rank), one curve per series that varies ``x``
+(split by ``figure.group``, e.g. the constrained layer or the number of classes K);
+series without ``x`` (BP, a narrow BP net) are horizontal lines with their ±std band (one per
+group value where they have one). The paper's published numbers, where the spec gives them,
+are hollow diamonds (``x`` given) or dotted lines. Theory panels redraw Figure 2 from the
+first seed's ``theory.json``. Written as ``figure.png`` and ``figure.pdf``.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from raftorch.experiments.spec import Panel
+
+
+def _num(v) -> float | None:
+    try:
+        f = float(v)
+        return f if math.isfinite(f) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _stats(rows: list[dict], metric: str) -> tuple[float, float, int] | None:
+    vals = [float(r[metric]) for r in rows if r.get("status") == "done" and _num(r.get(metric)) is not None]
+    if not vals:
+        return None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
+
+
+def draw_panel(panel: Panel, rows: list[dict], folder: str | Path) -> list[Path]:
+    """Draw ``figure.png`` and ``figure.pdf`` into ``folder`` from summary ``rows``."""
+    folder = Path(folder)
+    if panel.kind == "theory":
+        return _draw_theory(panel, rows, folder)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_spec, metric = panel.figure, "test_accuracy"
+    x = fig_spec.get("x", "rank")
+    group = fig_spec.get("group")
+    curves = [s for s in panel.series if x in s.variables]
+    lines = [s for s in panel.series if x not in s.variables]
+    xs_all = [r.get(x) for r in rows if r.get(x) not in (None, "")]
+    numeric = bool(xs_all) and all(_num(v) is not None for v in xs_all)
+    order = sorted({str(v) for v in xs_all}, key=lambda v: (_num(v) if numeric else 0, v))
+    if not numeric:
+        order = [str(v) for v in dict.fromkeys(str(v) for v in xs_all)]
+    pos = (lambda v: float(v)) if numeric else (lambda v: order.index(str(v)))  # noqa: E731
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color_of: dict[str, str] = {}
+
+    def color(key: str) -> str:
+        if key not in color_of:
+            color_of[key] = colors[len(color_of) % len(colors)]
+        return color_of[key]
+
+    groups = sorted({r.get(group) for r in rows if group and r.get(group) not in (None, "")},
+                    key=lambda g: (_num(g) if _num(g) is not None else math.inf, str(g))) if group else [None]
+    n_seeds = len(panel.seeds)
+    def color_key(series: str, g) -> str:  # one colour per group value when one series is split
+        return f"{group}={g}" if g is not None and len(curves) <= 1 else f"{series}|{g}"
+
+    for s in curves:
+        for g in groups:
+            mine = [r for r in rows if r["series"] == s.name and (g is None or str(r.get(group)) == str(g))]
+            pts = []
+            for v in {str(r.get(x)) for r in mine}:
+                st = _stats([r for r in mine if str(r.get(x)) == v], metric)
+                if st:
+                    pts.append((pos(v), *st))
+            if not pts:
+                continue
+            pts.sort()
+            label = s.name if g is None else (f"{s.name}, {group} = {g}" if len(curves) > 1 else f"{group} = {g}")
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                        ms=4, capsize=3, lw=1.5, color=color(color_key(s.name, g)), label=label)
+    for s in lines:
+        mine = [r for r in rows if r["series"] == s.name]
+        split = sorted({str(r.get(group)) for r in mine if group and r.get(group) not in (None, "")},
+                       key=lambda g: (_num(g) if _num(g) is not None else math.inf, g)) or [None]
+        for g in split:
+            st = _stats([r for r in mine if g is None or str(r.get(group)) == g], metric)
+            if not st:
+                continue
+            m, sd, _ = st
+            label = s.name if g is None else f"{s.name}, {group} = {g}"
+            c = "black" if g is None and s.name.upper() == "BP" else color(color_key(s.name, g))
+            ax.axhline(m, color=c, ls="--", lw=1.2, label=f"{label} ({m:.1f})")
+            ax.axhspan(m - sd, m + sd, color=c, alpha=0.12, lw=0)
+    for pub in panel.published:
+        v = pub.get(x)
+        if v is not None and (not numeric or _num(v) is not None):
+            if not numeric and str(v) not in order:
+                continue
+            ax.plot([pos(v)], [pub["value"]], marker="D", ms=6, mfc="none", mec="0.3", ls="none")
+        else:
+            ax.axhline(pub["value"], color="0.4", ls=":", lw=1)
+    if any(pub.get(x) is not None for pub in panel.published):
+        ax.plot([], [], marker="D", ms=6, mfc="none", mec="0.3", ls="none", label="paper (published)")
+    if any(pub.get(x) is None for pub in panel.published):
+        ax.plot([], [], color="0.4", ls=":", lw=1, label="paper reference (published)")
+    if numeric:
+        scale = fig_spec.get("xscale", "linear")
+        if scale == "log":
+            ax.set_xscale("log", base=2)
+        ticks = sorted({float(v) for v in order})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+    else:
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels(fig_spec.get("labels", order))
+    ax.set_xlabel(fig_spec.get("xlabel", x))
+    ax.set_ylabel(fig_spec.get("ylabel", "test accuracy (%), final epoch"))
+    ax.set_title(f"{panel.paper or panel.id}: {fig_spec.get('title', panel.title)}\n"
+                 f"{panel.profile} profile, mean ± std over {n_seeds} seeds", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, loc="best", framealpha=0.85)
+    fig.tight_layout()
+    paths = [folder / "figure.png", folder / "figure.pdf"]
+    for p in paths:
+        fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _draw_theory(panel: Panel, rows: list[dict], folder: Path) -> list[Path]:
+    from raftorch.theory.figure import draw_figure
+
+    done = sorted({r["point"] for r in rows if r.get("status") == "done"})
+    if not done:
+        return []
+    source = folder / "runs" / done[0] / "theory.json"
+    return [draw_figure(source, folder / "figure.png"), draw_figure(source, folder / "figure.pdf")]

@@ -1,0 +1,388 @@
+"""Run a panel's points: every point an ordinary ``raftorch train`` run folder.
+
+``results/<profile>/<panel>/runs/<point>/`` holds the point's ``config.yaml``,
+``metrics.jsonl``, ``checkpoint.pt`` and ``final.json`` (see :mod:`raftorch.train`).
+A point with ``final.json`` is done and skipped; one with only a checkpoint (killed) is
+resumed, ending with the same numbers as an uninterrupted run; one that fails (NaN, a crash,
+a bad setting) gets an ``error.json`` and the others go on (``retry_failed`` runs it again).
+A folder whose ``config.yaml`` disagrees with the spec is refused before any work: the spec
+changed since that run, and mixing the two would be silently wrong.
+
+Parallelism: ``jobs`` points at once, each in its own worker process with ``threads`` threads
+(``jobs x threads`` never more than the cores unless asked). By default each panel's points
+get the panel's ``threads_per_point`` (measured: on this project's 2-core machine the quick
+MLPs train fastest as one job with 2 threads, the convnets as 2 jobs with 1 thread each) and
+as many jobs as fit in the idle usable cores (:func:`raftorch.train.auto_threads`).
+Workers stay alive between points and keep the datasets they loaded, so a point costs its
+training time plus well under a second.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from raftorch import checkpoint as ckpt
+from raftorch.experiments.aggregate import ERROR, run_dir, run_status
+from raftorch.experiments.spec import Panel, Point, SpecError
+
+
+# settings that say how and where a point ran, not what it computes (numbers may differ in the
+# last float digits with the thread count; final.json records it)
+RUN_ONLY = ("out", "threads", "device", "data_dir", "download", "eval_every")
+
+
+class StaleRun(SpecError):
+    """A run folder holds a run with other settings than the spec now gives."""
+
+
+@dataclass
+class Task:
+    panel: Panel
+    point: Point
+    folder: Path
+    status: str  # missing | partial | failed | done
+
+    @property
+    def action(self) -> str:
+        return {"missing": "new", "partial": "resume", "failed": "retry", "done": "skip"}[self.status]
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"3/40"`` -> ``(3, 40)``; the I-th of N slices, 1-based."""
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    if not sep or not i.strip().isdigit() or not n.strip().isdigit() or not 1 <= int(i) <= int(n):
+        raise ValueError(f"--shard must be I/N with 1 <= I <= N (e.g. 3/40 for the third of 40 slices), got {text!r}")
+    return int(i), int(n)
+
+
+def select_shard(points: list[Point], shard: tuple[int, int] | None) -> list[Point]:
+    """The points of one shard: every N-th point of the spec's order, starting at the I-th.
+    Deterministic (same spec, same slices), and the slices' costs stay balanced because
+    neighbouring points (the seeds of one point) land on different shards."""
+    if shard is None:
+        return list(points)
+    i, n = shard
+    return [p for k, p in enumerate(points) if k % n == i - 1]
+
+
+def _train_config(panel: Panel, point: Point, folder: Path, threads: int | None, device: str | None,
+                  data_dir: str | None = None) -> dict:
+    cfg = dict(point.config, out=str(folder))
+    if data_dir is not None:
+        cfg["data_dir"] = str(data_dir)
+    if threads is not None:
+        cfg["threads"] = threads
+    if device is not None:
+        cfg["device"] = device
+    return cfg
+
+
+def _check_stale(task: Task) -> None:
+    panel = task.panel
+    saved = task.folder / ckpt.CONFIG
+    if panel.kind != "train" or task.status == "missing" or not saved.exists():
+        return
+    from raftorch.config import TrainConfig, load_config_file
+
+    have = load_config_file(saved)
+    want = TrainConfig.from_dict(dict(task.point.config)).to_dict()
+    changed = [k for k in want if k not in RUN_ONLY and have.get(k) != want[k]]
+    if changed:
+        diffs = "; ".join(f"{k}: run has {have.get(k)!r}, spec gives {want[k]!r}" for k in changed[:4])
+        raise StaleRun(f"{task.folder} was run with other settings than {panel.path} now gives ({diffs}). "
+                       f"Remove that folder to run the point again, or use another --results folder.")
+
+
+def plan(panel: Panel, root: str | Path, points: list[Point]) -> list[Task]:
+    """The state of every point's run folder; raises :class:`StaleRun` before any work."""
+    tasks = [Task(panel, p, run_dir(root, panel, p), run_status(run_dir(root, panel, p))) for p in points]
+    for t in tasks:
+        _check_stale(t)
+    return tasks
+
+
+def _fingerprint(config: dict) -> str:
+    from raftorch.config import TrainConfig
+
+    full = TrainConfig.from_dict({k: v for k, v in config.items() if k != "out"}).to_dict()
+    return json.dumps({k: v for k, v in full.items() if k not in RUN_ONLY}, sort_keys=True, default=str)
+
+
+def reuse_finished(root: str | Path, tasks: list[Task]) -> list[Task]:
+    """Points that another point of the same profile has already run with exactly the same
+    settings (the BP reference shared by several panels, say) are filled from that run folder
+    (``final.json``, ``metrics.jsonl``, ``config.yaml``, and ``reused.json`` naming the source)
+    instead of being trained again. Returns the tasks filled this way."""
+    missing = [t for t in tasks if t.status == "missing" and t.panel.kind == "train"]
+    if not missing:
+        return []
+    index: dict[str, Path] = {}
+    for profile in sorted({t.panel.profile for t in missing}):
+        _index_finished(Path(root) / profile, index)
+    filled = []
+    for t in missing:
+        source = index.get(_fingerprint(t.point.config))
+        if source is None or source == t.folder:
+            continue
+        t.folder.mkdir(parents=True, exist_ok=True)
+        for name in (ckpt.CONFIG, ckpt.METRICS):
+            if (source / name).exists():
+                ckpt.write_text(t.folder / name, (source / name).read_text())
+        ckpt.write_json(t.folder / "reused.json", {"from": str(source)})
+        ckpt.write_text(t.folder / ckpt.FINAL, (source / ckpt.FINAL).read_text())  # last: marks it done
+        t.status = "done"
+        filled.append(t)
+    return filled
+
+
+def _index_finished(profile_dir: Path, index: dict[str, Path]) -> None:
+    from raftorch.config import load_config_file
+
+    for final in sorted(profile_dir.glob(f"*/runs/*/{ckpt.FINAL}")):
+        folder = final.parent
+        if (folder / "reused.json").exists():
+            continue
+        try:
+            index.setdefault(_fingerprint(load_config_file(folder / ckpt.CONFIG)), folder)
+        except (ValueError, OSError):
+            continue
+
+
+# --------------------------------------------------------------------------- one point (in a worker)
+
+_DATA_CACHE: dict[tuple, Any] = {}
+
+
+def _cached_loader(load):
+    """Wrap ``raftorch.data.load_dataset`` so a worker loads each distinct dataset once."""
+    import copy
+
+    def cached(name, **kw):
+        key = (name, tuple(sorted((k, str(v)) for k, v in kw.items())))
+        if key not in _DATA_CACHE:
+            if len(_DATA_CACHE) >= 4:
+                _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
+            _DATA_CACHE[key] = load(name, **kw)
+        return copy.copy(_DATA_CACHE[key])
+    cached._cached = True
+    return cached
+
+
+@contextlib.contextmanager
+def _dataset_cache():
+    """Datasets loaded once for the points run in this process, dropped afterwards (so the
+    command's process never keeps a dataset, nor a stale copy of one, beyond the sweep)."""
+    import raftorch.train as T
+
+    real = T.load_dataset
+    if getattr(real, "_cached", False):
+        yield
+        return
+    T.load_dataset = _cached_loader(real)
+    try:
+        yield
+    finally:
+        T.load_dataset = real
+        _DATA_CACHE.clear()
+
+
+def _init_worker(threads: int) -> None:
+    """A worker process: its thread count, and a dataset cache (a worker lives only as long as
+    the sweep, so the cache never outlives it)."""
+    import torch
+
+    import raftorch.train as T
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    if not getattr(T.load_dataset, "_cached", False):
+        T.load_dataset = _cached_loader(T.load_dataset)
+
+
+def execute(kind: str, config: dict, theory: dict, folder: str, resume: bool) -> dict[str, Any]:
+    """Run one point; never raises for a failed run (it is recorded in ``error.json``)."""
+    folder = Path(folder)
+    start = time.perf_counter()
+    try:
+        if (folder / ERROR).exists():
+            (folder / ERROR).unlink()
+        if kind == "theory":
+            final = _run_theory(theory, config, folder)
+        else:
+            from raftorch.train import train
+
+            final = train(config, resume=resume, progress=False)
+        return {"status": "done", "test_accuracy": final.get("test_accuracy"),
+                "seconds": time.perf_counter() - start}
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # NaN, crash, bad setting: record it, let the sweep go on
+        message = f"{type(exc).__name__}: {exc}"
+        ckpt.write_json(folder / ERROR, {"error": message, "traceback": traceback.format_exc()})
+        return {"status": "failed", "error": message, "seconds": time.perf_counter() - start}
+
+
+def _run_theory(theory: dict, config: dict, folder: Path) -> dict:
+    from raftorch.theory.experiments import Figure2Config, run_figure2
+    from raftorch.theory.result import save_results
+
+    start = time.perf_counter()
+    settings = {k: v for k, v in {**theory, **config}.items() if k not in ("tol",)}
+    if "methods" in settings:
+        settings["methods"] = tuple(settings["methods"])
+    fig_cfg = Figure2Config(**settings)
+    task, results = run_figure2(fig_cfg)
+    ckpt.write_text(folder / ckpt.CONFIG, json.dumps(config, indent=2) + "\n")
+    meta = {"task": task.config(), "panels": fig_cfg.panels(),
+            "config": {k: v for k, v in vars(fig_cfg).items() if k != "task"}}
+    save_results(folder / "theory.json", results, meta)
+    final = {"seconds_total": time.perf_counter() - start, "seed": fig_cfg.seed}
+    ckpt.write_json(folder / ckpt.FINAL, final)
+    return final
+
+
+# --------------------------------------------------------------------------- the sweep
+
+def parallelism(jobs: int | None, threads: int | None, n_tasks: int, device: str | None = None,
+                preferred_threads: int = 1) -> tuple[int, int]:
+    """(jobs, threads per job). By default ``preferred_threads`` per job (a panel's measured
+    ``threads_per_point``) and as many jobs as fit in the idle usable cores
+    (:func:`raftorch.train.auto_threads`), never more jobs than points; one job on a GPU.
+    ``jobs x threads`` above the usable cores is allowed when both are given explicitly, with a
+    warning: oversubscribed OpenMP threads make a CPU run many times slower."""
+    from raftorch.train import auto_threads, usable_cores
+
+    for name, v in (("--jobs", jobs), ("--threads", threads)):
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive whole number, got {v!r}")
+    gpu = device is not None and device.startswith("cuda")
+    budget = auto_threads()
+    if jobs is None:
+        per_job = threads or min(preferred_threads, budget)
+        jobs = 1 if gpu else max(1, min(budget // per_job, n_tasks or 1))
+    if threads is None:
+        threads = max(1, budget // jobs)
+    if jobs * threads > usable_cores() and not gpu:
+        print(f"raftorch reproduce: warning: {jobs} jobs x {threads} threads is more than the "
+              f"{usable_cores()} usable cores; CPU runs will be much slower than with fewer", file=sys.stderr)
+    return jobs, threads
+
+
+def unique_todo(tasks: list[Task], retry_failed: bool = False) -> list[Task]:
+    """The tasks to run: not done (nor failed, unless ``retry_failed``), and of several with the
+    same settings only the first (the others are filled from it by :func:`reuse_finished`)."""
+    todo, seen = [], set()
+    for t in tasks:
+        if not (t.status in ("missing", "partial") or (retry_failed and t.status == "failed")):
+            continue
+        key = _fingerprint(t.point.config) if t.panel.kind == "train" else None
+        if key is not None and t.status == "missing":
+            if key in seen:
+                continue
+            seen.add(key)
+        todo.append(t)
+    return todo
+
+
+def run_tasks(todo: list[Task], *, jobs: int, threads: int, device: str | None = None,
+              data_dir: str | None = None, progress: bool = True) -> list[tuple[Task, dict]]:
+    """Run ``todo`` (see :func:`unique_todo`), ``jobs`` at a time, one line per finished point."""
+    from tqdm.auto import tqdm
+
+    if not todo:
+        return []
+    if any(t.panel.kind == "train" for t in todo):
+        _warm_extension()
+    bar = tqdm(total=len(todo), desc="points", unit="run", dynamic_ncols=True,
+               disable=True if not progress else None)
+    results: list[tuple[Task, dict]] = []
+    started = time.perf_counter()
+
+    def args(t: Task):
+        config = (_train_config(t.panel, t.point, t.folder, threads, device, data_dir) if t.panel.kind == "train"
+                  else dict(t.point.config))
+        return t.panel.kind, config, t.panel.theory, str(t.folder), t.status == "partial"
+
+    def finished(t: Task, res: dict):
+        results.append((t, res))
+        if res["status"] == "done":
+            acc = res.get("test_accuracy")
+            what = f"test {100 * acc:.2f}%" if acc is not None else "done"
+        else:
+            what = f"FAILED ({res['error'][:200]})"
+        minutes, seconds = divmod(int(time.perf_counter() - started), 60)
+        line = (f"[{len(results)}/{len(todo)} {minutes}:{seconds:02d}] {t.panel.id} {t.point.id}: {what} "
+                f"({res['seconds']:.1f} s)")
+        bar.write(line) if progress else print(line, flush=True)
+        bar.update(1)
+
+    try:
+        if jobs == 1:  # in this process: each point sets its own thread count (config "threads")
+            with _dataset_cache():
+                for t in todo:
+                    t.folder.mkdir(parents=True, exist_ok=True)
+                    finished(t, execute(*args(t)))
+        else:
+            _run_pool(todo, args, finished, jobs, threads)
+    finally:
+        bar.close()
+    return results
+
+
+def _run_pool(todo: list[Task], args, finished, jobs: int, threads: int) -> None:
+    """``jobs`` worker processes. When a worker dies (killed, out of memory, a crash) the pool
+    breaks: the point seen failing first is recorded as failed, the unfinished others are
+    started again in a new pool."""
+    pending = list(todo)
+    while pending:
+        ctx = mp.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=ctx,
+                                    initializer=_init_worker, initargs=(threads,)) as pool:
+            futures = {}
+            for t in pending:
+                t.folder.mkdir(parents=True, exist_ok=True)
+                futures[pool.submit(execute, *args(t))] = t
+            pending, broken = [], False
+            try:
+                for fut in cf.as_completed(futures):
+                    t = futures[fut]
+                    try:
+                        res = fut.result()
+                    except cf.process.BrokenProcessPool:
+                        if broken:
+                            pending.append(t)
+                            continue
+                        broken = True
+                        msg = "the worker process died (killed, out of memory or a crash)"
+                        ckpt.write_json(t.folder / ERROR, {"error": msg})
+                        res = {"status": "failed", "error": msg, "seconds": 0.0}
+                    finished(t, res)
+            except KeyboardInterrupt:
+                for f in futures:
+                    f.cancel()
+                raise
+
+
+def _warm_extension() -> None:
+    """Build (or load) the C++ fast path once here, not in every worker at the same time."""
+    try:
+        from raftorch import _ext
+
+        if _ext.setting() != "0":
+            _ext.get()
+    except Exception:  # the workers fall back to the Python path and warn themselves
+        pass

@@ -1,0 +1,355 @@
+"""A panel of the paper as data: one YAML spec per panel and profile, expanded into points.
+
+A spec (``configs/experiments/<profile>/<panel>.yaml``) says everything a panel needs::
+
+    panel: fig3b                   # the paper's figure label
+    title: All layers at rank r    # one line
+    paper: Fig. 3b                 # where the paper shows it
+    claim: ...                     # what the panel tests, in words
+    notes: ...                     # why the settings are what they are (optional)
+    kind: train                    # train (default): raftorch train runs; theory: raftorch.theory
+    base: {data: fashion-mnist, model: mlp, ...}     # TrainConfig fields shared by every point
+    seeds: [0, 1, 2]
+    series:                        # the curves and reference lines of the figure
+      - name: RAF
+        set: {rule: raf}           # settings of this series (mappings merge into base's; {} clears)
+        grid: {rank: [1, 2, 5, 10]}   # a mapping (all combinations) or a list of mappings (union)
+      - name: BP
+        set: {rule: bp, rank: null}
+    figure: {x: rank, xlabel: ..., xscale: log, group: layer}
+    published: [{series: RAF, rank: 10, value: 61.8}, ...]    # the paper's numbers (markers)
+    claims: [...]                  # see raftorch.experiments.claims
+    cost: {seconds_per_point: 6, hardware: one CPU thread}        # for --dry-run and --list
+    threads_per_point: 2           # threads one point runs fastest with (measured; default 1):
+                                   # the runner then runs cores / threads_per_point points at once
+
+Grid variables that are :class:`~raftorch.config.TrainConfig` fields (``rank``, ``lr``, ...)
+set that field; any other name is a template variable for ``set``: a string ``"{layer}"``
+becomes the variable's value (its type kept), ``"fashion-mnist:{K}"`` is formatted, and
+mapping keys are formatted too (``ranks: {"{layer}": "{rank}"}``). A grid value may also be
+``{value: V, set: {...}}``: the value names the point, ``set`` adds settings.
+
+A point is one training run: series x one combination of the grid x one seed. Its id
+(``raf_rank-10_s0``) names its run folder.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raftorch.config import TrainConfig
+
+SPEC_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"
+PROFILES = ("quick", "paper")
+KINDS = ("train", "theory")
+SPEC_KEYS = {"panel", "title", "paper", "claim", "notes", "kind", "base", "seeds", "series", "figure",
+             "published", "claims", "cost", "theory", "threads_per_point"}
+SERIES_KEYS = {"name", "set", "grid", "cost"}
+FIGURE_KEYS = {"x", "xlabel", "ylabel", "xscale", "group", "title", "curves", "lines", "xticks", "labels"}
+COST_KEYS = {"seconds_per_point", "hardware"}
+
+
+class SpecError(ValueError):
+    """A panel spec is malformed; the message names the file, the place and the fix."""
+
+
+@dataclass
+class Series:
+    name: str
+    set: dict[str, Any]
+    grid: list[dict[str, list]]  # a union of products; [{}] for a single point
+    cost: float | None = None  # seconds per point, overriding the panel's
+
+    @property
+    def slug(self) -> str:
+        return slug(self.name)
+
+    @property
+    def variables(self) -> list[str]:
+        names: list[str] = []
+        for g in self.grid:
+            names += [k for k in g if k not in names]
+        return names
+
+
+@dataclass
+class Point:
+    """One run of a panel: a series, one value per grid variable, one seed."""
+
+    panel: str
+    series: str
+    values: dict[str, Any]  # grid variable -> value (the point's coordinates)
+    seed: int
+    config: dict[str, Any]  # TrainConfig fields (kind train) or theory settings (kind theory)
+    cost: float | None = None
+
+    @property
+    def id(self) -> str:
+        parts = [slug(self.series)] + [f"{slug(k)}-{slug(str(v))}" for k, v in self.values.items()]
+        return "_".join(parts + [f"s{self.seed}"])
+
+    @property
+    def key(self) -> tuple:
+        """The point without its seed: runs with the same key are averaged."""
+        return (self.series, tuple(self.values.items()))
+
+
+@dataclass
+class Panel:
+    id: str
+    profile: str
+    path: Path
+    title: str
+    paper: str
+    claim: str
+    kind: str
+    base: dict[str, Any]
+    seeds: list[int]
+    series: list[Series]
+    figure: dict[str, Any]
+    published: list[dict[str, Any]]
+    claims: list[dict[str, Any]]
+    cost: dict[str, Any]
+    notes: str = ""
+    theory: dict[str, Any] = field(default_factory=dict)
+    threads_per_point: int = 1
+
+    @property
+    def variables(self) -> list[str]:
+        """Every grid variable of every series, in order of appearance."""
+        names: list[str] = []
+        for s in self.series:
+            names += [v for v in s.variables if v not in names]
+        return names
+
+    def series_named(self, name: str) -> Series:
+        for s in self.series:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def points(self) -> list[Point]:
+        """Every point, in spec order (series, grid, then seed)."""
+        out: list[Point] = []
+        seen: set[str] = set()
+        for s in self.series:
+            for values, extra in _combinations(s):
+                for seed in self.seeds:
+                    config = self._config(s, values, extra, seed)
+                    p = Point(self.id, s.name, values, seed, config,
+                              s.cost if s.cost is not None else self.cost.get("seconds_per_point"))
+                    if p.id in seen:
+                        raise SpecError(f"{self.path}: two points share the id {p.id!r}; give the series "
+                                        f"distinct names or the grid distinct values")
+                    seen.add(p.id)
+                    out.append(p)
+        return out
+
+    def _config(self, s: Series, values: dict, extra: dict, seed: int) -> dict[str, Any]:
+        settings = _merge(copy.deepcopy(self.base), _substitute(s.set, values))
+        settings = _merge(settings, _substitute(extra, values))
+        fields = TrainConfig.fields() if self.kind == "train" else None
+        for k, v in values.items():
+            if fields is None or k in fields:
+                settings[k] = v
+        settings["seed"] = seed
+        if self.kind == "train":
+            settings.pop("out", None)
+            try:
+                TrainConfig.from_dict(settings, source=f"{self.path}: series {s.name!r}")
+            except ValueError as exc:
+                raise SpecError(str(exc)) from None
+        return settings
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of ``text``: letters, digits, ``.`` and ``-`` (``*`` -> ``all``)."""
+    text = text.replace("*", "all").replace("/", "-")
+    return re.sub(r"[^A-Za-z0-9.\-]+", "-", text).strip("-").lower() or "x"
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """``base`` updated by ``extra``; mappings merge one level deep (model_options, ranks, ...),
+    except an empty mapping, which clears the setting (``layer_options: {}``)."""
+    for k, v in extra.items():
+        if isinstance(v, dict) and v and isinstance(base.get(k), dict):
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+_WHOLE = re.compile(r"^\{(\w+)\}$")
+
+
+def _substitute(obj, values: dict):
+    """Fill ``{name}`` templates in strings and mapping keys with the grid values."""
+    if isinstance(obj, dict):
+        return {_substitute(k, values): _substitute(v, values) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_substitute(v, values) for v in obj]
+    if isinstance(obj, str) and "{" in obj:
+        whole = _WHOLE.match(obj)
+        if whole and whole.group(1) in values:
+            return values[whole.group(1)]
+        try:
+            return obj.format(**values)
+        except KeyError as exc:
+            raise SpecError(f"template {obj!r} names {exc.args[0]!r}, which is not a grid variable "
+                            f"of its series") from None
+    return obj
+
+
+def _combinations(s: Series):
+    """(values, extra settings) of every grid combination of a series."""
+    for grid in s.grid:
+        names = list(grid)
+        for combo in itertools.product(*(grid[n] for n in names)):
+            values, extra = {}, {}
+            for name, item in zip(names, combo):
+                if isinstance(item, dict):
+                    values[name] = item["value"]
+                    extra = _merge(extra, item.get("set", {}))
+                else:
+                    values[name] = item
+            yield values, extra
+
+
+# --------------------------------------------------------------------------- loading
+
+def spec_path(panel: str, profile: str, spec_dir: Path | None = None) -> Path:
+    return Path(spec_dir or SPEC_DIR) / profile / f"{panel}.yaml"
+
+
+def available(profile: str, spec_dir: Path | None = None) -> list[str]:
+    """Panel ids of a profile, in the order of ``order.yaml`` (else alphabetical)."""
+    folder = Path(spec_dir or SPEC_DIR) / profile
+    if not folder.is_dir():
+        return []
+    names = sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "order")
+    order_file = folder / "order.yaml"
+    if order_file.exists():
+        order = yaml.safe_load(order_file.read_text()) or []
+        names = [n for n in order if n in names] + [n for n in names if n not in order]
+    return names
+
+
+def load_panel(panel: str, profile: str, spec_dir: Path | None = None) -> Panel:
+    """Load the spec of ``panel`` in ``profile``; a bad name or file raises :class:`SpecError`."""
+    folder = Path(spec_dir or SPEC_DIR)
+    profiles = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if profile not in profiles:
+        raise SpecError(f"unknown profile {profile!r}; choose one of {', '.join(profiles) or '(none found in ' + str(folder) + ')'}")
+    path = spec_path(panel, profile, folder)
+    if not path.exists():
+        raise SpecError(f"unknown panel {panel!r} in profile {profile!r}; choose one of "
+                        f"{', '.join(available(profile, folder))} (or 'all'); raftorch reproduce --list shows them")
+    return load_spec(path, profile)
+
+
+def load_spec(path: str | Path, profile: str | None = None) -> Panel:
+    """Read and check one spec file (any path: also a user's own panel)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"spec file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a spec is a mapping of {', '.join(sorted(SPEC_KEYS))}")
+
+    def bad(msg: str):
+        raise SpecError(f"{path}: {msg}")
+
+    unknown = sorted(set(raw) - SPEC_KEYS)
+    if unknown:
+        bad(f"unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(SPEC_KEYS))}")
+    for key in ("panel", "title", "series", "seeds"):
+        if key not in raw:
+            bad(f"missing key {key!r}")
+    kind = raw.get("kind", "train")
+    if kind not in KINDS:
+        bad(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    seeds = raw["seeds"]
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        bad(f"seeds must be a list of distinct non-negative whole numbers, got {seeds!r}")
+    base = raw.get("base") or {}
+    if not isinstance(base, dict):
+        bad("base must be a mapping of settings")
+    if kind == "train":
+        unknown = sorted(set(base) - set(TrainConfig.fields()))
+        if unknown:
+            bad(f"base: unknown setting(s) {', '.join(map(repr, unknown))}; known settings: "
+                f"{', '.join(TrainConfig.fields())}")
+    series = []
+    if not isinstance(raw["series"], list) or not raw["series"]:
+        bad("series must be a non-empty list of {name, set, grid}")
+    for i, item in enumerate(raw["series"]):
+        if not isinstance(item, dict) or "name" not in item:
+            bad(f"series {i + 1} must be a mapping with a 'name'")
+        unknown = sorted(set(item) - SERIES_KEYS)
+        if unknown:
+            bad(f"series {item['name']!r}: unknown key(s) {', '.join(map(repr, unknown))}; known keys: "
+                f"{', '.join(sorted(SERIES_KEYS))}")
+        grid = item.get("grid") or {}
+        grids = grid if isinstance(grid, list) else [grid]
+        for g in grids:
+            if not isinstance(g, dict) or not all(isinstance(v, list) and v for v in g.values()):
+                bad(f"series {item['name']!r}: grid must map variable names to non-empty lists "
+                    f"(or be a list of such mappings)")
+            for name, vals in g.items():
+                if any(isinstance(v, dict) and "value" not in v for v in vals):
+                    bad(f"series {item['name']!r}: grid value mappings need a 'value' (and optionally 'set')")
+            if kind == "train":
+                _check_variables(path, item, g)
+        series.append(Series(str(item["name"]), dict(item.get("set") or {}), grids or [{}], item.get("cost")))
+    names = [s.name for s in series]
+    if len(set(names)) != len(names):
+        bad("series names must be distinct")
+    figure = raw.get("figure") or {}
+    unknown = sorted(set(figure) - FIGURE_KEYS)
+    if unknown:
+        bad(f"figure: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(FIGURE_KEYS))}")
+    tpp = raw.get("threads_per_point", 1)
+    if not isinstance(tpp, int) or isinstance(tpp, bool) or tpp < 1:
+        bad(f"threads_per_point must be a positive whole number, got {tpp!r}")
+    cost = raw.get("cost") or {}
+    unknown = sorted(set(cost) - COST_KEYS)
+    if unknown:
+        bad(f"cost: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(COST_KEYS))}")
+    panel = Panel(id=str(raw["panel"]), profile=profile or path.parent.name, path=path, title=str(raw["title"]),
+                  paper=str(raw.get("paper", "")), claim=str(raw.get("claim", "")), kind=kind, base=base,
+                  seeds=list(seeds), series=series, figure=figure, published=list(raw.get("published") or []),
+                  claims=list(raw.get("claims") or []), cost=cost, notes=str(raw.get("notes", "")),
+                  theory=dict(raw.get("theory") or {}), threads_per_point=tpp)
+    from raftorch.experiments.claims import check_claim_specs
+
+    check_claim_specs(panel)
+    for pub in panel.published:
+        if not isinstance(pub, dict) or "series" not in pub or "value" not in pub:
+            bad(f"published entries need 'series' and 'value' (and the grid values), got {pub!r}")
+    panel.points()  # every point must make a valid config
+    return panel
+
+
+def _check_variables(path: Path, item: dict, grid: dict) -> None:
+    """Every grid variable sets a TrainConfig field or is used by a template of ``set``."""
+    used = set(re.findall(r"\{(\w+)\}", yaml.safe_dump(item.get("set") or {})))
+    for vals in grid.values():
+        for v in vals:
+            if isinstance(v, dict):
+                used |= set(re.findall(r"\{(\w+)\}", yaml.safe_dump(v.get("set") or {})))
+    for name in grid:
+        if name not in TrainConfig.fields() and name not in used and not any(
+                isinstance(v, dict) and v.get("set") for v in grid[name]):
+            raise SpecError(f"{path}: series {item['name']!r}: grid variable {name!r} is neither a training "
+                            f"setting nor used in 'set' (as '{{{name}}}'), so it would change nothing")

@@ -1,0 +1,413 @@
+"""`raftorch reproduce`: specs, the runner (skip, resume after a kill, shards, failures, reuse),
+aggregation, claims, figures, report and the command line's messages."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raftorch.cli import main as cli_main
+from raftorch.experiments import aggregate, claims as C, runner, spec as S, suite
+from raftorch.experiments.spec import SpecError, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a toy panel on digits: 2 ranks of RAF and BP, 2 seeds = 6 points of ~1 s each
+TOY = {
+    "panel": "toy",
+    "title": "Toy panel on digits",
+    "paper": "none",
+    "claim": "RAF at rank 8 is about as good as BP on digits",
+    "base": {"data": "digits", "model": "mlp", "model_options": {"hidden": [32, 32]}, "optimizer": "adam",
+             "lr": 3e-3, "batch_size": 64, "epochs": 12, "eval_every": 0},
+    "seeds": [0, 1],
+    "series": [{"name": "RAF", "set": {"rule": "raf"}, "grid": {"rank": [2, 8]}},
+               {"name": "BP", "set": {"rule": "bp"}}],
+    "figure": {"x": "rank", "xscale": "log"},
+    "claims": [{"text": "RAF r=8 within 5 points of BP", "type": "at_least", "a": {"series": "RAF", "rank": 8},
+                "b": {"series": "BP"}, "margin": -5.0},
+               {"text": "BP beats 100%", "type": "at_least", "a": {"series": "BP"}, "value": 100.0}],
+}
+UNTIMED = ("seconds",)
+
+
+def write_spec(folder: Path, spec: dict = TOY, name: str = "toy") -> Path:
+    path = folder / "quick" / f"{name}.yaml"  # the folder name is the profile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def summary(results: Path, panel: str = "toy", profile: str = "quick") -> list[dict]:
+    with open(results / profile / panel / "summary.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k not in UNTIMED} for row in csv.DictReader(f)]
+
+
+def reproduce_cli(*args) -> int:
+    return cli_main(["reproduce", "--no-progress", "--jobs", "1", "--threads", "1", *map(str, args)])
+
+
+# --------------------------------------------------------------------------- specs
+
+def test_toy_spec_expands_to_series_times_grid_times_seeds(tmp_path):
+    panel = load_spec(write_spec(tmp_path))
+    points = panel.points()
+    assert [p.id for p in points] == ["raf_rank-2_s0", "raf_rank-2_s1", "raf_rank-8_s0", "raf_rank-8_s1",
+                                      "bp_s0", "bp_s1"]
+    assert points[2].config["rank"] == 8 and points[2].config["rule"] == "raf" and points[2].config["seed"] == 0
+    assert points[4].config["rule"] == "bp" and "rank" not in points[4].config
+
+
+def test_templates_fill_keys_and_values_with_their_types(tmp_path):
+    spec = dict(TOY, series=[{"name": "one layer", "set": {"rule": "raf", "rank": "full",
+                                                           "ranks": {"{layer}": "{r}"}},
+                              "grid": [{"layer": ["fc1"], "r": [1, 3]}, {"layer": ["out"], "r": [2]}]},
+                             {"name": "K", "set": {"rule": "bp", "data": "digits:{K}"}, "grid": {"K": [4]}},
+                             {"name": "mapped", "set": {"rule": "raf", "rank": "full"},
+                              "grid": {"d": [{"value": 2, "set": {"ranks": {"fc2": 5}}}]}}],
+                claims=[])
+    points = load_spec(write_spec(tmp_path, spec)).points()
+    cfgs = {p.id: p.config for p in points}
+    assert cfgs["one-layer_layer-fc1_r-3_s0"]["ranks"] == {"fc1": 3}  # an int, not "3"
+    assert cfgs["one-layer_layer-out_r-2_s1"]["ranks"] == {"out": 2}
+    assert cfgs["k_k-4_s0"]["data"] == "digits:4"
+    assert cfgs["mapped_d-2_s0"]["ranks"] == {"fc2": 5}
+    assert len(points) == 3 * 2 + 2 + 2
+
+
+def test_an_empty_mapping_in_a_series_clears_the_base_setting(tmp_path):
+    spec = dict(TOY, base=dict(TOY["base"], layer_options={"out": {"oja_source": "target"}}),
+                series=[{"name": "RAF", "set": {"rule": "raf", "rank": 4}},
+                        {"name": "BP", "set": {"rule": "bp", "layer_options": {}}}], claims=[])
+    points = load_spec(write_spec(tmp_path, spec)).points()
+    assert points[0].config["layer_options"] == {"out": {"oja_source": "target"}}
+    assert points[-1].config["layer_options"] == {}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bogus": 1}, "unknown key(s) 'bogus'"),
+    ({"base": {"data": "digits", "lrr": 1}}, "base: unknown setting(s) 'lrr'"),
+    ({"seeds": [0, 0]}, "seeds must be a list of distinct"),
+    ({"series": [{"name": "A", "set": {"rule": "raf"}, "grid": {"wibble": [1]}}]}, "grid variable 'wibble'"),
+    ({"series": [{"name": "A", "set": {"rule": "raf"}, "grid": {"rank": [1]}, "colour": "red"}]}, "unknown key(s) 'colour'"),
+    ({"claims": [{"text": "x", "type": "bigger"}]}, "unknown claim type 'bigger'"),
+    ({"claims": [{"text": "x", "type": "at_least", "a": {"series": "RAF"}, "value": 1}]}, "picks 2 points"),
+    ({"claims": [{"text": "x", "type": "at_least", "a": {"series": "RAF", "rank": 3}, "value": 1}]}, "picks 0 points"),
+    ({"series": [{"name": "A", "set": {"rule": "raf", "lr": -1}}]}, "lr must be a positive number"),
+])
+def test_a_malformed_spec_is_one_clear_error(tmp_path, change, message):
+    with pytest.raises(SpecError) as err:
+        load_spec(write_spec(tmp_path, {**TOY, **change}))
+    assert message in str(err.value) and str(tmp_path) in str(err.value)
+
+
+# --------------------------------------------------------------------------- the shipped specs
+
+# panel -> points, counted by hand from each spec (series x grid x seeds); README lists them too
+QUICK_POINTS = {"fig2": 3, "fig3a": (3 * 3 + 1) * 2, "fig3b": (4 + 3 + 3) * 3, "fig3c": (3 + 4 + 5 + 3) * 2,
+                "fig3d": (3 + 3 + 1) * 3, "fig3e": (2 + 1 + 1) * 2, "fig4b": (3 + 1 + 1) * 2,
+                "fig3f": (2 + 1) * 2, "fig4cd": (3 + 1 + 1) * 2}
+
+
+def test_every_quick_spec_loads_and_expands_to_its_documented_number_of_points():
+    assert S.available("quick") == list(QUICK_POINTS)
+    for name, n in QUICK_POINTS.items():
+        panel = S.load_panel(name, "quick")
+        assert len(panel.points()) == n, name
+        assert len(panel.seeds) >= 2 and panel.claims, name
+
+
+def test_the_first_point_of_every_quick_training_panel_trains_one_step(tmp_path):
+    import math
+
+    from test_data import write_fake_fashion_mnist
+
+    from raftorch.config import TrainConfig
+    from raftorch.train import setup, train_epoch
+
+    folder = write_fake_fashion_mnist(tmp_path / "fashion-mnist", n_train=40, n_test=10)
+    for name in QUICK_POINTS:
+        panel = S.load_panel(name, "quick")
+        if panel.kind != "train":
+            continue
+        point = panel.points()[0]
+        cfg = TrainConfig.from_dict({**point.config, "data_dir": str(folder.parent), "device": "cpu", "threads": 1})
+        record = train_epoch(setup(cfg), progress=False, max_steps=1)
+        assert math.isfinite(record["train_loss"]), name
+
+
+# --------------------------------------------------------------------------- the runner
+
+def test_run_then_rerun_skips_finished_points_and_writes_every_result_file(tmp_path):
+    spec = write_spec(tmp_path / "specs")
+    res = tmp_path / "results"
+    assert reproduce_cli("--spec", spec, "--results", res) == 0
+    folder = res / "quick" / "toy"
+    for name in ("summary.csv", "points.csv", "claims.json", "figure.png", "figure.pdf"):
+        assert (folder / name).is_file(), name
+    rows = summary(res)
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"done"}
+    assert {r["threads"] for r in rows} == {"1"} and all(r["torch"] for r in rows)
+    final = json.loads((folder / "runs" / "raf_rank-8_s0" / "final.json").read_text())
+    assert float(rows[2]["test_accuracy"]) == pytest.approx(100 * final["test_accuracy"])
+    claims = json.loads((folder / "claims.json").read_text())
+    assert [c["passed"] for c in claims] == [True, False] and all("measured" in c for c in claims)
+    mtime = (folder / "runs" / "bp_s0" / "final.json").stat().st_mtime_ns
+    assert reproduce_cli("--spec", spec, "--results", res) == 0  # nothing left to train
+    assert (folder / "runs" / "bp_s0" / "final.json").stat().st_mtime_ns == mtime
+    points = list(csv.DictReader(open(folder / "points.csv")))
+    bp = next(p for p in points if p["series"] == "BP")
+    accs = [float(r["test_accuracy"]) for r in rows if r["series"] == "BP"]
+    assert int(bp["n"]) == 2 and float(bp["test_accuracy_mean"]) == pytest.approx(sum(accs) / 2, abs=1e-3)
+
+
+def test_a_killed_sweep_rerun_gives_the_summary_of_an_uninterrupted_one(tmp_path):
+    spec = write_spec(tmp_path / "specs")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert reproduce_cli("--spec", spec, "--results", whole) == 0
+    cmd = [sys.executable, "-m", "raftorch", "reproduce", "--spec", str(spec), "--results", str(killed),
+           "--jobs", "1", "--threads", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = killed / "quick" / "toy" / "runs"
+    deadline = time.time() + 120
+    caught = False
+    while time.time() < deadline and proc.poll() is None:
+        done = list(runs.glob("*/final.json"))
+        partial = [d for d in runs.glob("*") if (d / "checkpoint.pt").exists() and not (d / "final.json").exists()]
+        if done and partial:
+            proc.send_signal(signal.SIGKILL)
+            caught = True
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert caught, "the sweep ended before it could be killed mid-point"
+    assert reproduce_cli("--spec", spec, "--results", killed) == 0
+    assert summary(killed) == summary(whole)
+
+
+def test_two_shards_together_make_the_whole_sweep(tmp_path):
+    spec = write_spec(tmp_path / "specs")
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    assert reproduce_cli("--spec", spec, "--results", whole) == 0
+    assert reproduce_cli("--spec", spec, "--results", sharded, "--shard", "1/2") == 0
+    first = {r["point"] for r in summary(sharded) if r["status"] == "done"}
+    assert 0 < len(first) < 6
+    assert reproduce_cli("--spec", spec, "--results", sharded, "--shard", "2/2") == 0
+    assert summary(sharded) == summary(whole)
+
+
+def test_shards_are_disjoint_and_cover_every_point():
+    points = S.load_panel("fig3a", "quick").points()
+    shards = [runner.select_shard(points, (i, 5)) for i in range(1, 6)]
+    ids = [p.id for s in shards for p in s]
+    assert sorted(ids) == sorted(p.id for p in points) and len(set(ids)) == len(ids)
+    assert [p.id for p in runner.select_shard(points, (2, 5))] == [p.id for p in shards[1]]  # deterministic
+
+
+def test_redraw_makes_the_same_figure_from_the_summary_without_training(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path / "specs")
+    res = tmp_path / "results"
+    assert reproduce_cli("--spec", spec, "--results", res) == 0
+    folder = res / "quick" / "toy"
+    png = (folder / "figure.png").read_bytes()
+    claims = (folder / "claims.json").read_text()
+    for f in ("figure.png", "figure.pdf", "claims.json"):
+        (folder / f).unlink()
+    for ckpt_file in folder.glob("runs/*/checkpoint.pt"):
+        ckpt_file.unlink()  # nothing to train from either
+
+    def no_training(*a, **k):
+        raise AssertionError("redraw must not train")
+
+    monkeypatch.setattr(runner, "execute", no_training)
+    assert reproduce_cli("--spec", spec, "--results", res, "--redraw") == 0
+    assert (folder / "figure.png").read_bytes() == png
+    assert (folder / "claims.json").read_text() == claims
+
+
+def test_a_failed_point_is_recorded_and_the_others_run(tmp_path, capsys):
+    spec = dict(TOY, series=TOY["series"] + [{"name": "diverges", "set": {"rule": "bp", "lr": 1e12}}], claims=[])
+    path = write_spec(tmp_path / "specs", spec)
+    res = tmp_path / "results"
+    assert reproduce_cli("--spec", path, "--results", res) == 0
+    rows = summary(res)
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert {r["series"] for r in failed} == {"diverges"} and len(failed) == 2
+    assert "TrainingDiverged" in failed[0]["error"]
+    assert sum(r["status"] == "done" for r in rows) == 6
+    assert "FAILED" in capsys.readouterr().out
+    assert reproduce_cli("--spec", path, "--results", res) == 0  # not retried by default
+    assert "failed before and are not run again" in capsys.readouterr().out
+
+
+def test_a_run_folder_with_other_settings_is_refused_before_any_work(tmp_path, capsys):
+    path = write_spec(tmp_path / "specs")
+    res = tmp_path / "results"
+    assert reproduce_cli("--spec", path, "--results", res) == 0
+    changed = dict(TOY, base=dict(TOY["base"], lr=1e-3))
+    write_spec(tmp_path / "specs", changed)
+    assert reproduce_cli("--spec", path, "--results", res) == 2
+    err = capsys.readouterr().err
+    assert "was run with other settings" in err and "lr: run has 0.003, spec gives 0.001" in err
+    assert "Traceback" not in err
+
+
+def test_a_point_identical_to_another_panels_run_is_reused_not_trained(tmp_path, capsys):
+    specs = tmp_path / "specs"
+    a = write_spec(specs, dict(TOY, panel="a", claims=[]), "a")
+    b = write_spec(specs, dict(TOY, panel="b", claims=[], series=[TOY["series"][1]]), "b")
+    res = tmp_path / "results"
+    assert reproduce_cli("--spec", a, "--results", res) == 0
+    capsys.readouterr()
+    assert reproduce_cli("--spec", b, "--results", res) == 0
+    out = capsys.readouterr().out
+    assert "2 point(s) taken from identical finished runs" in out and "[1/" not in out
+    assert [r["test_accuracy"] for r in summary(res, "b")] == [r["test_accuracy"] for r in summary(res, "a")
+                                                                if r["series"] == "BP"]
+
+
+def test_default_parallelism_never_oversubscribes_the_cores(monkeypatch):
+    import raftorch.train as T
+
+    monkeypatch.setattr(T, "usable_cores", lambda: 4)
+    monkeypatch.setattr(T, "busy_cores", lambda: 1.2)  # one core busy
+    assert T.auto_threads() == 3
+    assert runner.parallelism(None, None, 10) == (3, 1)
+    assert runner.parallelism(None, None, 2) == (2, 1)  # no more jobs than points
+    assert runner.parallelism(1, None, 10) == (1, 3)
+    assert runner.parallelism(None, 3, 10) == (1, 3)
+    assert runner.parallelism(None, None, 10, "cuda") == (1, 3)
+    with pytest.raises(ValueError, match="--jobs must be a positive"):
+        runner.parallelism(0, None, 10)
+
+
+# --------------------------------------------------------------------------- claims
+
+ROWS = ([{"series": "BP", "rank": "", "seed": s, "status": "done", "test_accuracy": a} for s, a in enumerate([80.0, 82.0])]
+        + [{"series": "RAF", "rank": r, "seed": s, "status": "done", "test_accuracy": a}
+           for r, accs in ((1, [50.0, 54.0]), (2, [70.0, 70.0]), (10, [80.0, 81.0])) for s, a in enumerate(accs)]
+        + [{"series": "RAF", "rank": 20, "seed": 0, "status": "failed", "test_accuracy": ""}])
+
+
+def claim(**kw):
+    return C.evaluate_claims([{"text": "t", **kw}], ROWS)[0]
+
+
+def test_at_least_and_at_most_compare_means_over_seeds_with_a_margin():
+    r = claim(type="at_least", a={"series": "RAF", "rank": 10}, b={"series": "BP"}, margin=-1.0)
+    assert r["passed"] is True and r["values"]["difference"] == pytest.approx(80.5 - 81.0)
+    assert "80.50 ± 0.71 (n=2)" in r["measured"] and "81.00 ± 1.41 (n=2)" in r["measured"]
+    assert claim(type="at_least", a={"series": "RAF", "rank": 10}, b={"series": "BP"}, margin=-0.4)["passed"] is False
+    assert claim(type="at_most", a={"series": "RAF", "rank": 1}, b={"series": "RAF", "rank": 10}, margin=-3)["passed"] is True
+    assert claim(type="at_most", a={"series": "RAF", "rank": 2}, b={"series": "RAF", "rank": 10}, margin=-11)["passed"] is False
+    assert claim(type="at_least", a={"series": "RAF", "rank": 2}, value=70.0)["passed"] is True
+    assert claim(type="close", a={"series": "RAF", "rank": 2}, value=71.0, tolerance=0.5)["passed"] is False
+
+
+def test_ordered_allows_each_step_to_fall_by_the_tolerance_only():
+    pts = [{"series": "RAF", "rank": r} for r in (1, 2, 10)]
+    assert claim(type="ordered", points=pts, tolerance=0.0)["passed"] is True
+    assert claim(type="ordered", points=pts[::-1], tolerance=5.0)["passed"] is False
+    assert claim(type="ordered", points=[{"series": "BP"}, pts[2]], tolerance=0.4)["passed"] is False  # 80.5 < 81 - 0.4
+    assert claim(type="ordered", points=[{"series": "BP"}, pts[2]], tolerance=0.5)["passed"] is True
+
+
+def test_min_x_grows_finds_the_minimal_rank_per_group():
+    rows = []
+    for k, accs in ((3, {1: 90, 2: 95, 3: 95}), (10, {1: 50, 2: 70, 3: 80, 10: 85})):
+        rows.append({"series": "BP", "K": k, "rank": "", "status": "done", "test_accuracy": accs[max(accs)]})
+        rows += [{"series": "RAF", "K": k, "rank": r, "status": "done", "test_accuracy": a} for r, a in accs.items()]
+    spec = {"text": "t", "type": "min_x_grows", "x": "rank", "over": "K", "curve": {"series": "RAF"},
+            "reference": {"series": "BP"}, "tolerance": 1.0}
+    r = C.evaluate_claims([spec], rows)[0]
+    assert r["passed"] is True and r["values"]["minimal"] == {"3": 2, "10": 10}
+    flat = [dict(row, test_accuracy=95) for row in rows]  # every rank matches: the minimal rank does not grow
+    assert C.evaluate_claims([spec], flat)[0]["passed"] is False
+
+
+def test_a_claim_on_missing_or_failed_points_is_not_evaluated_never_passed():
+    r = claim(type="at_least", a={"series": "RAF", "rank": 20}, value=0.0)
+    assert r["passed"] is None and "not evaluated" in r["measured"] and "not finished or failed" in r["measured"]
+    r = claim(type="at_least", a={"series": "KP"}, value=0.0)
+    assert r["passed"] is None and "no such run" in r["measured"]
+
+
+# --------------------------------------------------------------------------- the command line
+
+@pytest.mark.parametrize("args, message", [
+    (["fig9"], "unknown panel 'fig9' in profile 'quick'; choose one of fig2, fig3a"),
+    (["fig3b", "--profile", "huge"], "unknown profile 'huge'; choose one of paper, quick"),
+    (["fig3b", "--shard", "3"], "--shard must be I/N"),
+    (["fig3b", "--shard", "5/4"], "--shard must be I/N"),
+    ([], "name a panel"),
+    (["fig3b", "--jobs", "0"], "--jobs must be a positive whole number"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
+    assert cli_main(["reproduce", "--results", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_spec_with_an_unknown_key_is_one_clear_line(tmp_path, capsys):
+    path = write_spec(tmp_path, {**TOY, "seedz": [1]})
+    assert cli_main(["reproduce", "--spec", str(path), "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) 'seedz'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unwritable_results_folder_fails_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli_main(["reproduce", "fig3b", "--results", str(blocker)]) == 2
+    assert "is not a writable folder" in capsys.readouterr().err
+
+
+def test_list_and_dry_run_show_points_and_costs(tmp_path, capsys):
+    assert cli_main(["reproduce", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in QUICK_POINTS:
+        assert name in out
+    assert "estimated cost" in out and "total: " in out
+    assert cli_main(["reproduce", "fig3a", "--dry-run", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{QUICK_POINTS['fig3a']} points" in out and "new    raf_layer-fc2_r-1_s0" in out and "estimated cost" in out
+
+
+def test_all_writes_one_report_with_every_claim_and_figure(tmp_path):
+    specs = tmp_path / "specs"
+    a = write_spec(specs, dict(TOY, panel="a"), "a")
+    b = write_spec(specs, dict(TOY, panel="b", series=[TOY["series"][1]], claims=[TOY["claims"][1]]), "b")
+    res = tmp_path / "results"
+    assert reproduce_cli("--spec", a, "--spec", b, "--results", res) == 0
+    report = (res / "quick" / "REPORT.md").read_text()
+    assert "| panel | claim | measured | paper | verdict |" in report
+    assert report.count("**PASS**") == 1 and report.count("**FAIL**") == 2
+    assert "![a](a/figure.png)" in report and "![b](b/figure.png)" in report
+    assert "1 of 3 claims pass" in report and "1 job(s) x 1 thread(s)" in report
+
+
+def test_a_paper_panel_runs_end_to_end_on_fake_cifar(tmp_path, capsys):
+    from test_data import write_fake_cifar
+
+    write_fake_cifar(tmp_path / "data", "cifar10", per_batch=16)
+    panel = S.load_panel("fig3b", "paper")
+    panel.base = dict(panel.base, epochs=1)  # the paper's 160 epochs, cut for the test
+    for p in panel.series:
+        p.set = dict(p.set, epochs=1)
+    n = len(panel.points())
+    results = suite.reproduce([panel], tmp_path / "results", jobs=1, threads=1, shard=(1, n // 2),
+                              data_dir=str(tmp_path / "data"), progress=False)
+    rows = summary(tmp_path / "results", "fig3b", "paper")
+    done = [r for r in rows if r["status"] == "done"]
+    assert len(rows) == n and len(done) == 2  # shard 1 of n/2: two points
+    assert {r["epochs"] for r in done} == {"1"} and all(0 <= float(r["test_accuracy"]) <= 100 for r in done)
+    assert all(c["passed"] is None for c in results[0].claims)  # the other points are missing
+    assert (tmp_path / "results" / "paper" / "fig3b" / "figure.png").is_file()
