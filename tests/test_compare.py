@@ -3,6 +3,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from raftorch.cli import main
 from raftorch.compare import plan, run_compare
@@ -35,6 +36,7 @@ def test_compare_cli_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
     assert [(r["rule"], r["rank"]) for r in saved["rows"]] == [("bp", None), ("fa-lowrank", 2)]
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in saved["rows"])
     assert saved["settings"]["epochs"] == 1
+    assert saved["settings"]["threads"] >= 1 and saved["settings"]["torch"] == torch.__version__
     with open(tmp_path / "cmp.csv") as f:
         assert [r["rule"] for r in csv.DictReader(f)] == ["bp", "fa-lowrank"]
 
@@ -49,3 +51,11 @@ def test_compare_cli_rejects_bad_input_with_one_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["compare", "--no-progress", *argv])
     assert message in str(exc.value) + capsys.readouterr().err
+
+
+def test_compare_obeys_threads_and_records_them(tmp_path):
+    before = torch.get_num_threads()
+    assert main(["compare", "--rules", "bp", "--epochs", "1", "--hidden", "8", "--threads", "1",
+                 "--no-progress", "--out", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["settings"]["threads"] == 1
+    assert torch.get_num_threads() == before  # the caller's thread count is restored

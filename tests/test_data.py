@@ -215,7 +215,15 @@ def test_fashion_mnist_download_fetches_the_four_files(tmp_path, monkeypatch):
 def test_fashion_mnist_falls_back_to_the_debian_folder(tmp_path, monkeypatch):
     debian = write_fake_fashion_mnist(tmp_path / "debian")
     monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", debian)
+    (tmp_path / "empty").mkdir()
     assert len(load_dataset("fashion-mnist", data_dir=tmp_path / "empty").x_train) == 30
+
+
+def test_an_explicit_data_folder_that_does_not_exist_is_an_error_not_ignored(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", write_fake_fashion_mnist(tmp_path / "debian"))
+    for name in ("fashion-mnist", "cifar10"):
+        with pytest.raises(DatasetNotFoundError, match=r"the data folder .*nonexistent.* does not exist"):
+            load_dataset(name, data_dir=tmp_path / "nonexistent")
 
 
 # --------------------------------------------------------------------------- names, digits

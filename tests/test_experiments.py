@@ -112,7 +112,7 @@ def test_a_malformed_spec_is_one_clear_error(tmp_path, change, message):
 # --------------------------------------------------------------------------- the shipped specs
 
 # panel -> points, counted by hand from each spec (series x grid x seeds); README lists them too
-QUICK_POINTS = {"fig2": 3, "fig3a": (3 * 3 + 1) * 2, "fig3b": (4 + 3 + 3) * 3, "fig3c": (3 + 4 + 5 + 3) * 2,
+QUICK_POINTS = {"fig2": 3, "fig3a": (3 * 3 + 1 + 1) * 2, "fig3b": (4 + 1 + 3 + 3) * 3, "fig3c": (3 + 4 + 5 + 3) * 2,
                 "fig3d": (3 + 3 + 1) * 3, "fig3e": (2 + 1 + 1) * 2, "fig4b": (3 + 1 + 1) * 2,
                 "fig3f": (2 + 1) * 2, "fig4cd": (3 + 1 + 1) * 2}
 
@@ -285,6 +285,9 @@ def test_default_parallelism_never_oversubscribes_the_cores(monkeypatch):
     assert runner.parallelism(1, None, 10) == (1, 3)
     assert runner.parallelism(None, 3, 10) == (1, 3)
     assert runner.parallelism(None, None, 10, "cuda") == (1, 3)
+    assert runner.parallelism(None, None, 10, preferred_threads=2) == (1, 3)  # one 2-thread job, cores filled
+    monkeypatch.setattr(T, "busy_cores", lambda: 0.0)
+    assert runner.parallelism(None, None, 10, preferred_threads=2) == (2, 2)
     with pytest.raises(ValueError, match="--jobs must be a positive"):
         runner.parallelism(0, None, 10)
 
@@ -411,3 +414,20 @@ def test_a_paper_panel_runs_end_to_end_on_fake_cifar(tmp_path, capsys):
     assert {r["epochs"] for r in done} == {"1"} and all(0 <= float(r["test_accuracy"]) <= 100 for r in done)
     assert all(c["passed"] is None for c in results[0].claims)  # the other points are missing
     assert (tmp_path / "results" / "paper" / "fig3b" / "figure.png").is_file()
+
+
+def test_ctrl_c_stops_cleanly_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
+    spec = write_spec(tmp_path / "specs")
+    res = tmp_path / "results"
+    cmd = [sys.executable, "-m", "raftorch", "reproduce", "--spec", str(spec), "--results", str(res),
+           "--jobs", "1", "--threads", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = res / "quick" / "toy" / "runs"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(runs.glob("*/checkpoint.pt")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "run the same command again" in err and "Traceback" not in err
+    assert list(runs.glob("*/checkpoint.pt"))

@@ -154,7 +154,7 @@ def test_feedback_parameters_get_their_own_learning_rate():
     (["--model-option", "depth=3"], "no option(s) 'depth'"),
     (["--lr-decay", "1.5"], "lr_decay"),
     (["--momentum", "0.9"], "momentum applies to sgd / rmsprop"),
-    (["--data", "cifar10", "--data-dir", "/nonexistent"], "dataset 'cifar10' not found"),
+    (["--data", "cifar10", "--data-dir", "/nonexistent"], "the data folder /nonexistent (data_dir / --data-dir) does not exist"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, capsys, args, fragment):
     rc = cli_main(["train", *args, "--epochs", "1", "--out", str(tmp_path / "r"), "--no-progress"])
@@ -228,3 +228,26 @@ def test_the_thread_count_used_is_recorded_and_an_explicit_one_obeyed(tmp_path, 
     final = T.train(dict(TINY, epochs=1, threads=None, out=str(tmp_path / "auto")), progress=False)
     assert final["threads"] == 2
     assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["threads"] == 2  # a resume uses it too
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "nan"], "lr (--lr) must be a finite number, got nan"),
+    (["--rank", "0"], "rank must be a positive whole number"),
+])
+def test_bad_flags_get_one_line_with_one_prefix(tmp_path, capsys, argv, message):
+    assert cli_main(["train", *argv, "--out", str(tmp_path / "r"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("raftorch train") == 1 and len(err.splitlines()) == 1
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("raftorch ")
+
+
+def test_an_unknown_rule_lists_the_direct_rules_too():
+    from raftorch.rules import get_rule
+
+    with pytest.raises(ValueError, match=r"'raf', or a direct rule \('dfa', 'draf'\)"):
+        get_rule("magic")

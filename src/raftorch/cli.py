@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -24,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raftorch",
         description="Train neural networks with low-dimensional error feedback (RAF).",
     )
+    from raftorch import __version__
+
+    parser.add_argument("--version", action="version", version=f"raftorch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -70,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if getattr(args, "_missing", False):
         parser.error(f"the '{args.command}' command is not available in this version")
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except BrokenPipeError:  # `raftorch ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":

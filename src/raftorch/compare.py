@@ -149,6 +149,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dfa/draf: the module whose error is sent to earlier layers (default output)")
     p.add_argument("--out", default="results/compare",
                    help="write OUT.json and OUT.csv (default results/compare)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the usable cores not already busy; recorded in OUT.json)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -157,6 +159,19 @@ def run(args) -> int:
         raise SystemExit("raftorch compare: --epochs and --batch-size must be positive")
     if any(r <= 0 for r in args.ranks):
         raise SystemExit(f"raftorch compare: ranks must be positive integers, got {args.ranks}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"raftorch compare: --threads must be a positive whole number, got {args.threads}")
+    from raftorch.train import auto_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads or auto_threads())
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(args) -> int:
     try:
         rows = run_compare(rules=args.rules, ranks=args.ranks, dataset=args.data, hidden=args.hidden,
                            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -165,6 +180,7 @@ def run(args) -> int:
         raise SystemExit(f"raftorch compare: {exc}")
     print(format_table(rows))
     meta = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    meta.update(threads=torch.get_num_threads(), torch=torch.__version__)
     for path in save(rows, args.out, meta):
         print(f"wrote {path}")
     return 0

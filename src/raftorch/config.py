@@ -6,6 +6,7 @@ hyperparameter of the paper's appendix is a field here, never a literal in the t
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ class TrainConfig:
         from raftorch.models import MODELS, model_options
 
         def bad(msg: str):
-            raise ValueError(f"{source}: {msg}")
+            raise ValueError(f"{source}: {msg}" if source else msg)
 
         parse_dataset_name(self.data)
         if self.model not in MODELS:
@@ -121,6 +122,12 @@ class TrainConfig:
             bad(f"amsgrad applies to adam / adamw only, not {self.optimizer!r}")
         if self.momentum and self.optimizer not in ("sgd", "rmsprop"):
             bad(f"momentum applies to sgd / rmsprop only, not {self.optimizer!r}")
+        for name in ("lr", "weight_decay", "momentum", "lr_decay", "val_fraction", "feedback_lr",
+                     "feedback_weight_decay"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                      or not math.isfinite(value)):
+                bad(f"{name} (--{name.replace('_', '-')}) must be a finite number, got {value!r}")
         for name in ("lr", "eval_batch_size", "batch_size", "epochs"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:

@@ -503,6 +503,10 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
         return splits
     if kwargs:
         raise ValueError(f"{base}: unknown option(s) {sorted(kwargs)}")
+    if data_dir is not None and not download and not Path(data_dir).expanduser().is_dir():
+        raise DatasetNotFoundError(f"{name}: the data folder {data_dir} (data_dir / --data-dir) does not exist; "
+                                   f"give the folder that holds the dataset, or leave it out to use "
+                                   f"${ENV_VAR} or {default_data_dir()}")
     if base == "fashion-mnist":
         arrays = load_fashion_mnist(data_dir=data_dir, download=download)
         classes = FASHION_MNIST_CLASSES

@@ -90,7 +90,8 @@ def get_rule(rule: str | Rule) -> Rule:
             f"{rule.lower()!r}, ..., source='output') or raftorch.DirectFeedback."
         )
     raise ValueError(
-        f"unknown rule {rule!r}; choose one of {', '.join(repr(n) for n in RULES)}.{extra}"
+        f"unknown rule {rule!r}; choose one of {', '.join(repr(n) for n in RULES)}, or a direct rule "
+        f"({', '.join(repr(n) for n in DIRECT_RULES)}).{extra}"
     )
 
 

@@ -596,7 +596,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if name in given:
             given[name] = {**values.get(name, {}), **given[name]}
     values.update(given)
-    cfg = TrainConfig.from_dict(values, source="raftorch train")
+    cfg = TrainConfig.from_dict(values, source="")  # run() prefixes "raftorch train: error:"
     if cfg.out is None:
         rank = f"-r{cfg.rank}" if cfg.rank is not None else ""
         cfg.out = f"runs/{cfg.model}-{cfg.data.replace(':', '_')}-{cfg.rule}{rank}-s{cfg.seed}"

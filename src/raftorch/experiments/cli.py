@@ -67,23 +67,23 @@ def _panels(args) -> list:
 def _list(profile: str) -> str:
     names = available(profile)
     if not names:
-        load_panel("?", profile)
-    rows = []
-    for n in names:
-        p = load_panel(n, profile)
+        load_panel("?", profile)  # raises the unknown-profile message
+    panels = [load_panel(n, profile) for n in names]
+    rows, costs = [], []
+    for p in panels:
         pts = p.points()
         est = estimate(p, pts)
+        costs.append(est)
         rows.append((p.id, p.paper, len(pts), len(p.seeds), len(p.claims),
                      f"{_duration(est)} on {p.cost.get('hardware', '?')}" if est is not None else "?", p.title))
     head = ("panel", "paper", "runs", "seeds", "claims", "estimated cost", "title")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
-    total = [estimate(load_panel(n, profile), load_panel(n, profile).points()) for n in names]
-    if all(t is not None for t in total):
-        out.append(f"total: {sum(r[2] for r in rows)} runs, {_duration(sum(total))} of compute")
-    for n in names:
-        p = load_panel(n, profile)
+    if all(c is not None for c in costs):
+        out.append(f"total: {sum(r[2] for r in rows)} runs, {_duration(sum(costs))} of compute "
+                   f"(an upper bound: a point identical in two panels runs once)")
+    for p in panels:
         out.append(f"\n{p.id}: {p.claim}")
         out += [f"  - {c['text']}" for c in p.claims]
     return "\n".join(out)
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         wall = time.perf_counter() - start
         if "all" in args.panels or len(results) > 1:
             report = write_report(args.profile, results, args.results, wall_seconds=wall,
-                                  jobs_threads=results[0].parallel)
+                                  jobs_threads=results[0].parallel, redraw=args.redraw)
             print(f"wrote {report}")
         n_fail = sum(c["passed"] is False for r in results for c in r.claims)
         n_na = sum(c["passed"] is None for r in results for c in r.claims)

@@ -129,7 +129,7 @@ def reproduce(panels: list[Panel], root: str | Path = "results", *, jobs: int | 
 
 
 def write_report(profile: str, results: list[PanelResult], root: str | Path, *, wall_seconds: float,
-                 jobs_threads: str = "") -> Path:
+                 jobs_threads: str = "", redraw: bool = False) -> Path:
     """``results/<profile>/REPORT.md``: one table of every claim, then every figure."""
     import torch
 
@@ -143,7 +143,9 @@ def write_report(profile: str, results: list[PanelResult], root: str | Path, *, 
              f"{n_pass} of {n_all} claims pass. Made {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} "
              f"by raftorch {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
              f"{usable_cores()} usable cores{', ' + jobs_threads if jobs_threads else ''}; "
-             f"this command took {_duration(wall_seconds)}. Accuracies are final-epoch test accuracies "
+             + (f"redrawn from the saved runs (no training). " if redraw else
+                f"this command took {_duration(wall_seconds)}. ")
+             + f"Accuracies are final-epoch test accuracies "
              f"in percent, mean ± std over seeds (n = seeds); figures are drawn from each panel's "
              f"summary.csv.", "",
              "| panel | claim | measured | paper | verdict |", "|---|---|---|---|---|"]
