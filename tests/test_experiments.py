@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 import yaml
 
 from raftorch.cli import main as cli_main
-from raftorch.experiments import aggregate, claims as C, runner, spec as S, suite
+from raftorch.experiments import claims as C, runner, spec as S, suite
 from raftorch.experiments.spec import SpecError, load_spec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -163,19 +163,20 @@ def _is_rank(r) -> bool:
     return r == "full" or (isinstance(r, int) and not isinstance(r, bool) and r >= 1)
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a mapping (not yet validated)."""
+def load_config_file(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML file of settings (``what`` names it in errors) into a mapping (not yet
+    validated)."""
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"config file {path} does not exist") from None
+        raise ValueError(f"{what} {path} does not exist") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ValueError(f"{what} {path} is not valid YAML: {exc}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping of settings, got {type(values).__name__}")
+        raise ValueError(f"{what} {path} must hold a mapping of settings, got {type(values).__name__}")
     return values
 
 

@@ -23,13 +23,12 @@ import concurrent.futures as cf
 import contextlib
 import json
 import multiprocessing as mp
-import os
 import sys
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from raftorch import checkpoint as ckpt
 from raftorch.experiments.aggregate import ERROR, run_dir, run_status
@@ -201,10 +200,13 @@ def _dataset_cache():
 def _init_worker(threads: int) -> None:
     """A worker process: its thread count, and a dataset cache (a worker lives only as long as
     the sweep, so the cache never outlives it)."""
+    import signal
+
     import torch
 
     import raftorch.train as T
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the command's to handle: it stops the workers
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
@@ -372,9 +374,10 @@ def _run_pool(todo: list[Task], args, finished, jobs: int, threads: int) -> None
                         ckpt.write_json(t.folder / ERROR, {"error": msg})
                         res = {"status": "failed", "error": msg, "seconds": 0.0}
                     finished(t, res)
-            except KeyboardInterrupt:
-                for f in futures:
-                    f.cancel()
+            except KeyboardInterrupt:  # stop now: the workers' points resume from their last checkpoint
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    proc.terminate()
+                pool.shutdown(wait=False, cancel_futures=True)
                 raise
 
 

@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from raftorch.config import TrainConfig
+from raftorch.config import TrainConfig, load_config_file
 
 SPEC_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"
 PROFILES = ("quick", "paper")
@@ -257,13 +257,9 @@ def load_spec(path: str | Path, profile: str | None = None) -> Panel:
     """Read and check one spec file (any path: also a user's own panel)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"spec file {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"spec file {path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a spec is a mapping of {', '.join(sorted(SPEC_KEYS))}")
+        raw = load_config_file(path, "spec file")
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
 
     def bad(msg: str):
         raise SpecError(f"{path}: {msg}")

@@ -143,11 +143,10 @@ def write_report(profile: str, results: list[PanelResult], root: str | Path, *, 
              f"{n_pass} of {n_all} claims pass. Made {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} "
              f"by raftorch {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
              f"{usable_cores()} usable cores{', ' + jobs_threads if jobs_threads else ''}; "
-             + (f"redrawn from the saved runs (no training). " if redraw else
+             + ("redrawn from the saved runs (no training). " if redraw else
                 f"this command took {_duration(wall_seconds)}. ")
-             + f"Accuracies are final-epoch test accuracies "
-             f"in percent, mean ± std over seeds (n = seeds); figures are drawn from each panel's "
-             f"summary.csv.", "",
+             + "Accuracies are final-epoch test accuracies in percent, mean ± std over seeds "
+             "(n = seeds); figures are drawn from each panel's summary.csv.", "",
              "| panel | claim | measured | paper | verdict |", "|---|---|---|---|---|"]
     for r in results:
         for c in r.claims:
