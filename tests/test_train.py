@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,7 @@ def test_cli_writes_config_metrics_checkpoint_and_final(tmp_path, capsys):
                    "--val-fraction", "0.2", "--feedback-lr", "0.001", "--threads", "1", "--out", str(out),
                    "--no-progress"])
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "final.json", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "final.json", "metrics.csv", "metrics.jsonl"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["epochs"] == 2 and saved["lr"] == 0.01 and saved["optimizer"] == "sgd"  # flags over file
     assert saved["model_options"] == {"hidden": [16], "batchnorm": True} and saved["feedback_lr"] == 0.001
@@ -251,3 +252,46 @@ def test_an_unknown_rule_lists_the_direct_rules_too():
 
     with pytest.raises(ValueError, match=r"'raf', or a direct rule \('dfa', 'draf'\)"):
         get_rule("magic")
+
+
+def test_metrics_csv_is_the_jsonl_as_a_table(tmp_path):
+    T.train(dict(TINY, epochs=2, out=str(tmp_path)), progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert len(rows) == 2 and float(rows[1]["test_accuracy"]) == lines[1]["test_accuracy"]
+    assert float(rows[0]["alignment.fc1"]) == pytest.approx(lines[0]["alignment"]["fc1"])
+
+
+def test_an_unwritable_out_fails_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli_main(["train", "--out", str(blocker / "run"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "is not a writable folder" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_corrupt_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    assert "is corrupt" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "raftorch", "train", "--data", "digits", "--model", "mlp", "--rule", "raf",
+           "--rank", "4", "--epochs", "500", "--threads", "1", "--device", "cpu", "--no-progress",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (out / "checkpoint.pt").exists():
+        time.sleep(0.01)
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"raftorch train --resume --out {out}" in err and "Traceback" not in err
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] >= 1

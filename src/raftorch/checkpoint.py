@@ -16,6 +16,7 @@ import torch
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
 FINAL = "final.json"
 
 
@@ -50,6 +51,23 @@ def write_jsonl(path: str | Path, records: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+def write_metrics_csv(path: str | Path, records: list[dict]) -> None:
+    """``records`` as one CSV row each; nested mappings become columns ``key.sub``
+    (``alignment.fc1``); a value an epoch lacks (test accuracy on a skipped evaluation) is empty."""
+    import csv
+    import io
+
+    flat = [{(f"{k}.{sub}" if isinstance(v, dict) else k): x
+             for k, v in r.items() for sub, x in (v.items() if isinstance(v, dict) else [(None, v)])}
+            for r in records]
+    columns = list(dict.fromkeys(c for r in flat for c in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    write_text(path, buf.getvalue())
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     _atomic_write(Path(path), lambda f: torch.save(state, f), "wb")
 
@@ -58,6 +76,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors, numbers, strings only)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a bad file
-        raise ValueError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
-                         f"it is corrupt: delete the run folder's checkpoint to start over") from None
+    except Exception as exc:  # torch raises several types for a bad file, some with pages of advice
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {first}); "
+                         f"it is corrupt or not a raftorch checkpoint: delete it (or the run folder) "
+                         f"to start over") from None

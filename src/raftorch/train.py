@@ -7,7 +7,8 @@ metrics. Distributed runs (``torchrun --nproc_per_node=N -m raftorch train ...``
 DistributedDataParallel: each process takes its slice of every global batch, and only
 rank 0 writes files.
 
-Run folder (``out``): ``config.yaml`` (every setting), ``metrics.jsonl`` (one line per epoch),
+Run folder (``out``): ``config.yaml`` (every setting), ``metrics.jsonl`` (one line per epoch;
+``metrics.csv`` the same as a table),
 ``checkpoint.pt`` (the last finished epoch), ``final.json`` (the final epoch's numbers, with
 ``test_accuracy`` as a fraction). All are written atomically.
 """
@@ -445,6 +446,7 @@ def end_epoch(run: Run, record: dict[str, Any], *, progress: bool = True) -> Non
             "scheduler": run.scheduler.state_dict(), "rng": rng, "history": run.history,
             "elapsed": run.elapsed, "config": run.cfg.to_dict()})
         ckpt.write_jsonl(run.out / ckpt.METRICS, run.history)
+        ckpt.write_metrics_csv(run.out / ckpt.METRICS_CSV, run.history)
     if progress and run.lead:
         val = f" val {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
         test = f" test {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
@@ -603,15 +605,40 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def check_writable(folder: str | Path, flag: str = "--out") -> None:
+    """Raise one clear ``ValueError`` when ``folder`` cannot be created or written, before any work."""
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".raftorch-write-check")
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as exc:
+        raise ValueError(f"{flag} {folder} is not a writable folder ({exc.strerror or exc}); "
+                         f"choose another with {flag} DIR") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    cfg = None
     try:
         cfg = config_from_args(args)
+        if int(os.environ.get("RANK", "0")) == 0 and not args.resume:
+            check_writable(cfg.out)
         final = train(cfg, resume=args.resume, progress=not args.no_progress)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every process done (rank 0 writing files) before gloo is torn down
     except (ValueError, DatasetNotFoundError, CorruptDatasetError, TrainingDiverged) as exc:
         print(f"raftorch train: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        where = Path(cfg.out) if cfg is not None and cfg.out else None
+        kept = where is not None and (where / ckpt.CHECKPOINT).exists()
+        print("\nraftorch train: interrupted; " + (
+            f"the last finished epoch is kept: continue with raftorch train --resume --out {where}" if kept
+            else "no epoch had finished, so there is nothing to resume"), file=sys.stderr)
+        return 130
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -129,17 +129,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_writable(root: Path) -> None:
     """Fail before any work when the results folder cannot be written."""
-    import os
-    import tempfile
+    from raftorch.train import check_writable
 
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=".raftorch-write-check")
-        os.close(fd)
-        os.remove(tmp)
-    except OSError as exc:
-        raise ValueError(f"--results {root} is not a writable folder ({exc.strerror or exc}); "
-                         f"choose another with --results DIR") from None
+    check_writable(root, "--results")
 
 
 __all__ = ["add_arguments", "run", "verdict"]

@@ -136,7 +136,7 @@ def reuse_finished(root: str | Path, tasks: list[Task]) -> list[Task]:
         if source is None or source == t.folder:
             continue
         t.folder.mkdir(parents=True, exist_ok=True)
-        for name in (ckpt.CONFIG, ckpt.METRICS):
+        for name in (ckpt.CONFIG, ckpt.METRICS, ckpt.METRICS_CSV):
             if (source / name).exists():
                 ckpt.write_text(t.folder / name, (source / name).read_text())
         ckpt.write_json(t.folder / "reused.json", {"from": str(source)})
