@@ -59,3 +59,15 @@ def test_compare_obeys_threads_and_records_them(tmp_path):
                  "--no-progress", "--out", str(tmp_path / "c")]) == 0
     assert json.loads((tmp_path / "c.json").read_text())["settings"]["threads"] == 1
     assert torch.get_num_threads() == before  # the caller's thread count is restored
+
+
+def test_compare_missing_data_and_unwritable_out_are_one_message_before_any_work(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--data", "cifar10", "--data-dir", str(tmp_path), "--no-progress",
+              "--out", str(tmp_path / "c")])
+    assert "dataset 'cifar10' not found" in str(exc.value)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--rules", "bp", "--no-progress", "--out", str(blocker / "c")])
+    assert "is not a writable folder" in str(exc.value)

@@ -307,3 +307,10 @@ def test_train_size_and_image_size_reach_every_dataset(tmp_path):
     assert d.x_train.shape == (100, 1, 4, 4) and len(d.x_test) == len(load_dataset("digits").x_test)
     with pytest.raises(ValueError, match="train_size must be a positive"):
         load_dataset("digits", train_size=0)
+
+
+def test_a_cifar_folder_with_a_missing_batch_names_what_is_missing(tmp_path):
+    folder = write_fake_cifar(tmp_path, "cifar10")
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DatasetNotFoundError, match=r"has 5 of the files; missing: data_batch_3\)"):
+        load_dataset("cifar10", data_dir=tmp_path)

@@ -315,3 +315,15 @@ def test_cli_reports_bad_parameters_without_a_traceback(capsys):
     assert "noise=-1.0 is the standard deviation of the target noise and must be >= 0" in capsys.readouterr().err
     assert main(["theory", "--rank-low", "7"]) == 2
     assert "need rank_low < d <= rank_high, got rank_low=7, d=5" in capsys.readouterr().err
+
+
+def test_cli_checks_the_output_folder_before_the_work(tmp_path, capsys, monkeypatch):
+    from raftorch.cli import main
+    from raftorch.theory import cli as theory_cli
+
+    monkeypatch.setattr(theory_cli, "run_figure2", lambda config: pytest.fail("ran before checking --out"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["theory", "--out", str(blocker / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a writable folder" in err and "Traceback" not in err

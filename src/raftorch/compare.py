@@ -77,12 +77,12 @@ def fit(model, data: DataSplits, *, epochs: int, lr: float, batch_size: int, see
 
 def run_compare(*, rules=DEFAULT_RULES, ranks=DEFAULT_RANKS, dataset="digits", hidden=(256,) * 4,
                 epochs=30, lr=1e-3, batch_size=32, seed=0, source="output", progress=True,
-                data: DataSplits | None = None) -> list[Row]:
+                data: DataSplits | None = None, data_dir=None) -> list[Row]:
     """Train the same MLP once per (rule, rank) and return one :class:`Row` per run."""
     for rule in rules:
         if rule not in DIRECT_RULES:
             get_rule(rule)  # fail before any training on a bad name
-    data = data or load_dataset(dataset, seed=seed)
+    data = data or load_dataset(dataset, seed=seed, data_dir=data_dir)
     runs = plan(rules, ranks)
     rows = []
     bar = tqdm(total=len(runs) * epochs, desc="compare", unit="epoch", disable=not progress)
@@ -140,6 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", type=_csv(int), default=DEFAULT_RANKS,
                    help=f"ranks for the low-rank rules; default {','.join(map(str, DEFAULT_RANKS))}")
     p.add_argument("--data", default="digits", choices=DATASETS, help="dataset (default digits)")
+    p.add_argument("--data-dir", default=None, help="folder with the datasets (else $RAFTORCH_DATA, else ~/.cache/raftorch)")
     p.add_argument("--hidden", type=_csv(int), default=(256,) * 4, help="hidden widths (default 256,256,256,256)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -172,11 +173,18 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    from pathlib import Path
+
+    from raftorch.data import CorruptDatasetError, DatasetNotFoundError
+    from raftorch.train import check_writable
+
     try:
+        check_writable(Path(args.out).parent)
         rows = run_compare(rules=args.rules, ranks=args.ranks, dataset=args.data, hidden=args.hidden,
                            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                           seed=args.seed, source=args.source, progress=not args.no_progress)
-    except ValueError as exc:
+                           seed=args.seed, source=args.source, progress=not args.no_progress,
+                           data_dir=args.data_dir)
+    except (ValueError, DatasetNotFoundError, CorruptDatasetError) as exc:
         raise SystemExit(f"raftorch compare: {exc}")
     print(format_table(rows))
     meta = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}

@@ -353,7 +353,10 @@ def load_cifar(name: str, *, data_dir=None, download: bool = False,
             tar.extractall(root, filter="data")
         folder = root / spec["folder"]
     if folder is None:
-        looked = "\n".join(f"  {c}" for c in candidates)
+        looked = "\n".join(f"  {c}" + (f" (has {len(files) - len(miss)} of the files; missing: {', '.join(miss)})"
+                                       if 0 < len(miss := [f for f in files if not (c / f).is_file()]) < len(files)
+                                       else "")
+                           for c in candidates)
         raise DatasetNotFoundError(
             f"dataset {name!r} not found. Looked for {', '.join(files)} in:\n{looked}\n"
             f"(from {_root_origin(data_dir)}). To get it, either\n"

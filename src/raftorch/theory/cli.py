@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
                            weight_decay=args.weight_decay, init_scale=args.init_scale)
     start = time.perf_counter()
     try:
+        if args.out is not None:  # before the work, not after it
+            from raftorch.train import check_writable
+
+            check_writable(args.out)
         linear_task, results = run_figure2(config)
     except ValueError as exc:  # bad parameters: say what and how to fix, no traceback
         print(f"raftorch theory: error: {exc}", file=sys.stderr)
