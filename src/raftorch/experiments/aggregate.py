@@ -121,6 +121,18 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
         return [{k: parse_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def done_values(rows: list[dict], metric: str) -> list[float]:
+    """``metric`` of the finished runs among ``rows`` (failed, partial and missing ones left out)."""
+    return [float(r[metric]) for r in rows if r.get("status") == "done" and r.get(metric) not in (None, "")]
+
+
+def mean_std(values: list[float]) -> tuple[float, float, int] | None:
+    """(mean, sample std over seeds (0 for one value), n); ``None`` for no values."""
+    if not values:
+        return None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
+
+
 def point_stats(rows: list[dict], panel: Panel, metric: str = "test_accuracy") -> list[dict[str, Any]]:
     """Mean ± std (sample std over seeds) of ``metric`` per point (series + grid values)."""
     group_cols = list(dict.fromkeys(["series", *panel.variables, *(("rank", "method") if panel.kind == "theory" else ())]))
@@ -129,13 +141,11 @@ def point_stats(rows: list[dict], panel: Panel, metric: str = "test_accuracy") -
         groups.setdefault(tuple(r.get(c, "") for c in group_cols), []).append(r)
     out = []
     for key, members in groups.items():
-        vals = [float(r[metric]) for r in members if r.get("status") == "done" and r.get(metric) not in (None, "")]
-        out.append({**dict(zip(group_cols, key)), "runs": len(members), "n": len(vals),
-                    f"{metric}_mean": round(statistics.fmean(vals), 4) if vals else "",
-                    f"{metric}_std": round(statistics.stdev(vals), 4) if len(vals) > 1 else (0.0 if vals else ""),
-                    "seconds_mean": round(statistics.fmean(float(r["seconds"]) for r in members
-                                                           if r.get("status") == "done" and r.get("seconds") not in (None, "")), 2)
-                    if vals else ""})
+        st, secs = mean_std(done_values(members, metric)), mean_std(done_values(members, "seconds"))
+        out.append({**dict(zip(group_cols, key)), "runs": len(members), "n": st[2] if st else 0,
+                    f"{metric}_mean": round(st[0], 4) if st else "",
+                    f"{metric}_std": round(st[1], 4) if st else "",
+                    "seconds_mean": round(secs[0], 2) if secs else ""})
     return out
 
 

@@ -22,8 +22,9 @@ for the report.
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any
+
+from raftorch.experiments.aggregate import done_values, mean_std
 
 TYPES = {"at_least": {"a", "b", "value", "margin"}, "at_most": {"a", "b", "value", "margin"},
          "close": {"a", "b", "value", "tolerance"}, "ordered": {"points", "tolerance"},
@@ -56,21 +57,17 @@ class Table:
     """Finished runs (summary rows with ``status == "done"``) with the selector lookups."""
 
     def __init__(self, rows: list[dict], metric: str):
-        self.rows = [r for r in rows if r.get("status") == "done"]
         self.all_rows = rows
         self.metric = metric
 
-    def values(self, sel: dict) -> list[float]:
-        vals = [float(r[self.metric]) for r in self.rows if _matches(r, sel) and r.get(self.metric) not in (None, "")]
-        if not vals:
-            known = [r for r in self.all_rows if _matches(r, sel)]
+    def stat(self, sel: dict) -> tuple[float, float, int]:
+        """(mean, std, n) of the finished runs ``sel`` picks; :class:`MissingPoints` if none."""
+        known = [r for r in self.all_rows if _matches(r, sel)]
+        st = mean_std(done_values(known, self.metric))
+        if st is None:
             why = (f"{len(known)} run(s) not finished or failed" if known else "no such run")
             raise MissingPoints(f"{_label(sel)}: {why}")
-        return vals
-
-    def stat(self, sel: dict) -> tuple[float, float, int]:
-        vals = self.values(sel)
-        return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
+        return st
 
     def describe(self, sel: dict) -> str:
         m, s, n = self.stat(sel)

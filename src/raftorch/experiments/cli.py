@@ -18,6 +18,7 @@ from pathlib import Path
 from raftorch.experiments.runner import StaleRun, parse_shard
 from raftorch.experiments.spec import SpecError, available, load_panel, load_spec
 from raftorch.experiments.suite import _duration, dry_run, estimate, reproduce, verdict, write_report
+from raftorch.train import check_writable
 
 PROG = "raftorch reproduce"
 
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             print(_list(args.profile))
             return 0
         panels = _panels(args)
-        _check_writable(args.results)
+        check_writable(args.results, "--results")  # before any work
         if args.dry_run:
             for p in panels:
                 print(dry_run(p, args.results, shard, args.jobs))
@@ -125,13 +126,6 @@ def run(args: argparse.Namespace) -> int:
         return 130
     except (SpecError, StaleRun, ValueError) as exc:
         return _error(str(exc))
-
-
-def _check_writable(root: Path) -> None:
-    """Fail before any work when the results folder cannot be written."""
-    from raftorch.train import check_writable
-
-    check_writable(root, "--results")
 
 
 __all__ = ["add_arguments", "run", "verdict"]

@@ -11,9 +11,9 @@ first seed's ``theory.json``. Written as ``figure.png`` and ``figure.pdf``.
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 
+from raftorch.experiments.aggregate import done_values, mean_std
 from raftorch.experiments.spec import Panel
 
 
@@ -26,10 +26,7 @@ def _num(v) -> float | None:
 
 
 def _stats(rows: list[dict], metric: str) -> tuple[float, float, int] | None:
-    vals = [float(r[metric]) for r in rows if r.get("status") == "done" and _num(r.get(metric)) is not None]
-    if not vals:
-        return None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
+    return mean_std(done_values(rows, metric))
 
 
 def draw_panel(panel: Panel, rows: list[dict], folder: str | Path) -> list[Path]:
