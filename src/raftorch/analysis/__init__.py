@@ -1,0 +1,14 @@
+"""Analyses of trained networks.
+
+Receptive fields of convolutional units and their scores (paper Fig. 4d):
+:func:`receptive_fields` (:mod:`raftorch.analysis.fields`), :func:`orientedness` and
+:func:`centre_surround_index` (:mod:`raftorch.analysis.scores`), the figures
+(:mod:`raftorch.analysis.figure`) and :func:`analyze_run`, the ``raftorch analyze`` command
+on a finished run folder (:mod:`raftorch.analysis.cli`).
+"""
+from raftorch.analysis.cli import analyze_run, load_run_model
+from raftorch.analysis.fields import conv_layers, plain_copy, receptive_fields
+from raftorch.analysis.scores import centre_surround_index, orientedness, radial_fraction
+
+__all__ = ["receptive_fields", "plain_copy", "conv_layers", "orientedness", "centre_surround_index",
+           "radial_fraction", "analyze_run", "load_run_model"]

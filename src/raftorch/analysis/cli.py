@@ -1,0 +1,223 @@
+"""``raftorch analyze RUN_DIR``: receptive fields of a finished run and their scores (paper Fig. 4d).
+
+It reads the run folder written by ``raftorch train`` (``config.yaml``, ``checkpoint.pt``,
+``final.json``), rebuilds the **plain** model of the config (``raftorch.models``, no rule
+conversion) and loads only its forward weights from the checkpoint (the feedback parameters
+``B``, ``Q``, ``P`` and ``direct_feedback.*`` are ignored: the fields are those of the
+forward map, whatever rule trained it). Then, for one convolution (``--layer``):
+
+* ``receptive_fields.npz``: ``fields`` ``(channels, H, W)`` float32, ``channels`` (their
+  indices), ``orientedness``, ``centre_surround_index``, ``layer``, ``method``,
+  ``input_shape``, ``label`` (the run folder's name);
+* ``scores.json``: per channel ``orientedness`` and ``centre_surround_index`` with their
+  mean and std (sample std over the channels), the layer, method and the run's settings;
+* ``receptive_fields.png`` (unless ``--no-figure``, which removes an older one):
+  :func:`raftorch.analysis.figure.draw_fields`.
+
+Each call replaces the files of the previous one (one layer per run folder at a time).
+
+All three are written atomically. Default layer: ``retina.conv2`` for the ``retina`` model
+(the retina's output layer, whose fields Lindsey et al. and the paper's Fig. 4d show), else
+the model's first ``Conv2d``. Input shape: the dataset's image shape after the run's
+``grayscale`` and ``image_size`` settings.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from torch import nn
+
+from raftorch import checkpoint as ckpt
+
+NPZ = "receptive_fields.npz"
+SCORES = "scores.json"
+PNG = "receptive_fields.png"
+
+# image shape (C, H, W) of each dataset as stored (raftorch.data)
+_IMAGE_SHAPES = {"digits": (1, 8, 8), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32),
+                 "cifar100": (3, 32, 32)}
+
+__all__ = ["analyze_run", "load_run_model", "input_shape_of", "default_layer", "add_arguments", "run"]
+
+
+def input_shape_of(cfg) -> tuple[tuple[int, int, int], int]:
+    """``((C, H, W), num_classes)`` of the images a run with config ``cfg`` was trained on."""
+    from raftorch.data import _NUM_CLASSES, parse_dataset_name
+
+    base, subset = parse_dataset_name(cfg.data)
+    c, h, w = _IMAGE_SHAPES[base]
+    if cfg.grayscale:
+        c = 1
+    if cfg.image_size is not None:
+        h = w = int(cfg.image_size)
+    return (c, h, w), (subset if subset is not None else _NUM_CLASSES[base])
+
+
+def load_run_model(run_dir: str | Path) -> tuple[nn.Module, Any, tuple[int, int, int]]:
+    """``(model, cfg, input_shape)`` of the finished run in ``run_dir``: the plain model of its
+    config with the checkpoint's forward weights, in eval mode, on the CPU.
+
+    Raises a ``ValueError`` with one clear sentence for a missing folder, an unfinished run,
+    no or a corrupt checkpoint, or weights that do not fit the config's model.
+    """
+    from raftorch.config import TrainConfig, load_config_file
+    from raftorch.models import build_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run folder {run_dir} does not exist")
+    path = run_dir / ckpt.CHECKPOINT
+    if not path.exists():
+        raise ValueError(f"run folder {run_dir} holds no {ckpt.CHECKPOINT}: no training run was written "
+                         f"there (train one with raftorch train --out {run_dir})")
+    if not (run_dir / ckpt.FINAL).exists():
+        raise ValueError(f"run folder {run_dir} holds no finished run (no {ckpt.FINAL}); finish it with "
+                         f"raftorch train --resume --out {run_dir}")
+    state = ckpt.load_checkpoint(path)
+    config_path = run_dir / ckpt.CONFIG
+    values = (load_config_file(config_path, "run config") if config_path.exists()
+              else dict(state.get("config") or {}))
+    cfg = TrainConfig.from_dict(values, source=str(config_path))
+    shape, classes = input_shape_of(cfg)
+    model = build_model(cfg.model, shape, classes, **cfg.model_options)
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise ValueError(f"checkpoint {path} holds no model weights; it is not a raftorch run checkpoint")
+    wanted = model.state_dict()
+    missing = [k for k in wanted if k not in weights]
+    wrong = [k for k in wanted if k in weights and tuple(weights[k].shape) != tuple(wanted[k].shape)]
+    if missing or wrong:
+        what = (f"lacks {', '.join(missing[:4])}" if missing else
+                f"has other shapes for {', '.join(f'{k} {tuple(weights[k].shape)} vs {tuple(wanted[k].shape)}' for k in wrong[:3])}")
+        raise ValueError(f"checkpoint {path} does not fit the {cfg.model!r} model of {config_path.name} "
+                         f"(it {what}); the run folder is inconsistent")
+    model.load_state_dict({k: weights[k] for k in wanted})
+    return model.eval(), cfg, shape
+
+
+def default_layer(model: nn.Module, model_name: str | None = None) -> str:
+    """``retina.conv2`` for the retina model, else the first ``Conv2d`` of ``model``."""
+    from raftorch.analysis.fields import conv_layers
+
+    convs = conv_layers(model)
+    if model_name == "retina" and "retina.conv2" in convs:
+        return "retina.conv2"
+    if not convs:
+        raise ValueError("the model has no Conv2d layer, so it has no receptive fields to analyse")
+    return convs[0]
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def analyze_run(run_dir: str | Path, layer: str | None = None, method: str = "gradient", *,
+                steps: int = 20, lr: float = 0.1, channels: Sequence[int] | None = None,
+                figure: bool = True) -> dict[str, Any]:
+    """Receptive fields of ``layer`` in the finished run ``run_dir``, their scores, and the
+    files ``receptive_fields.npz``, ``scores.json``, ``receptive_fields.png`` in that folder.
+
+    Args:
+        run_dir: a run folder written by ``raftorch train`` (finished: ``final.json``).
+        layer: a Conv2d module name; default :func:`default_layer`.
+        method, steps, lr: see :func:`raftorch.analysis.receptive_fields`.
+        channels: output channels to analyse (default: all).
+        figure: also draw ``receptive_fields.png`` (without it, an older
+            ``receptive_fields.png`` is removed: it shows the fields just replaced).
+
+    Returns:
+        the contents of ``scores.json`` (with ``files``: the paths written).
+
+    Raises:
+        ValueError: one clear sentence (bad folder, unknown or non-conv layer naming the
+        valid ones, bad method).
+    """
+    from raftorch.analysis.fields import receptive_fields, resolve_layer
+    from raftorch.analysis.scores import centre_surround_index, orientedness
+
+    run_dir = Path(run_dir)
+    model, cfg, shape = load_run_model(run_dir)
+    name = default_layer(model, cfg.model) if layer is None else resolve_layer(model, layer)
+    fields = receptive_fields(model, name, shape, method=method, steps=steps, lr=lr, channels=channels)
+    chans = list(range(model.get_submodule(name).out_channels)) if channels is None else [int(c) for c in channels]
+    o = orientedness(fields).tolist()
+    c = centre_surround_index(fields).tolist()
+    om, osd = _stats(o)
+    cm, csd = _stats(c)
+    result: dict[str, Any] = {
+        "run": str(run_dir), "layer": name, "method": method,
+        **({"steps": int(steps), "lr": float(lr)} if method == "ascent" else {}),
+        "input_shape": list(shape), "channels": chans,
+        "orientedness": o, "centre_surround_index": c,
+        "orientedness_mean": om, "orientedness_std": osd,
+        "centre_surround_index_mean": cm, "centre_surround_index_std": csd,
+        "model": cfg.model, "rule": cfg.rule, "rank": cfg.rank, "ranks": dict(cfg.ranks),
+        "model_options": dict(cfg.model_options), "seed": cfg.seed, "data": cfg.data,
+    }
+    arrays = {"fields": fields.numpy().astype(np.float32), "channels": np.asarray(chans, dtype=np.int64),
+              "orientedness": np.asarray(o), "centre_surround_index": np.asarray(c),
+              "layer": np.asarray(name), "method": np.asarray(method),
+              "input_shape": np.asarray(shape, dtype=np.int64), "label": np.asarray(run_dir.resolve().name)}
+    ckpt._atomic_write(run_dir / NPZ, lambda f: np.savez(f, **arrays), "wb")
+    files = [str(run_dir / NPZ), str(run_dir / SCORES)]
+    if figure:
+        from raftorch.analysis.figure import draw_fields
+
+        draw_fields(run_dir / NPZ, run_dir / PNG)
+        files.append(str(run_dir / PNG))
+    elif (run_dir / PNG).exists():  # drawn from the fields just replaced: it would mislead
+        (run_dir / PNG).unlink()
+    ckpt.write_json(run_dir / SCORES, result)
+    return {**result, "files": files}
+
+
+# --------------------------------------------------------------------------- command line
+
+def _channels(text: str) -> list[int] | None:
+    """``all``, ``N`` (the first N channels) or a comma list of indices ``0,3,5``."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        if "," not in text:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+            return list(range(n))
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--channels takes 'all', a count N (the first N) or indices like 0,3,5; got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder of raftorch train")
+    parser.add_argument("--layer", default=None,
+                        help="Conv2d module name (default: retina.conv2 for the retina model, else the first Conv2d)")
+    parser.add_argument("--method", choices=("gradient", "ascent"), default="gradient",
+                        help="gradient of the centre unit at a blank image, or norm-bounded gradient ascent "
+                             "from it (default: gradient)")
+    parser.add_argument("--steps", type=int, default=20, help="gradient-ascent steps (default: 20)")
+    parser.add_argument("--lr", type=float, default=0.1,
+                        help="gradient-ascent step as a fraction of the image norm bound (default: 0.1)")
+    parser.add_argument("--channels", type=_channels, default=None, metavar="all|N|i,j,...",
+                        help="channels to analyse: all (default), the first N, or a comma list")
+    parser.add_argument("--no-figure", action="store_true", help="do not draw receptive_fields.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = analyze_run(args.run_dir, args.layer, args.method, steps=args.steps, lr=args.lr,
+                             channels=args.channels, figure=not args.no_figure)
+    except ValueError as exc:
+        print(f"raftorch analyze: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{result['layer']} ({result['method']}), {len(result['channels'])} channels: orientedness "
+          f"{result['orientedness_mean']:.3f} ± {result['orientedness_std']:.3f}, centre-surround index "
+          f"{result['centre_surround_index_mean']:.3f} ± {result['centre_surround_index_std']:.3f}; "
+          f"wrote {', '.join(Path(f).name for f in result['files'])} in {args.run_dir}")
+    return 0

@@ -1,0 +1,151 @@
+r"""Two scores of a receptive field: how oriented it is, and how centre-surround it is.
+
+Both take fields ``F`` of shape ``(channels, H, W)`` (a single ``(H, W)`` field is treated as
+one channel) and return one float per channel (a float64 tensor ``(channels,)``), higher
+meaning more of the property. Pixel ``(i, j)`` sits at ``(x, y) = (j, i)`` (columns to the
+right, rows down).
+
+**Orientedness** (Lindsey et al. 2019's orientation selectivity, with quadrature gratings).
+For orientation ``theta`` (``n_orientations`` angles ``theta_m = m pi / n``, default 16 over
+180 degrees) and spatial frequency ``f`` (cycles per pixel, default ``f = q / max(H, W)`` for
+``q = 1 .. max(H, W) // 2``, up to the Nyquist frequency 0.5), the response to the best
+phase of the grating ``cos(2 pi f (x cos theta + y sin theta) + phi)`` is its quadrature
+energy::
+
+    E(theta, f) = max_phi |<F, grating>| = sqrt(<F, cos>^2 + <F, sin>^2)
+                = |sum_{x, y} F(x, y) exp(-2 pi i f (x cos theta + y sin theta))|
+
+(the magnitude of the field's Fourier transform at that frequency: it does not depend on
+where the field sits in the image). The tuning curve is ``R(theta) = max_f E(theta, f)``, the
+preferred orientation ``theta_p = argmax R`` and::
+
+    orientedness = (R(theta_p) - R(theta_p + 90 deg)) / (R(theta_p) + R(theta_p + 90 deg))
+
+in ``[0, 1]``: 0 for a radially symmetric field (equal response at every orientation), near
+1 for a grating or a Gabor patch (no response to the orthogonal grating). A zero field
+scores 0. ``n_orientations`` must be even, so that ``theta_p + 90 deg`` is on the grid.
+
+**Centre-surround index** (CSI). Centre ``c`` = the energy centroid of the field,
+``c = sum_p F(p)^2 p / sum_p F(p)^2``. Rings: pixel ``p`` belongs to ring
+``k(p) = round(||p - c||)``. The radial reconstruction ``S(p) = mean_{q: k(q) = k(p)} F(q)``
+(the field's rotational average re-expanded to 2-d) is the orthogonal projection of ``F``
+onto the fields that are constant on every ring, so::
+
+    radial_fraction = ||S||^2 / ||F||^2                                   in [0, 1]
+
+is the fraction of the field's energy (sum of squares, nothing removed) that a radially
+symmetric profile explains. Antagonism between centre and surround is the balance of the
+positive and negative mass of that profile, ``M+ = sum_p max(S(p), 0)``,
+``M- = sum_p max(-S(p), 0)``::
+
+    balance = 2 min(M+, M-) / (M+ + M-)                                   in [0, 1]
+    centre_surround_index = radial_fraction * balance
+
+So a balanced difference of Gaussians (DoG) scores ~1, a plain Gaussian blob (radially
+symmetric but no surround) 0, a Gabor low (most of its energy is not radially symmetric),
+white noise ~0 (a ring average keeps about (number of rings) / (number of pixels) of
+its energy). A zero field scores 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["orientedness", "orientation_tuning", "centre_surround_index", "radial_fraction",
+           "radial_reconstruction"]
+
+
+def _as_fields(fields) -> Tensor:
+    f = torch.as_tensor(fields).detach().to(torch.float64).cpu()
+    if f.dim() == 2:
+        f = f.unsqueeze(0)
+    if f.dim() != 3:
+        raise ValueError(f"fields must be (channels, H, W) or (H, W), got shape {tuple(f.shape)}")
+    return f
+
+
+def default_frequencies(h: int, w: int) -> list[float]:
+    """``q / max(h, w)`` for ``q = 1 .. max(h, w) // 2`` cycles per pixel (at least one)."""
+    n = max(h, w)
+    return [q / n for q in range(1, max(n // 2, 1) + 1)]
+
+
+def orientation_tuning(fields, *, n_orientations: int = 16,
+                       frequencies: Sequence[float] | None = None) -> tuple[Tensor, Tensor]:
+    """``(R, theta)``: the tuning curves ``R`` ``(channels, n_orientations)``,
+    ``R[k, m] = max_f E_k(theta_m, f)``, and the angles ``theta`` (radians). See the module
+    docstring for ``E``."""
+    f = _as_fields(fields)
+    _, h, w = f.shape
+    if n_orientations < 2 or n_orientations % 2:
+        raise ValueError(f"n_orientations must be even and >= 2, got {n_orientations}")
+    freqs = torch.tensor(list(frequencies) if frequencies is not None else default_frequencies(h, w),
+                         dtype=torch.float64)
+    theta = torch.arange(n_orientations, dtype=torch.float64) * math.pi / n_orientations
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                          indexing="ij")
+    along = x[None] * torch.cos(theta)[:, None, None] + y[None] * torch.sin(theta)[:, None, None]
+    phase = 2 * math.pi * freqs[None, :, None, None] * along[:, None]  # (n_theta, n_f, H, W)
+    a = torch.einsum("khw,tfhw->ktf", f, torch.cos(phase))
+    b = torch.einsum("khw,tfhw->ktf", f, torch.sin(phase))
+    energy = torch.sqrt(a * a + b * b)
+    return energy.amax(dim=2), theta
+
+
+def orientedness(fields, *, n_orientations: int = 16, frequencies: Sequence[float] | None = None) -> Tensor:
+    r"""``(R(theta_p) - R(theta_p + 90 deg)) / (R(theta_p) + R(theta_p + 90 deg))`` per channel,
+    in ``[0, 1]`` (module docstring); ``(channels,)`` float64."""
+    tuning, _ = orientation_tuning(fields, n_orientations=n_orientations, frequencies=frequencies)
+    pref = tuning.argmax(dim=1)
+    orth = (pref + n_orientations // 2) % n_orientations
+    rows = torch.arange(len(tuning))
+    rp, ro = tuning[rows, pref], tuning[rows, orth]
+    total = rp + ro
+    return torch.where(total > 0, (rp - ro) / total.clamp_min(1e-300), torch.zeros_like(total))
+
+
+def radial_reconstruction(fields) -> tuple[Tensor, Tensor]:
+    """``(S, centre)``: the ring-average reconstruction ``S`` ``(channels, H, W)`` about the
+    energy centroid, and the centroids ``(channels, 2)`` as ``(row, column)``."""
+    f = _as_fields(fields)
+    k, h, w = f.shape
+    rows = torch.arange(h, dtype=torch.float64).view(1, h, 1)
+    cols = torch.arange(w, dtype=torch.float64).view(1, 1, w)
+    energy = f * f
+    total = energy.sum(dim=(1, 2))
+    safe = total.clamp_min(1e-300)
+    cy = torch.where(total > 0, (energy * rows).sum(dim=(1, 2)) / safe, torch.full_like(total, (h - 1) / 2))
+    cx = torch.where(total > 0, (energy * cols).sum(dim=(1, 2)) / safe, torch.full_like(total, (w - 1) / 2))
+    dist = torch.sqrt((rows - cy.view(-1, 1, 1)) ** 2 + (cols - cx.view(-1, 1, 1)) ** 2)
+    ring = torch.round(dist).long().flatten(1)  # (k, H*W)
+    n_rings = int(ring.max()) + 1
+    sums = torch.zeros(k, n_rings, dtype=torch.float64).scatter_add_(1, ring, f.flatten(1))
+    counts = torch.zeros(k, n_rings, dtype=torch.float64).scatter_add_(1, ring, torch.ones_like(f.flatten(1)))
+    means = sums / counts.clamp_min(1)
+    return means.gather(1, ring).view(k, h, w), torch.stack([cy, cx], dim=1)
+
+
+def radial_fraction(fields) -> Tensor:
+    """``||S||^2 / ||F||^2``: the fraction of each field's energy explained by its ring
+    average about its energy centroid (module docstring); 0 for a zero field."""
+    f = _as_fields(fields)
+    s, _ = radial_reconstruction(f)
+    total = (f * f).sum(dim=(1, 2))
+    return torch.where(total > 0, (s * s).sum(dim=(1, 2)) / total.clamp_min(1e-300), torch.zeros_like(total))
+
+
+def centre_surround_index(fields) -> Tensor:
+    r"""``radial_fraction * 2 min(M+, M-) / (M+ + M-)`` per channel, in ``[0, 1]``
+    (module docstring); ``(channels,)`` float64."""
+    f = _as_fields(fields)
+    s, _ = radial_reconstruction(f)
+    total = (f * f).sum(dim=(1, 2))
+    frac = torch.where(total > 0, (s * s).sum(dim=(1, 2)) / total.clamp_min(1e-300), torch.zeros_like(total))
+    pos = s.clamp_min(0).sum(dim=(1, 2))
+    neg = (-s).clamp_min(0).sum(dim=(1, 2))
+    mass = pos + neg
+    balance = torch.where(mass > 0, 2 * torch.minimum(pos, neg) / mass.clamp_min(1e-300), torch.zeros_like(mass))
+    return frac * balance

@@ -1,0 +1,361 @@
+"""Receptive fields, their scores, the figures and ``raftorch analyze`` (paper Fig. 4d)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import raftorch
+from raftorch.analysis import (centre_surround_index, orientedness, plain_copy, radial_fraction,
+                               receptive_fields)
+from raftorch.analysis.figure import draw_fields, draw_orientedness_vs_rank, load_fields
+from raftorch.analysis.scores import orientation_tuning
+from raftorch.cli import main as cli_main
+from raftorch.models import build_model
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- synthetic fields
+
+def _grid(n: int):
+    c = (n - 1) / 2
+    y, x = torch.meshgrid(torch.arange(n, dtype=torch.float64) - c, torch.arange(n, dtype=torch.float64) - c,
+                          indexing="ij")
+    return x, y
+
+
+def dog(n=21, sc=1.2, ss=3.0):
+    """A balanced difference of Gaussians (each Gaussian of unit mass)."""
+    x, y = _grid(n)
+    r2 = x * x + y * y
+    return (torch.exp(-r2 / (2 * sc ** 2)) / (2 * math.pi * sc ** 2)
+            - torch.exp(-r2 / (2 * ss ** 2)) / (2 * math.pi * ss ** 2))
+
+
+def gabor(n=21, theta=0.3, f=0.15, sigma=2.5, phase=0.0):
+    x, y = _grid(n)
+    u = x * math.cos(theta) + y * math.sin(theta)
+    return torch.exp(-(x * x + y * y) / (2 * sigma ** 2)) * torch.cos(2 * math.pi * f * u + phase)
+
+
+def noise(k=50, n=21, seed=0):
+    return torch.randn(k, n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# measured (this implementation): DoG O 0.000, CSI 0.965; Gabor (cos phase) O 0.821, CSI 0.402;
+# Gabor (sine phase) O 0.969, CSI 0.000; white noise (50 fields) O mean 0.19 (max 0.40),
+# CSI mean 0.027 (max 0.066). The thresholds sit between these with margin.
+
+def test_a_dog_is_centre_surround_and_not_oriented():
+    f = dog()
+    assert orientedness(f).item() < 0.05
+    assert centre_surround_index(f).item() > 0.9
+    assert radial_fraction(f).item() > 0.9
+
+
+def test_a_gabor_is_oriented_and_less_centre_surround_than_a_dog():
+    for phase in (0.0, math.pi / 2):
+        g = gabor(phase=phase)
+        assert orientedness(g).item() > 0.7
+        assert centre_surround_index(g).item() < 0.5
+        assert centre_surround_index(g).item() < centre_surround_index(dog()).item() - 0.4
+    assert centre_surround_index(gabor(phase=math.pi / 2)).item() < 0.01  # odd: no ring average
+
+
+def test_white_noise_scores_low_on_both():
+    o, c = orientedness(noise()), centre_surround_index(noise())
+    assert o.shape == c.shape == (50,)
+    assert o.mean().item() < 0.3 and o.max().item() < 0.6  # a Gabor scores > 0.7
+    assert c.mean().item() < 0.1 and c.max().item() < 0.2  # a DoG scores > 0.9
+    assert ((o >= 0) & (o <= 1)).all() and ((c >= 0) & (c <= 1)).all()
+
+
+def test_rotating_a_gabor_keeps_its_orientedness_and_moves_its_preferred_angle():
+    base = orientedness(gabor(theta=0.3)).item()
+    for theta in (0.0, 0.7, 1.2, 2.5):
+        assert orientedness(gabor(theta=theta)).item() == pytest.approx(base, abs=0.05)
+    tuning, angles = orientation_tuning(gabor(theta=math.pi / 4, n=31))
+    assert angles[tuning.argmax()].item() == pytest.approx(math.pi / 4)
+
+
+def test_orientedness_of_two_orthogonal_gratings_is_the_amplitude_contrast():
+    """3 cos(2 pi 4 x / 16) + cos(2 pi 4 y / 16): R_pref = 3 N^2 / 2, R_orth = N^2 / 2 exactly
+    (DFT frequencies), so (3 - 1) / (3 + 1) = 0.5; energy squared would give 0.8, a mean 0.33."""
+    n = 16
+    rows, cols = torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64),
+                                indexing="ij")
+    f = 3 * torch.cos(2 * math.pi * 4 * cols / n) + torch.cos(2 * math.pi * 4 * rows / n)
+    assert orientedness(f).item() == pytest.approx(0.5, abs=1e-9)
+    assert orientedness(torch.cos(2 * math.pi * 3 * cols / n)).item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_centre_surround_index_exact_values():
+    """A centre pixel and its 8 neighbours (one ring under round(r)): radially symmetric, so
+    the index is the balance 2 min(M+, M-) / (M+ + M-) exactly."""
+    f = torch.zeros(2, 7, 7, dtype=torch.float64)
+    f[:, 2:5, 2:5] = -1 / 8
+    f[1, 2:5, 2:5] = -1 / 16
+    f[:, 3, 3] = 1.0
+    assert radial_fraction(f).tolist() == pytest.approx([1.0, 1.0], abs=1e-12)
+    assert centre_surround_index(f).tolist() == pytest.approx([1.0, 2 * 0.5 / 1.5], abs=1e-12)
+    blob = torch.exp(-(_grid(15)[0] ** 2 + _grid(15)[1] ** 2) / 8)  # symmetric, no surround
+    assert radial_fraction(blob).item() > 0.95 and centre_surround_index(blob).item() == 0.0
+    assert centre_surround_index(torch.zeros(9, 9)).item() == 0.0 and orientedness(torch.zeros(9, 9)).item() == 0.0
+
+
+def test_radial_fraction_is_the_share_of_energy_in_the_ring_averages():
+    """DoG + c xy g(r): the quadrupole term averages to 0 on every ring, is orthogonal to the DoG
+    and leaves the energy centroid in place, so the fraction is ||D||^2 / (||D||^2 + ||c xy g||^2)."""
+    x, y = _grid(21)
+    d = dog()
+    q = 0.02 * x * y * torch.exp(-(x * x + y * y) / 8)
+    want = (d * d).sum() / ((d * d).sum() + (q * q).sum())
+    assert 0.3 < want < 0.9  # a real mix
+    # the DoG alone is not exactly ring-constant on the pixel grid: compare with its own fraction
+    assert radial_fraction(d + q).item() == pytest.approx(radial_fraction(d).item() * want.item(), rel=1e-9)
+
+
+# --------------------------------------------------------------------------- receptive fields
+
+def _fixed_conv(k=3, c_in=1, size=5, seed=0):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c_in, k, size, padding=size // 2)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn_like(conv.weight))
+    return conv
+
+
+@pytest.mark.parametrize("hw", [(11, 11), (10, 12)])
+def test_a_single_conv_field_is_its_kernel_at_the_centre_unflipped(hw):
+    conv = _fixed_conv()
+    h, w = hw
+    fields = receptive_fields(nn.Sequential(conv), "0", (1, h, w))
+    ci, cj = h // 2, w // 2
+    want = torch.zeros(3, h, w)
+    want[:, ci - 2:ci + 3, cj - 2:cj + 3] = conv.weight[:, 0].detach()
+    assert fields.shape == (3, h, w)
+    assert torch.equal(fields, want)
+
+
+def test_fields_sum_over_input_channels_or_keep_them():
+    conv = _fixed_conv(k=2, c_in=3, size=3)
+    kept = receptive_fields(conv, conv, (3, 9, 9), keep_channels=True)
+    want = torch.zeros(2, 3, 9, 9)
+    want[:, :, 3:6, 3:6] = conv.weight.detach()
+    assert torch.equal(kept, want)
+    assert torch.allclose(receptive_fields(conv, "", (3, 9, 9)), want.sum(1))
+    assert torch.equal(receptive_fields(conv, "", (3, 9, 9), channels=[1], keep_channels=True), want[1:])
+
+
+def _two_layer(seed=1):
+    torch.manual_seed(seed)
+    net = nn.Sequential()
+    net.add_module("a", nn.Conv2d(1, 2, 3, padding=1))
+    net.add_module("b", nn.Conv2d(2, 3, 5, padding=2))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p))
+    return net
+
+
+def _manual_full_convolution(w1: np.ndarray, w2: np.ndarray, h: int, w: int) -> np.ndarray:
+    """d b[k, ci, cj] / d x[a, b'] = sum_{c,u,v} w2[k,c,u,v] w1[c,0,a-(ci-2+u)+1, b'-(cj-2+v)+1]."""
+    ci, cj = h // 2, w // 2
+    out = np.zeros((w2.shape[0], h, w))
+    for k in range(w2.shape[0]):
+        for c in range(w2.shape[1]):
+            for u in range(5):
+                for v in range(5):
+                    i, j = ci - 2 + u, cj - 2 + v  # position in layer a's output
+                    for s in range(3):
+                        for t in range(3):
+                            out[k, i - 1 + s, j - 1 + t] += w2[k, c, u, v] * w1[c, 0, s, t]
+    return out
+
+
+def test_a_two_layer_linear_conv_net_field_is_the_full_convolution_of_its_kernels():
+    net = _two_layer()
+    fields = receptive_fields(net, "b", (1, 15, 15))
+    want = _manual_full_convolution(net.a.weight.detach().double().numpy(), net.b.weight.detach().double().numpy(), 15, 15)
+    assert np.allclose(fields.numpy(), want, atol=1e-5)
+    assert np.abs(want).max() > 1  # not a trivial oracle
+
+
+@pytest.mark.parametrize("rule,rank", [("fa", None), ("raf", 1)])
+def test_converted_layers_give_the_true_forward_field_not_the_feedback_path(rule, rank):
+    net = _two_layer()
+    conv = raftorch.convert(net, rule, rank)
+    assert torch.equal(receptive_fields(conv, "b", (1, 15, 15)), receptive_fields(net, "b", (1, 15, 15)))
+    # the converted model's own input gradient takes the feedback path and differs: plain_copy matters
+    x = torch.zeros(1, 1, 15, 15, requires_grad=True)
+    conv(x)[0, 0, 7, 7].backward()
+    assert not torch.allclose(x.grad[0, 0], receptive_fields(net, "b", (1, 15, 15))[0], atol=1e-3)
+    assert all(type(m) in (nn.Conv2d, nn.Sequential) for m in plain_copy(conv).modules())
+
+
+def test_ascent_fields_are_bounded_and_follow_the_gradient_field_of_a_linear_net():
+    net = _two_layer()
+    grad = receptive_fields(net, "b", (1, 15, 15))
+    for norm in (1.0, 3.0):
+        asc = receptive_fields(net, "b", (1, 15, 15), method="ascent", steps=15, lr=0.1, norm=norm)
+        norms = asc.flatten(1).norm(dim=1)
+        assert (norms <= norm * (1 + 1e-5)).all() and (norms >= 0.99 * norm).all()
+        cos = torch.nn.functional.cosine_similarity(asc.flatten(1), grad.flatten(1), dim=1)
+        assert (cos > 0.999).all()
+
+
+def _tiny_retina(seed=0, bottleneck=2):
+    torch.manual_seed(seed)
+    model = build_model("retina", (1, 8, 8), 10, channels=4, bottleneck=bottleneck, kernel=3, fc=16)
+    with torch.no_grad():  # positive biases: every unit is active at the blank image
+        for name in ("conv1", "conv2"):
+            getattr(model.retina, name).bias.uniform_(0.1, 0.3)
+    return model
+
+
+def test_the_model_is_left_as_it_was():
+    model = _tiny_retina().train()
+    model.retina.conv1.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.retina.conv2.register_forward_hook(lambda *a: None)
+    for method in ("gradient", "ascent"):
+        receptive_fields(model, "retina.conv2", (1, 8, 8), method=method, steps=3)
+    assert model.training and all(m.training for m in model.modules())
+    assert not model.retina.conv1.weight.requires_grad and model.retina.conv2.weight.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len(model.retina.conv2._forward_hooks) == 1  # the fields' own hook is gone again
+
+
+def test_direct_feedback_hooks_are_not_carried_into_the_fields():
+    plain = _tiny_retina(bottleneck=4)
+    example = torch.randn(2, 1, 8, 8)
+    draf = raftorch.convert(plain, "draf", "full", targets=["retina.conv1", "retina.conv2"],
+                            example_input=example)
+    want = receptive_fields(plain, "retina.conv2", (1, 8, 8))
+    assert want.abs().sum(dim=(1, 2)).min() > 0  # a live field per channel
+    assert torch.equal(receptive_fields(draf, "retina.conv2", (1, 8, 8)), want)
+    # with its hooks, the draf model detaches retina.conv1's activity: no gradient reaches the image
+    x = torch.zeros(1, 1, 8, 8, requires_grad=True)
+    seen = []
+    h = draf.retina.conv2.register_forward_hook(lambda m, a, out: seen.append(out))
+    draf(x)
+    h.remove()
+    assert torch.autograd.grad(seen[0][0, 0, 4, 4], x, allow_unused=True)[0] is None
+    assert hasattr(draf, "direct_feedback") and not hasattr(plain_copy(draf), "direct_feedback")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in plain_copy(draf).modules())
+
+
+def test_layer_names_are_checked():
+    model = _tiny_retina()
+    with pytest.raises(ValueError, match="no layer 'retina.conv9'.*retina.conv1, retina.conv2, vvs.conv1"):
+        receptive_fields(model, "retina.conv9", (1, 8, 8))
+    with pytest.raises(ValueError, match="'classifier.fc1' is a Linear, not a Conv2d.*retina.conv1"):
+        receptive_fields(model, "classifier.fc1", (1, 8, 8))
+    with pytest.raises(ValueError, match="method"):
+        receptive_fields(model, "retina.conv1", (1, 8, 8), method="saliency")
+    fields = receptive_fields(model, model.vvs.conv1, (1, 8, 8))  # a module works, any conv layer
+    assert fields.shape == (4, 8, 8)
+
+
+# --------------------------------------------------------------------------- figures
+
+def test_figures_are_drawn_from_saved_files(tmp_path):
+    fields = torch.stack([dog(), gabor(), noise(1)[0]]).float().numpy()
+    np.savez(tmp_path / "a.npz", fields=fields, layer=np.asarray("retina.conv2"), method=np.asarray("gradient"))
+    row = load_fields(tmp_path / "a.npz")
+    assert row["layer"] == "retina.conv2" and row["label"] == tmp_path.name
+    out = draw_fields({"RAF r=1": tmp_path / "a.npz", "BP": {"fields": fields[:2]}}, tmp_path / "f.png")
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    points = [{"series": "RAF, into the retina", "rank": r, "values": [0.1 * r, 0.12 * r]} for r in (1, 2, 8)]
+    points += [{"series": "BP", "rank": None, "values": [0.5, 0.6]},
+               {"series": "dRAF into the retina, bottleneck 4", "rank": None, "mean": 0.7, "std": 0.05}]
+    (tmp_path / "points.json").write_text(json.dumps(points))
+    out = draw_orientedness_vs_rank(tmp_path / "points.json", tmp_path / "o.png")
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+# --------------------------------------------------------------------------- raftorch analyze
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two tiny finished runs on digits (8x8): RAF rank 2, and dRAF with a bottleneck of 4."""
+    import raftorch.train as T
+
+    root = tmp_path_factory.mktemp("runs")
+    base = dict(data="digits", model="retina", model_options=dict(channels=4, bottleneck=4, fc=16, kernel=3,
+                                                                  vvs_layers=1),
+                batch_size=128, epochs=1, train_size=256, device="cpu", threads=1, eval_batch_size=512)
+    T.train(dict(base, rule="raf", rank=2, out=str(root / "raf")), progress=False)
+    T.train(dict(base, rule="draf", rank="full", rule_options={"targets": ["retina.conv1", "retina.conv2"]},
+                 out=str(root / "draf")), progress=False)
+    return root
+
+
+def test_analyze_writes_fields_scores_and_figure(runs, capsys):
+    run = runs / "raf"
+    assert cli_main(["analyze", str(run), "--layer", "retina.conv1"]) == 0
+    assert "retina.conv1 (gradient), 4 channels" in capsys.readouterr().out
+    scores = json.loads((run / "scores.json").read_text())
+    assert scores["layer"] == "retina.conv1" and scores["method"] == "gradient" and scores["channels"] == [0, 1, 2, 3]
+    for key in ("orientedness", "centre_surround_index"):
+        assert len(scores[key]) == 4 and all(0 <= v <= 1 for v in scores[key])
+        assert scores[f"{key}_mean"] == pytest.approx(float(np.mean(scores[key])))
+        assert scores[f"{key}_std"] == pytest.approx(float(np.std(scores[key], ddof=1)))
+    with np.load(run / "receptive_fields.npz") as z:
+        assert z["fields"].shape == (4, 8, 8) and str(z["layer"]) == "retina.conv1"
+        assert np.allclose(orientedness(torch.from_numpy(z["fields"])).numpy(), scores["orientedness"], atol=1e-6)
+        # the saved fields are the trained conv1 kernels at the centre (a single conv, so exactly)
+        from raftorch.checkpoint import load_checkpoint
+
+        w = load_checkpoint(run / "checkpoint.pt")["model"]["retina.conv1.weight"][:, 0]
+        assert np.allclose(z["fields"][:, 3:6, 3:6], w.numpy()) and not z["fields"][:, :3].any()
+    assert (run / "receptive_fields.png").read_bytes()[:8] == PNG_MAGIC
+    assert cli_main(["analyze", str(run), "--no-figure"]) == 0  # the old figure would show conv1
+    assert json.loads((run / "scores.json").read_text())["layer"] == "retina.conv2"
+    assert not (run / "receptive_fields.png").exists()
+
+
+def test_analyze_run_defaults_to_the_retina_output_layer_and_loads_draf_runs(runs):
+    result = raftorch.analysis.analyze_run(runs / "draf", figure=False)
+    assert result["layer"] == "retina.conv2" and result["rule"] == "draf" and len(result["channels"]) == 4
+    assert not (runs / "draf" / "receptive_fields.png").exists()
+    asc = raftorch.analysis.analyze_run(runs / "draf", "vvs.conv1", "ascent", steps=5, channels=[0, 2], figure=False)
+    with np.load(runs / "draf" / "receptive_fields.npz") as z:
+        assert z["fields"].shape == (2, 8, 8) and str(z["method"]) == "ascent"
+        assert (np.linalg.norm(z["fields"].reshape(2, -1), axis=1) <= 1 + 1e-5).all()
+    assert asc["channels"] == [0, 2] and asc["steps"] == 5
+
+
+def test_analyze_errors_are_one_line(runs, tmp_path, capsys):
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs / "raf", unfinished)
+    (unfinished / "final.json").unlink()
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--layer", "retina.conv7"], runs / "raf", "no layer 'retina.conv7'; its conv layers are: retina.conv1, retina.conv2, vvs.conv1"),
+        (["--layer", "classifier.fc2"], runs / "raf", "is a Linear, not a Conv2d"),
+        ([], tmp_path / "empty", "holds no checkpoint.pt"),
+        ([], tmp_path / "missing", "does not exist"),
+        ([], unfinished, "holds no finished run"),
+    ]
+    for extra, folder, message in cases:
+        assert cli_main(["analyze", str(folder), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("raftorch analyze: error: ") and message in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
