@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("raftorch.train", "train one model on one dataset with one rule"),
     "theory": ("raftorch.theory.cli", "linear-network theory: simulations, ODEs, Figure 2"),
     "reproduce": ("raftorch.experiments.cli", "reproduce the paper's panels by name: sweeps, figures, claims"),
+    "plot": ("raftorch.analysis.curves", "training curves of run folders: loss, accuracy, alignment, subspace"),
     "analyze": ("raftorch.analysis.cli", "receptive fields of a finished run and their scores (Fig. 4d)"),
 }
 

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+TRACKERS = ("subspace",)  # representation metrics train can log per epoch (TrainConfig.track)
 
 
 @dataclass
@@ -59,10 +60,23 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every N epochs and after the last one; 0: after the last only
     threads: int | None = None  # CPU threads (torch.set_num_threads); None: the idle usable cores (train.auto_threads)
     out: str | None = None  # run folder; None: write nothing
+    # representation metrics logged per epoch on a fixed held-out batch (train.track_run), e.g.
+    # [subspace]; a comma list is split; None (or empty): none. Never changes the training.
+    track: list[str] | None = None
 
     # Fields that may differ when a run is resumed. A resumed run repeats an uninterrupted one
     # exactly when device and threads are also the same (they change the float rounding).
-    RESUMABLE_CHANGES = ("epochs", "device", "threads", "data_dir", "download", "out", "eval_every")
+    RESUMABLE_CHANGES = ("epochs", "device", "threads", "data_dir", "download", "out", "eval_every", "track")
+
+    def __post_init__(self):
+        # "subspace" or ["a,b", "c"] -> ["a", "b", "c"] (order kept, duplicates dropped); [] -> None,
+        # so a run without tracking writes the same config as before the field existed
+        track = self.track
+        if isinstance(track, str):
+            track = [track]
+        if isinstance(track, (list, tuple)) and all(isinstance(t, str) for t in track):
+            track = list(dict.fromkeys(p.strip() for t in track for p in t.split(",") if p.strip()))
+            self.track = track or None
 
     @classmethod
     def fields(cls) -> dict[str, dataclasses.Field]:
@@ -155,6 +169,13 @@ class TrainConfig:
                 f"got {self.lr_decay!r} (e.g. 0.975)")
         if not 0 <= self.val_fraction < 1:
             bad(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.track is not None:
+            if not isinstance(self.track, list) or not all(isinstance(t, str) for t in self.track):
+                bad(f"track must be a list of metric names such as [subspace], got {self.track!r}")
+            unknown = [t for t in self.track if t not in TRACKERS]
+            if unknown:
+                bad(f"unknown track metric(s) {', '.join(map(repr, unknown))} (--track); "
+                    f"choose from: {', '.join(TRACKERS)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             bad(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 

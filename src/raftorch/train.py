@@ -11,6 +11,9 @@ Run folder (``out``): ``config.yaml`` (every setting), ``metrics.jsonl`` (one li
 ``metrics.csv`` the same as a table),
 ``checkpoint.pt`` (the last finished epoch), ``final.json`` (the final epoch's numbers, with
 ``test_accuracy`` as a fraction). All are written atomically.
+
+``track: [subspace]`` (``--track subspace``) adds representation metrics to every epoch's
+record, measured after the epoch on a fixed held-out batch (:func:`track_run`).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from raftorch.models import build_model
 from raftorch.rules import DIRECT_RULES
 
 FEEDBACK_SUFFIXES = (".B", ".Q", ".P")
+TRACK_BATCH = 256  # images in the fixed held-out batch of the tracked metrics (TrainConfig.track)
 
 
 class TrainingDiverged(RuntimeError):
@@ -250,6 +254,7 @@ class Run:
     autocast: Any
     history: list[dict[str, Any]] = field(default_factory=list)
     epoch: int = 0  # finished epochs
+    track_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, y) for track_run
     elapsed: float = 0.0  # training seconds of the finished epochs
 
     @property
@@ -262,8 +267,9 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = False, progres
     """Train one run and return its final numbers (also written to ``out/final.json``).
 
     The whole path, one step a function: :func:`setup` (data, model, rule, optimizer, and the
-    checkpoint when resuming), then per epoch :func:`train_epoch`, :func:`evaluate_run` and
-    :func:`end_epoch` (history, checkpoint, one line), and :func:`finish` (``final.json``).
+    checkpoint when resuming), then per epoch :func:`train_epoch`, :func:`evaluate_run`,
+    :func:`track_run` (when ``track`` asks) and :func:`end_epoch` (history, checkpoint, one
+    line), and :func:`finish` (``final.json``).
 
     Args:
         config: a :class:`TrainConfig` or a mapping of its fields.
@@ -286,6 +292,8 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = False, progres
             record = train_epoch(run, progress=progress)
             if run.epoch + 1 == cfg.epochs or (cfg.eval_every and (run.epoch + 1) % cfg.eval_every == 0):
                 record.update(evaluate_run(run))
+            if cfg.track:
+                record.update(track_run(run))
             end_epoch(run, record, progress=progress)
         if run.epoch < cfg.epochs:  # stopped early on purpose: the run folder is resumable
             return {"stopped_after_epoch": run.epoch, "history": run.history}
@@ -337,6 +345,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False) -> Run:
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else nullcontext
     run = Run(cfg, rank, world, device, out, data, Augmentation(cfg.crop_padding, cfg.flip, cfg.cutout),
               model, net, model is not plain, optimizer, scheduler, autocast)
+    if cfg.track and lead:
+        run.track_batch = held_out_batch(data)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -431,6 +441,36 @@ def evaluate_run(run: Run) -> dict[str, Any]:
     return record
 
 
+def held_out_batch(data, size: int = TRACK_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed batch the tracked metrics are measured on: ``size`` images drawn at random
+    (generator seed 0, so the same images for every seed and rule when the split is the
+    same) from the validation split when one is held out, else from the test set; in their
+    stored order. No global random state is used."""
+    x, y = (data.x_val, data.y_val) if data.x_val is not None else (data.x_test, data.y_test)
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:size]
+    idx = torch.sort(pick).values.to(x.device)
+    return x[idx], y[idx]
+
+
+def track_run(run: Run) -> dict[str, Any]:
+    """The representation metrics ``run.cfg.track`` asks for, on :func:`held_out_batch`
+    (rank 0 only; ``{}`` elsewhere). ``"subspace"``: the mappings ``subspace``, ``error_dim``
+    and ``error_dim_received`` (layer name -> float) of
+    :func:`raftorch.analysis.subspace.track_subspace`, and ``track_seconds``. Measured in eval
+    mode in float32 (no autocast); the training is unchanged, bit for bit (tested)."""
+    if not run.lead or not run.cfg.track:
+        return {}
+    from raftorch.analysis.subspace import track_subspace
+
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {}
+    if "subspace" in run.cfg.track:
+        x, y = run.track_batch
+        record.update(track_subspace(run.model, x, y))
+    record["track_seconds"] = time.perf_counter() - t0
+    return record
+
+
 def end_epoch(run: Run, record: dict[str, Any], *, progress: bool = True) -> None:
     """Add the epoch's record to the history; write the checkpoint and ``metrics.jsonl``."""
     run.history.append(record)
@@ -518,6 +558,9 @@ _FLAG_HELP = {
     "train_size": "train on a stratified random subset of this many images (default: all)",
     "image_size": "resize images to N x N pixels by area averaging (default: as stored)",
     "out": "run folder (default: runs/MODEL-DATA-RULE[-rRANK]-sSEED)",
+    "track": ("log representation metrics every epoch on a fixed held-out batch, repeatable or a comma "
+              "list: subspace (P's overlap with the error's principal subspace, the error's "
+              "effective dimensionality); default: none"),
 }
 
 
@@ -540,6 +583,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif name == "track":
+            parser.add_argument(flag, action="append", metavar="METRIC", **kw)
         elif name in ("model_options", "rule_options", "layer_options", "ranks"):
             parser.add_argument(flag.rstrip("s") if name != "ranks" else "--layer-rank", action="append",
                                 metavar="KEY=VALUE", **kw)
