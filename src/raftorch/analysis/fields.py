@@ -37,58 +37,16 @@ model passed in is not changed (mode, ``requires_grad``, ``.grad``, hooks, buffe
 """
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from raftorch.layers import Conv2d as RConv2d, FeedbackLayer, Linear as RLinear
+from raftorch.convert import plain_copy
 
 METHODS = ("gradient", "ascent")
 
 __all__ = ["receptive_fields", "plain_copy", "conv_layers", "resolve_layer", "METHODS"]
-
-
-def _plain_layer(m: nn.Module) -> nn.Module:
-    """The plain ``nn.Linear`` / ``nn.Conv2d`` with the weights of a raftorch layer."""
-    factory = {"device": m.weight.device, "dtype": m.weight.dtype}
-    bias = m.bias is not None
-    if isinstance(m, RLinear):
-        new = nn.Linear(m.in_features, m.out_features, bias, **factory)
-    elif isinstance(m, RConv2d):
-        new = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
-                        m.dilation, m.groups, bias, m.padding_mode, **factory)
-    else:  # pragma: no cover - FeedbackLayer has these two subclasses only
-        raise TypeError(f"no plain equivalent of {type(m).__name__}")
-    with torch.no_grad():
-        new.weight.copy_(m.weight)
-        if bias:
-            new.bias.copy_(m.bias)
-    new.train(m.training)
-    return new
-
-
-def plain_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose forward and backward are plain PyTorch autograd.
-
-    Every raftorch ``Linear`` / ``Conv2d`` becomes an ``nn.Linear`` / ``nn.Conv2d`` with the same
-    weights (same module names, so the forward pass is the same function), and a direct
-    feedback object (``dfa`` / ``draf``, :class:`raftorch.DirectFeedback`) is detached from the
-    copy (its hooks removed, ``direct_feedback`` dropped). ``model`` itself is not touched.
-    """
-    from raftorch.direct import DirectFeedback
-
-    plain = copy.deepcopy(model)
-    for df in [m for m in plain.modules() if isinstance(m, DirectFeedback)]:
-        df.detach_from(plain)
-    if isinstance(plain, FeedbackLayer):
-        return _plain_layer(plain)
-    for name, m in list(plain.named_modules()):
-        if isinstance(m, FeedbackLayer):
-            parent, _, child = name.rpartition(".")
-            setattr(plain.get_submodule(parent), child, _plain_layer(m))
-    return plain
 
 
 def conv_layers(model: nn.Module) -> list[str]:

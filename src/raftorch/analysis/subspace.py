@@ -33,13 +33,14 @@ model's own learning rule and under exact backprop (:func:`plain_copy`).
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from raftorch.convert import plain_copy
 
 __all__ = ["as_samples", "error_covariance", "principal_subspace", "subspace_overlap",
            "participation_ratio", "plain_copy", "capture_errors", "track_subspace"]
@@ -187,52 +188,6 @@ def participation_ratio(errors: Tensor | None = None, *, cov: Tensor | None = No
 
 def _weight_layer(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, nn.Conv2d))
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    if name == "":
-        return new
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
-    return model
-
-
-def _plain_layer(layer: nn.Module) -> nn.Module:
-    factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
-    bias = layer.bias is not None
-    # skip_init: no random initialisation (it would draw from the global RNG), the weights are copied
-    if isinstance(layer, nn.Linear):
-        new = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias, **factory)
-    else:
-        new = nn.utils.skip_init(nn.Conv2d, layer.in_channels, layer.out_channels, layer.kernel_size,
-                                 layer.stride, layer.padding, layer.dilation, layer.groups, bias,
-                                 layer.padding_mode, **factory)
-    with torch.no_grad():
-        new.weight.copy_(layer.weight)
-        new.weight.requires_grad_(layer.weight.requires_grad)
-        if bias:
-            new.bias.copy_(layer.bias)
-            new.bias.requires_grad_(layer.bias.requires_grad)
-    new.train(layer.training)
-    return new
-
-
-def plain_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` that learns by exact backprop: every raftorch ``Linear`` /
-    ``Conv2d`` replaced by ``torch.nn.Linear`` / ``torch.nn.Conv2d`` with the same weights and
-    bias (so the forward pass is the same, bit for bit), and a direct-feedback object
-    (``dfa``/``draf``) detached with its hooks. Other modules, buffers (BatchNorm statistics)
-    and training flags are copied as they are. ``model`` and the global RNG are not changed."""
-    from raftorch.layers import FeedbackLayer
-
-    plain = copy.deepcopy(model)
-    direct = plain._modules.get("direct_feedback")
-    if direct is not None and hasattr(direct, "detach_from"):
-        direct.detach_from(plain)
-    for name, m in list(plain.named_modules()):
-        if isinstance(m, FeedbackLayer):
-            plain = _set_module(plain, name, _plain_layer(m))
-    return plain
 
 
 class _Capture:
