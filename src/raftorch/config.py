@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+OUTPUT_INITS = (None, "zero")  # TrainConfig.output_init
 TRACKERS = ("subspace",)  # representation metrics train can log per epoch (TrainConfig.track)
 
 
@@ -35,6 +36,10 @@ class TrainConfig:
     # model
     model: str = "mlp"  # mlp | vgg | vit | retina
     model_options: dict[str, Any] = field(default_factory=dict)  # keyword options of the model
+    # None: the model's own initialisation; "zero": the output layer (the model's last Linear /
+    # Conv2d) starts at zero weight and bias (raftorch.models.zero_output_layer_), which lets a
+    # feedback rule's error align before a net without normalisation layers runs away
+    output_init: str | None = None
     # learning rule (raftorch.convert)
     rule: str = "bp"  # bp | fa | kp | fa-lowrank | raf-q | raf | dfa | draf
     rank: int | str | None = None  # feedback rank of every converted layer; "full": no limit
@@ -118,6 +123,8 @@ class TrainConfig:
         if unknown:
             known = ", ".join(f"{k}={v!r}" for k, v in model_options(self.model).items())
             bad(f"model {self.model!r} has no option(s) {', '.join(map(repr, unknown))}; its options: {known}")
+        if self.output_init not in OUTPUT_INITS:
+            bad(f"output_init must be null (the model's own initialisation) or 'zero', got {self.output_init!r}")
         if not isinstance(self.rule, str) or not self.rule:
             bad(f"rule must be a rule name such as 'bp' or 'raf', got {self.rule!r}")
         if self.rank is not None and not _is_rank(self.rank):

@@ -38,7 +38,7 @@ from raftorch import checkpoint as ckpt
 from raftorch.config import TrainConfig, dump_config, load_config_file
 from raftorch.data import (Augmentation, CorruptDatasetError, DatasetNotFoundError, batch_indices,
                            load_dataset, shard)
-from raftorch.models import build_model
+from raftorch.models import build_model, zero_output_layer_
 from raftorch.rules import DIRECT_RULES
 
 FEEDBACK_SUFFIXES = (".B", ".Q", ".P")
@@ -336,6 +336,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False) -> Run:
     # model, rule, optimizer
     torch.manual_seed(cfg.seed)
     plain = build_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_options)
+    if cfg.output_init == "zero":
+        zero_output_layer_(plain)
     model = convert_model(plain, cfg, data.x_train[:2].cpu()).to(device)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
@@ -534,6 +536,8 @@ _FLAG_HELP = {
     "cutout": "cutout augmentation: side of the square (0: off)",
     "model": "model: mlp, vgg, vit, retina",
     "model_options": "a model option as KEY=VALUE (YAML value), repeatable: --model-option hidden=[64,64]",
+    "output_init": "initialisation of the output layer: 'zero' (weight and bias 0; helps feedback rules "
+                   "in nets without normalisation layers) or none (the model's own)",
     "rule": "learning rule: bp, fa, kp, fa-lowrank, raf-q, raf, dfa, draf",
     "rank": "feedback rank of every converted layer: a number, 'full', or 'none' (full-rank rules)",
     "ranks": "rank of one layer as NAME=R (glob patterns allowed), repeatable: --layer-rank fc2=10",
@@ -593,6 +597,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=float, **kw)
         elif name == "rank":
             parser.add_argument(flag, type=_rank, **kw)
+        elif name == "output_init":
+            parser.add_argument(flag, type=lambda t: None if t.lower() in ("none", "null") else t,
+                                choices=[None, "zero"], metavar="{zero,none}", **kw)
         elif name in ("threads", "batch_size", "epochs", "seed", "eval_batch_size", "eval_every", "crop_padding", "cutout",
                       "train_size", "image_size"):
             parser.add_argument(flag, type=int, **kw)

@@ -6,7 +6,9 @@ whose shards ran on other machines, and for ``--redraw``.
 (``done``, ``failed``, ``partial`` (killed; resumable), ``missing``), ``test_accuracy`` and
 ``val_accuracy`` **in percent** (the final epoch's, never the best epoch), ``test_loss,
 train_loss, epochs`` (finished), ``seconds`` (training time), ``threads, device, torch,
-error``. Theory panels have one row per rule and method: ``rule, rank, method,
+error``; for a panel with ``analysis`` (receptive fields), ``orientedness`` and
+``centre_surround_index``: the run's mean over the channels of the analysed layer
+(``scores.json``, :func:`analyze_finished`). Theory panels have one row per rule and method: ``rule, rank, method,
 relative_error, recovered`` (modes within 2%).
 """
 from __future__ import annotations
@@ -22,6 +24,8 @@ from raftorch import checkpoint as ckpt
 from raftorch.experiments.spec import Panel, Point
 
 ERROR = "error.json"
+SCORES = "scores.json"
+SCORE_COLUMNS = ["orientedness", "centre_surround_index"]
 RUN_COLUMNS = ["seed", "status", "test_accuracy", "val_accuracy", "test_loss", "train_loss", "epochs",
                "seconds", "threads", "device", "torch", "error"]
 THEORY_COLUMNS = ["seed", "status", "rule", "rank", "method", "relative_error", "recovered", "seconds", "error"]
@@ -72,6 +76,9 @@ def collect(root: str | Path, panel: Panel, points: list[Point]) -> list[dict[st
                        epochs=final["epochs"], seconds=round(final["seconds_total"], 2),
                        threads=final.get("threads", ""), device=final.get("device", ""),
                        torch=final.get("torch", ""))
+            if panel.analysis:
+                scores = _read_json(folder / SCORES)
+                row.update({c: round(scores[f"{c}_mean"], 6) for c in SCORE_COLUMNS if f"{c}_mean" in scores})
         elif status == "partial":
             row["epochs"] = len((folder / ckpt.METRICS).read_text().splitlines()) if (folder / ckpt.METRICS).exists() else 0
         rows.append(row)
@@ -92,8 +99,34 @@ def _theory_rows(folder: Path, head: dict, p: Point, status: str, error: str) ->
              "seconds": round(final.get("seconds_total", 0.0), 2), "error": ""} for r in results]
 
 
+def analyze_finished(root: str | Path, panel: Panel, points: list[Point]) -> int:
+    """Write ``scores.json`` / ``receptive_fields.npz`` (:func:`raftorch.analysis.analyze_run`,
+    the panel's ``analysis`` settings) into every finished run of ``points`` that lacks them or
+    has them for another layer / method; returns how many runs were analysed. A few seconds a
+    run on the CPU; the analysis reads the saved checkpoint, so ``--redraw`` can do it too."""
+    if not panel.analysis:
+        return 0
+    from raftorch.analysis import analyze_run
+
+    layer, method = panel.analysis.get("layer"), panel.analysis.get("method", "gradient")
+    done = 0
+    for p in points:
+        folder = run_dir(root, panel, p)
+        if run_status(folder) != "done":
+            continue
+        have = _read_json(folder / SCORES)
+        if have and have.get("method") == method and (layer is None or have.get("layer") == layer):
+            continue
+        kw = {"steps": panel.analysis["steps"]} if "steps" in panel.analysis else {}
+        analyze_run(folder, layer, method, figure=False, **kw)
+        done += 1
+    return done
+
+
 def columns(panel: Panel) -> list[str]:
     run_cols = THEORY_COLUMNS if panel.kind == "theory" else RUN_COLUMNS
+    if panel.analysis:
+        run_cols = run_cols[:3] + SCORE_COLUMNS + run_cols[3:]
     return ["panel", "point", "series"] + [v for v in panel.variables if v not in run_cols] + run_cols
 
 
@@ -156,6 +189,9 @@ def write_summary(root: str | Path, panel: Panel, points: list[Point]) -> tuple[
     ckpt.write_text(folder / "summary.csv", to_csv(rows, columns(panel)))
     metric = "relative_error" if panel.kind == "theory" else "test_accuracy"
     stats = point_stats(rows, panel, metric)
+    for score in SCORE_COLUMNS if panel.analysis else ():
+        for st, more in zip(stats, point_stats(rows, panel, score)):
+            st.update({k: v for k, v in more.items() if k.startswith(score)})
     if stats:
         ckpt.write_text(folder / "points.csv", to_csv(stats, list(stats[0])))
     return folder / "summary.csv", rows

@@ -127,7 +127,38 @@ def draw_panel(panel: Panel, rows: list[dict], folder: str | Path) -> list[Path]
     for p in paths:
         fig.savefig(p, dpi=110)
     plt.close(fig)
+    if panel.analysis:
+        paths += _draw_fields(panel, rows, folder)
     return paths
+
+
+def _draw_fields(panel: Panel, rows: list[dict], folder: Path) -> list[Path]:
+    """``fields.png`` (the analysed layer's receptive fields of each point's first finished
+    seed, one row per point) and ``orientedness.png`` (mean orientedness ± std over seeds against
+    the figure's ``x``; series without ``x`` as lines), from the runs' saved files."""
+    from raftorch.analysis.figure import draw_fields, draw_orientedness_vs_rank
+
+    x = panel.figure.get("x", "rank")
+    sources, points = {}, []
+    for s in panel.series:
+        mine = [r for r in rows if r["series"] == s.name and r.get("status") == "done"]
+        for v in dict.fromkeys(str(r.get(x, "")) for r in mine):
+            same = [r for r in mine if str(r.get(x, "")) == v]
+            npz = folder / "runs" / same[0]["point"] / "receptive_fields.npz"
+            if npz.exists():
+                sources[s.name if v == "" else f"{s.name}, {x} = {v}"] = npz
+            values = done_values(same, "orientedness")
+            if values:
+                points.append({"series": s.name, "rank": _num(v), "values": values})
+    out = []
+    if sources:
+        out.append(draw_fields(sources, folder / "fields.png", max_channels=8))
+    if points:
+        out.append(draw_orientedness_vs_rank(points, folder / "orientedness.png",
+                                             xlabel=panel.figure.get("xlabel", x),
+                                             title=f"{panel.paper or panel.id}: orientedness of "
+                                                   f"{panel.analysis.get('layer', 'the retina')}"))
+    return out
 
 
 def _draw_theory(panel: Panel, rows: list[dict], folder: Path) -> list[Path]:

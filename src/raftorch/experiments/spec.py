@@ -49,7 +49,8 @@ SPEC_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"
 PROFILES = ("quick", "paper")
 KINDS = ("train", "theory")
 SPEC_KEYS = {"panel", "title", "paper", "claim", "notes", "kind", "base", "seeds", "series", "figure",
-             "published", "claims", "cost", "theory", "threads_per_point"}
+             "published", "claims", "cost", "theory", "threads_per_point", "analysis"}
+ANALYSIS_KEYS = {"layer", "method", "steps"}
 SERIES_KEYS = {"name", "set", "grid", "cost"}
 FIGURE_KEYS = {"x", "xlabel", "ylabel", "xscale", "group", "title", "curves", "lines", "xticks", "labels"}
 COST_KEYS = {"seconds_per_point", "hardware"}
@@ -119,6 +120,9 @@ class Panel:
     notes: str = ""
     theory: dict[str, Any] = field(default_factory=dict)
     threads_per_point: int = 1
+    # receptive fields of every finished run (raftorch.analysis.analyze_run): {layer, method,
+    # steps}; its scores become the summary columns orientedness, centre_surround_index
+    analysis: dict[str, Any] = field(default_factory=dict)
 
     @property
     def variables(self) -> list[str]:
@@ -322,11 +326,20 @@ def load_spec(path: str | Path, profile: str | None = None) -> Panel:
     unknown = sorted(set(cost) - COST_KEYS)
     if unknown:
         bad(f"cost: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(COST_KEYS))}")
+    analysis = raw.get("analysis") or {}
+    if not isinstance(analysis, dict) or set(analysis) - ANALYSIS_KEYS or (analysis and kind != "train"):
+        bad(f"analysis must be a mapping with keys {', '.join(sorted(ANALYSIS_KEYS))} (training panels "
+            f"only), e.g. {{layer: retina.conv2, method: gradient}}; got {analysis!r}")
+    from raftorch.analysis.fields import METHODS
+
+    if analysis.get("method", "gradient") not in METHODS:
+        bad(f"analysis: method must be one of {', '.join(METHODS)}, got {analysis.get('method')!r}")
     panel = Panel(id=str(raw["panel"]), profile=profile or path.parent.name, path=path, title=str(raw["title"]),
                   paper=str(raw.get("paper", "")), claim=str(raw.get("claim", "")), kind=kind, base=base,
                   seeds=list(seeds), series=series, figure=figure, published=list(raw.get("published") or []),
                   claims=list(raw.get("claims") or []), cost=cost, notes=str(raw.get("notes", "")),
-                  theory=dict(raw.get("theory") or {}), threads_per_point=tpp)
+                  theory=dict(raw.get("theory") or {}), threads_per_point=tpp,
+                  analysis=dict(analysis))
     from raftorch.experiments.claims import check_claim_specs
 
     check_claim_specs(panel)

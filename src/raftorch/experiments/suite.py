@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raftorch import checkpoint as ckpt
-from raftorch.experiments.aggregate import panel_dir, write_summary
+from raftorch.experiments.aggregate import analyze_finished, panel_dir, write_summary
 from raftorch.experiments.claims import evaluate_claims
 from raftorch.experiments.figures import draw_panel
 from raftorch.experiments.runner import parallelism, plan, reuse_finished, run_tasks, select_shard, unique_todo
@@ -115,6 +115,7 @@ def reproduce(panels: list[Panel], root: str | Path = "results", *, jobs: int | 
     for panel in panels:
         folder = panel_dir(root, panel)
         folder.mkdir(parents=True, exist_ok=True)
+        analyze_finished(root, panel, panel.points())
         _, rows = write_summary(root, panel, panel.points())
         claims = evaluate_claims(panel.claims, rows)
         ckpt.write_json(folder / "claims.json", claims)

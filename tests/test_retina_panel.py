@@ -1,0 +1,134 @@
+"""The retina fix (``output_init: zero``) and the receptive-field analysis wired into
+``raftorch reproduce`` (a panel's ``analysis``: scores per run, summary columns, claims on
+them, the fields figures, redraw)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from raftorch.cli import main as cli_main
+from raftorch.config import TrainConfig
+from raftorch.experiments.spec import SpecError, load_spec
+from raftorch.models import build_model, zero_output_layer_
+from raftorch.train import train
+
+TINY_RETINA = {"channels": 3, "bottleneck": 3, "kernel": 3, "vvs_layers": 1, "fc": 8}
+
+
+def test_zero_output_layer_zeroes_the_last_weight_layer_only():
+    torch.manual_seed(0)
+    net = build_model("retina", (1, 8, 8), 10, **TINY_RETINA)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert zero_output_layer_(net) == "classifier.fc2"
+    for k, v in net.state_dict().items():
+        if k.startswith("classifier.fc2."):
+            assert torch.count_nonzero(v) == 0
+        else:
+            assert torch.equal(v, before[k]), k
+    mlp = build_model("mlp", (64,), 10, hidden=[16])
+    assert zero_output_layer_(mlp) == [n for n, m in mlp.named_modules() if isinstance(m, nn.Linear)][-1]
+    with pytest.raises(ValueError, match="no Linear / Conv2d"):
+        zero_output_layer_(nn.Sequential(nn.ReLU()))
+
+
+def test_output_init_is_validated_and_applied_before_the_rule(tmp_path):
+    with pytest.raises(ValueError, match="output_init must be null"):
+        TrainConfig.from_dict({"output_init": "ones"})
+    common = dict(data="digits", model="retina", model_options=TINY_RETINA, rule="raf", rank="full",
+                  epochs=1, batch_size=64, threads=1, eval_every=0)
+    # zero init: after one step from W = 0 the output layer holds exactly minus its first updates
+    run = train({**common, "output_init": "zero", "out": str(tmp_path / "z")}, progress=False)
+    cfg = yaml.safe_load((tmp_path / "z" / "config.yaml").read_text())
+    assert cfg["output_init"] == "zero" and run["test_accuracy"] > 0
+    # without: the same run differs (the option did something), and old configs (no key) load as None
+    assert TrainConfig.from_dict({}).output_init is None
+    other = train({**common, "out": str(tmp_path / "n")}, progress=False)
+    assert other["test_accuracy"] != run["test_accuracy"] or other["train_loss"] != run["train_loss"]
+
+
+def test_train_flag_output_init(tmp_path):
+    out = tmp_path / "run"
+    rc = cli_main(["train", "--data", "digits", "--model", "mlp", "--model-option", "hidden=[8]",
+                   "--epochs", "1", "--threads", "1", "--no-progress", "--output-init", "zero", "--out", str(out)])
+    assert rc == 0 and yaml.safe_load((out / "config.yaml").read_text())["output_init"] == "zero"
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    assert any(k.startswith("out.") for k in state)
+
+
+# --------------------------------------------------------------------------- the panel
+
+PANEL = {
+    "panel": "fields",
+    "title": "tiny retina, fields",
+    "base": {"data": "digits", "model": "retina", "model_options": TINY_RETINA, "output_init": "zero",
+             "optimizer": "adam", "lr": 3e-3, "batch_size": 64, "epochs": 2, "eval_every": 0},
+    "seeds": [0, 1],
+    "analysis": {"layer": "retina.conv2", "method": "gradient"},
+    "series": [{"name": "RAF", "set": {"rule": "raf", "rank": "full", "ranks": {"vvs.conv1": "{r}"}},
+                "grid": {"r": [1, 3]}},
+               {"name": "BP", "set": {"rule": "bp"}}],
+    "figure": {"x": "r"},
+    "claims": [{"text": "orientedness is a number in [0, 1]", "type": "at_least", "metric": "orientedness",
+                "a": {"series": "BP"}, "value": 0.0},
+               {"text": "orientedness above 1 (impossible)", "type": "at_least", "metric": "orientedness",
+                "a": {"series": "RAF", "r": 3}, "value": 1.0001}],
+}
+
+
+def _write(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / "specs" / "quick" / f"{spec['panel']}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _rows(results: Path) -> list[dict]:
+    with open(results / "quick" / "fields" / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_analysis_panel_scores_every_run_and_claims_read_them(tmp_path):
+    spec = _write(tmp_path, PANEL)
+    results = tmp_path / "results"
+    rc = cli_main(["reproduce", "--spec", str(spec), "--results", str(results), "--no-progress",
+                   "--jobs", "1", "--threads", "1"])
+    assert rc == 0  # a failed claim is a result, not an error of the command
+    rows = _rows(results)
+    assert len(rows) == 6 and all(r["status"] == "done" for r in rows)
+    runs = results / "quick" / "fields" / "runs"
+    for r in rows:
+        scores = json.loads((runs / r["point"] / "scores.json").read_text())
+        assert scores["layer"] == "retina.conv2" and len(scores["orientedness"]) == 3
+        assert float(r["orientedness"]) == pytest.approx(scores["orientedness_mean"], abs=1e-6)
+        assert 0.0 <= float(r["orientedness"]) <= 1.0
+        assert float(r["centre_surround_index"]) == pytest.approx(scores["centre_surround_index_mean"], abs=1e-6)
+    claims = json.loads((results / "quick" / "fields" / "claims.json").read_text())
+    assert [c["passed"] for c in claims] == [True, False] and claims[0]["metric"] == "orientedness"
+    with open(results / "quick" / "fields" / "points.csv", newline="") as f:
+        points = list(csv.DictReader(f))
+    assert all(p["orientedness_mean"] != "" and p["centre_surround_index_std"] != "" for p in points)
+    for name in ("figure.png", "fields.png", "orientedness.png"):
+        assert (results / "quick" / "fields" / name).stat().st_size > 1000
+    # redraw: scores deleted from one run are recomputed from its checkpoint, identically
+    victim = runs / rows[0]["point"] / "scores.json"
+    before = json.loads(victim.read_text())
+    victim.unlink()
+    (results / "quick" / "fields" / "fields.png").unlink()
+    cli_main(["reproduce", "--spec", str(spec), "--results", str(results), "--no-progress", "--redraw"])
+    after = json.loads(victim.read_text())
+    assert after["orientedness"] == before["orientedness"]
+    assert (results / "quick" / "fields" / "fields.png").exists()
+
+
+def test_analysis_spec_errors(tmp_path):
+    with pytest.raises(SpecError, match="analysis must be a mapping"):
+        load_spec(_write(tmp_path, {**PANEL, "analysis": {"layer": "retina.conv2", "colour": 1}}))
+    with pytest.raises(SpecError, match="method must be one of"):
+        load_spec(_write(tmp_path, {**PANEL, "analysis": {"method": "psychic"}}))
+    assert load_spec(_write(tmp_path, PANEL)).analysis == {"layer": "retina.conv2", "method": "gradient"}
