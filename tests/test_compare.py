@@ -28,7 +28,7 @@ def test_plan_expands_ranks_only_for_low_rank_rules():
 
 def test_compare_cli_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--rules", "bp,fa-lowrank", "--ranks", "2", "--epochs", "1",
+    assert main(["compare", "--rules", "bp,fa-lowrank", "--ranks", "2", "--epochs", "1", "--seeds", "0",
                  "--hidden", "32", "--no-progress", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "| bp | full |" in text and "| fa-lowrank | 2 |" in text
@@ -71,3 +71,61 @@ def test_compare_missing_data_and_unwritable_out_are_one_message_before_any_work
     with pytest.raises(SystemExit) as exc:
         main(["compare", "--rules", "bp", "--no-progress", "--out", str(blocker / "c")])
     assert "is not a writable folder" in str(exc.value)
+
+
+def test_compare_reports_mean_and_std_over_seeds(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--rules", "bp,raf", "--ranks", "4", "--epochs", "2", "--seeds", "0,1,2",
+                 "--hidden", "16", "--no-progress", "--out", str(out)]) == 0
+    saved = json.loads((tmp_path / "cmp.json").read_text())
+    assert [(r["rule"], r["seed"]) for r in saved["rows"]] == [("bp", 0), ("raf", 0), ("bp", 1), ("raf", 1),
+                                                                ("bp", 2), ("raf", 2)]
+    import statistics
+    for g in saved["summary"]:
+        accs = [100 * r["test_accuracy"] for r in saved["rows"] if r["rule"] == g["rule"]]
+        assert g["n"] == 3 and g["test_accuracy_mean"] == pytest.approx(statistics.fmean(accs))
+        assert g["test_accuracy_std"] == pytest.approx(statistics.stdev(accs))
+    bp = next(g for g in saved["summary"] if g["rule"] == "bp")
+    assert f"| bp | full | {bp['test_accuracy_mean']:.2f} ± {bp['test_accuracy_std']:.2f} | 3 |" in capsys.readouterr().out
+    # seeds differ (else the spread would say nothing): the three bp runs are not all equal
+    assert len({r["train_loss"] for r in saved["rows"] if r["rule"] == "bp"}) == 3
+
+
+def test_compare_names_its_output_by_the_settings_and_never_overwrites_others(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    base = ["compare", "--rules", "bp", "--epochs", "1", "--seeds", "0", "--hidden", "8", "--no-progress"]
+    assert main(base) == 0 and main([*base[:-1], "--lr", "0.01", "--no-progress"]) == 0
+    files = sorted(p.name for p in (tmp_path / "results").glob("compare-digits-mlp-*.json"))
+    assert len(files) == 2  # two settings, two files
+    again = capsys.readouterr()
+    assert main(base) == 0 and len(list((tmp_path / "results").glob("*.json"))) == 2  # same settings: same file
+    out = str(tmp_path / "mine")
+    assert main([*base, "--out", out]) == 0
+    with pytest.raises(SystemExit, match="other settings; choose another --out, or --force"):
+        main([*base, "--lr", "0.5", "--out", out])
+    assert json.loads((tmp_path / "mine.json").read_text())["settings"]["lr"] == 1e-3  # untouched
+    assert main([*base, "--lr", "0.5", "--out", out, "--force"]) == 0
+    assert json.loads((tmp_path / "mine.json").read_text())["settings"]["lr"] == 0.5
+    del again
+
+
+def test_compare_takes_any_model(tmp_path):
+    out = tmp_path / "ret"
+    assert main(["compare", "--model", "retina", "--model-option", "channels=2", "--model-option", "bottleneck=2",
+                 "--model-option", "kernel=3", "--model-option", "vvs_layers=1", "--model-option", "fc=8",
+                 "--rules", "bp,raf", "--ranks", "1", "--epochs", "1", "--seeds", "0", "--no-progress",
+                 "--out", str(out)]) == 0
+    saved = json.loads((tmp_path / "ret.json").read_text())
+    assert saved["settings"]["model"] == "retina" and saved["settings"]["model_option"]["channels"] == 2
+    assert [r["rule"] for r in saved["rows"]] == ["bp", "raf"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "vgg", "--hidden", "8"], "--hidden sets the MLP's widths"),
+    (["--model-option", "nope=1"], "has no option(s) 'nope'"),
+    (["--seeds", "1,1"], "--seeds must be distinct"),
+])
+def test_compare_rejects_settings_it_cannot_honour(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--no-progress", "--epochs", "1", *argv])
+    assert message in str(exc.value)

@@ -1,18 +1,29 @@
-"""``raftorch compare``: one MLP, several learning rules and ranks, one table.
+"""``raftorch compare``: one model, several learning rules and ranks, several seeds, one table.
 
-Every run starts from the same initial weights (same seed) and sees the same batches, so the
-rows differ only in how the error reaches the hidden layers.
+For each seed, every run starts from the same initial weights and sees the same batches, so
+the rows differ only in how the error reaches the hidden layers; the table gives the mean ±
+sample std of the final test accuracy over the seeds (default 0, 1, 2).
 
-    raftorch compare                              # digits, 4 x 256 MLP, bp/fa/fa-lowrank/raf
-    raftorch compare --rules bp,raf --ranks 1,10 --epochs 20 --out results/compare
+    raftorch compare                              # digits, 4 x 256 MLP, bp/fa/fa-lowrank/raf, 3 seeds
+    raftorch compare --rules bp,raf --ranks 1,10 --epochs 20 --seeds 0,1,2,3,4
+    raftorch compare --model retina --data fashion-mnist --model-option channels=8 --rules bp,raf --ranks 4
+
+The results go to ``OUT.json`` / ``OUT.csv``; without ``--out`` the name says the settings
+(``results/compare-DATA-MODEL-HASH``, the hash over every setting that changes the numbers), so
+two comparisons never overwrite each other. An explicit ``--out`` whose ``OUT.json`` holds
+other settings is refused unless ``--force``.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
+import json
+import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +32,7 @@ from tqdm import tqdm
 import raftorch
 from raftorch.checkpoint import write_json, write_text
 from raftorch.data import DATASETS, DataSplits, load_dataset
-from raftorch.models.mlp import MLP
+from raftorch.models import MODELS, build_model
 from raftorch.rules import DIRECT_RULES, get_rule
 from raftorch.train import evaluate
 
@@ -37,6 +48,7 @@ class Row:
     train_loss: float
     seconds: float
     source: str | None = None
+    seed: int = 0
 
 
 def _is_low_rank(rule: str) -> bool:
@@ -76,46 +88,80 @@ def fit(model, data: DataSplits, *, epochs: int, lr: float, batch_size: int, see
 
 
 def run_compare(*, rules=DEFAULT_RULES, ranks=DEFAULT_RANKS, dataset="digits", hidden=(256,) * 4,
-                epochs=30, lr=1e-3, batch_size=32, seed=0, source="output", progress=True,
-                data: DataSplits | None = None, data_dir=None) -> list[Row]:
-    """Train the same MLP once per (rule, rank) and return one :class:`Row` per run."""
+                epochs=30, lr=1e-3, batch_size=32, seed=0, seeds=None, source="output", progress=True,
+                data: DataSplits | None = None, data_dir=None, model: str = "mlp",
+                model_options: dict | None = None) -> list[Row]:
+    """Train the same model once per (rule, rank) and seed; one :class:`Row` per run.
+
+    ``seeds`` (default ``[seed]``) are run one after the other; within a seed every rule gets
+    the same initial forward weights and the same batches. ``hidden`` is the MLP's widths
+    (ignored for other models, which take ``model_options``). The data split is the same for
+    every seed (``seed`` chooses it), so the spread is that of training alone.
+    """
     for rule in rules:
         if rule not in DIRECT_RULES:
             get_rule(rule)  # fail before any training on a bad name
+    seeds = list(seeds) if seeds is not None else [seed]
+    options = dict(model_options or {})
+    if model == "mlp":
+        options.setdefault("hidden", tuple(hidden))
     data = data or load_dataset(dataset, seed=seed, data_dir=data_dir)
+    build_model(model, data.input_shape, data.num_classes, **options)  # bad options fail before training
     runs = plan(rules, ranks)
     rows = []
-    bar = tqdm(total=len(runs) * epochs, desc="compare", unit="epoch", disable=not progress)
-    for rule, rank in runs:
-        torch.manual_seed(seed)
-        model = MLP(data.input_shape, data.num_classes, hidden=hidden)
-        torch.manual_seed(seed + 1)  # feedback weights drawn after the same forward weights
-        extra = {"source": source} if rule in DIRECT_RULES else {}
-        model = raftorch.convert(model, rule, rank, **extra)
-        bar.set_postfix_str(f"{rule}" + (f" r={rank}" if rank else ""))
-        start = time.perf_counter()
-        loss = fit(model, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=bar)
-        seconds = time.perf_counter() - start
-        _, acc = evaluate(model, data.x_test, data.y_test, batch_size=1024)
-        rows.append(Row(rule, rank, acc, loss, seconds, source if rule in DIRECT_RULES else None))
+    bar = tqdm(total=len(runs) * epochs * len(seeds), desc="compare", unit="epoch", disable=not progress)
+    for s in seeds:
+        for rule, rank in runs:
+            torch.manual_seed(s)
+            net = build_model(model, data.input_shape, data.num_classes, **options)
+            torch.manual_seed(s + 1)  # feedback weights drawn after the same forward weights
+            extra = {"source": source} if rule in DIRECT_RULES else {}
+            if rule in DIRECT_RULES:
+                extra["example_input"] = data.x_train[:2]
+            net = raftorch.convert(net, rule, rank, **extra)
+            bar.set_postfix_str(f"{rule}" + (f" r={rank}" if rank else "") + f" seed {s}")
+            start = time.perf_counter()
+            loss = fit(net, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=s, progress=bar)
+            seconds = time.perf_counter() - start
+            _, acc = evaluate(net, data.x_test, data.y_test, batch_size=1024)
+            rows.append(Row(rule, rank, acc, loss, seconds, source if rule in DIRECT_RULES else None, s))
     bar.close()
     return rows
 
 
-def format_table(rows: list[Row]) -> str:
-    lines = ["| rule | rank | test accuracy | final train loss | time (s) |",
-             "|---|---|---|---|---|"]
+def summarize(rows: list[Row]) -> list[dict]:
+    """Per (rule, rank, source): mean and sample std over seeds of the test accuracy (percent)
+    and of the final training loss, the number of seeds and the mean seconds per run."""
+    groups: dict[tuple, list[Row]] = {}
     for r in rows:
-        rule = r.rule + (f" (source: {r.source})" if r.source else "")
-        rank = "full" if r.rank is None else str(r.rank)
-        lines.append(f"| {rule} | {rank} | {100 * r.test_accuracy:.2f}% | {r.train_loss:.4f} | {r.seconds:.1f} |")
+        groups.setdefault((r.rule, r.rank, r.source), []).append(r)
+    out = []
+    for (rule, rank, source), members in groups.items():
+        acc = [100 * m.test_accuracy for m in members]
+        loss = [m.train_loss for m in members]
+        out.append({"rule": rule, "rank": rank, "source": source, "n": len(members),
+                    "test_accuracy_mean": statistics.fmean(acc),
+                    "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                    "train_loss_mean": statistics.fmean(loss),
+                    "seconds_mean": statistics.fmean(m.seconds for m in members)})
+    return out
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = ["| rule | rank | test accuracy (%) | seeds | final train loss | time per run (s) |",
+             "|---|---|---|---|---|---|"]
+    for g in summarize(rows):
+        rule = g["rule"] + (f" (source: {g['source']})" if g["source"] else "")
+        rank = "full" if g["rank"] is None else str(g["rank"])
+        lines.append(f"| {rule} | {rank} | {g['test_accuracy_mean']:.2f} ± {g['test_accuracy_std']:.2f} | "
+                     f"{g['n']} | {g['train_loss_mean']:.4f} | {g['seconds_mean']:.1f} |")
     return "\n".join(lines)
 
 
 def save(rows: list[Row], prefix: str, meta: dict) -> list[str]:
     """Write ``PREFIX.json`` (rows + settings) and ``PREFIX.csv``, each atomically."""
     records = [asdict(r) for r in rows]
-    write_json(prefix + ".json", {"settings": meta, "rows": records})
+    write_json(prefix + ".json", {"settings": meta, "summary": summarize(rows), "rows": records})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else ["rule"])
     writer.writeheader()
@@ -140,16 +186,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", type=_csv(int), default=DEFAULT_RANKS,
                    help=f"ranks for the low-rank rules; default {','.join(map(str, DEFAULT_RANKS))}")
     p.add_argument("--data", default="digits", choices=DATASETS, help="dataset (default digits)")
+    p.add_argument("--model", default="mlp", choices=sorted(MODELS), help="model (default mlp)")
+    p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model option as KEY=VALUE (YAML value), repeatable: --model-option channels=8")
     p.add_argument("--data-dir", default=None, help="folder with the datasets (else $RAFTORCH_DATA, else ~/.cache/raftorch)")
-    p.add_argument("--hidden", type=_csv(int), default=(256,) * 4, help="hidden widths (default 256,256,256,256)")
+    p.add_argument("--hidden", type=_csv(int), default=(256,) * 4,
+                   help="hidden widths of the MLP (default 256,256,256,256)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=_csv(int), default=(0, 1, 2),
+                   help="comma-separated seeds; the table shows mean ± std over them (default 0,1,2)")
     p.add_argument("--source", default="output",
                    help="dfa/draf: the module whose error is sent to earlier layers (default output)")
-    p.add_argument("--out", default="results/compare",
-                   help="write OUT.json and OUT.csv (default results/compare)")
+    p.add_argument("--out", default=None,
+                   help="write OUT.json and OUT.csv (default results/compare-DATA-MODEL-HASH, named by the settings)")
+    p.add_argument("--force", action="store_true", help="overwrite an --out that holds other settings")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the usable cores not already busy; recorded in OUT.json)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -160,6 +212,8 @@ def run(args) -> int:
         raise SystemExit("raftorch compare: --epochs and --batch-size must be positive")
     if any(r <= 0 for r in args.ranks):
         raise SystemExit(f"raftorch compare: ranks must be positive integers, got {args.ranks}")
+    if not args.seeds or any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"raftorch compare: --seeds must be distinct non-negative whole numbers, got {args.seeds}")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"raftorch compare: --threads must be a positive whole number, got {args.threads}")
     from raftorch.train import auto_threads
@@ -172,23 +226,57 @@ def run(args) -> int:
         torch.set_num_threads(before)
 
 
-def _run(args) -> int:
-    from pathlib import Path
+# settings that do not change the numbers (the rest names the default output)
+_RUN_ONLY = ("out", "force", "threads", "no_progress", "data_dir")
 
+
+def settings(args) -> dict:
+    """The settings that decide the numbers, JSON-ready (tuples as lists)."""
+    meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+            if not k.startswith("_") and k not in ("command", *_RUN_ONLY)}
+    return meta
+
+
+def default_out(args) -> str:
+    digest = hashlib.sha256(json.dumps(settings(args), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"results/compare-{args.data.replace(':', '_')}-{args.model}-{digest}"
+
+
+def _check_out(prefix: str, want: dict, force: bool) -> None:
+    path = Path(prefix + ".json")
+    if force or not path.exists():
+        return
+    try:
+        have = {k: v for k, v in json.loads(path.read_text()).get("settings", {}).items() if k not in
+                ("threads", "torch", *_RUN_ONLY)}
+    except (OSError, ValueError, AttributeError):
+        have = None
+    if have != want:
+        raise ValueError(f"{path} holds a comparison with other settings; choose another --out, "
+                         f"or --force to overwrite it")
+
+
+def _run(args) -> int:
     from raftorch.data import CorruptDatasetError, DatasetNotFoundError
-    from raftorch.train import check_writable
+    from raftorch.train import _parse_pairs, check_writable
 
     try:
-        check_writable(Path(args.out).parent)
+        if args.model != "mlp" and tuple(args.hidden) != (256,) * 4:
+            raise ValueError(f"--hidden sets the MLP's widths; model {args.model!r} takes --model-option instead")
+        options = _parse_pairs(args.model_option, "--model-option")
+        args.model_option = options
+        out = args.out or default_out(args)
+        check_writable(Path(out).parent)
+        _check_out(out, settings(args), args.force)
         rows = run_compare(rules=args.rules, ranks=args.ranks, dataset=args.data, hidden=args.hidden,
                            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                           seed=args.seed, source=args.source, progress=not args.no_progress,
-                           data_dir=args.data_dir)
+                           seed=args.seeds[0], seeds=args.seeds, source=args.source,
+                           progress=not args.no_progress, data_dir=args.data_dir, model=args.model,
+                           model_options=options)
     except (ValueError, DatasetNotFoundError, CorruptDatasetError) as exc:
         raise SystemExit(f"raftorch compare: {exc}")
     print(format_table(rows))
-    meta = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-    meta.update(threads=torch.get_num_threads(), torch=torch.__version__)
-    for path in save(rows, args.out, meta):
+    meta = {**settings(args), "out": out, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    for path in save(rows, out, meta):
         print(f"wrote {path}")
     return 0
