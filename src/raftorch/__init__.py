@@ -9,7 +9,9 @@ from raftorch.convert import ConversionReport, RaftorchConversionWarning, conver
 from raftorch.direct import DirectFeedback
 from raftorch.layers import Conv2d, Linear
 from raftorch.rules import RULES, get_rule
+from raftorch.scaling import loss_scale
 
 __version__ = "0.1.0"
 __all__ = ["Linear", "Conv2d", "convert", "describe", "feed_targets", "metrics", "RULES",
-           "get_rule", "ConversionReport", "RaftorchConversionWarning", "DirectFeedback"]
+           "get_rule", "ConversionReport", "RaftorchConversionWarning", "DirectFeedback",
+           "loss_scale"]

@@ -72,7 +72,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 
-from raftorch.functional import OjaOptions, lowrank_feedback
+from raftorch.functional import LossScale, OjaOptions, check_error_clamp, lowrank_feedback, no_double_backward
 from raftorch.layers import init_feedback_
 from raftorch.rules import DIRECT_RULES, Rule, check_rank
 
@@ -87,7 +87,7 @@ _ELEMENTWISE = _ACTIVATIONS + (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, n
                                nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
           nn.AdaptiveMaxPool2d)
-_OJA_KEYS = {"oja_center": "center", "oja_scale": "scale", "oja_reduce": "reduce"}
+_OJA_KEYS = {"oja_center": "center", "oja_scale": "scale", "oja_reduce": "reduce", "oja_ddof": "ddof"}
 
 
 def _weight_layer(m: nn.Module) -> bool:
@@ -184,6 +184,7 @@ class _DirectFeedbackFn(Function):
 
     @staticmethod
     def backward(ctx, e):
+        no_double_backward("direct feedback")
         plan, k = ctx.plan, len(ctx.plan.paths)
         saved = ctx.saved_tensors
         hs = saved[:k] if plan.learns_q else None
@@ -198,21 +199,27 @@ class _DirectFeedbackFn(Function):
                 e2 = e.reshape(rows, -1).to(P.dtype)
                 h = hs[i].reshape(rows, -1).to(P.dtype) if need_p[2 * i] else None
                 gh, grad_p[2 * i], grad_p[2 * i + 1], _, _ = lowrank_feedback(
-                    e2, h, Q, P, plan.oja, need_h[i], need_p[2 * i], need_p[2 * i + 1])
+                    e2, h, Q, P, plan.oja, need_h[i], need_p[2 * i], need_p[2 * i + 1],
+                    scale=plan.scale, clamp=plan.clamp)
                 if gh is not None:
                     grad_h[i] = gh.view(shape).to(e.dtype)
             else:
                 B = params[i]
                 if need_h[i]:
-                    grad_h[i] = (e.reshape(rows, -1).to(B.dtype) @ B.t()).view(shape).to(e.dtype)
+                    gh = e.reshape(rows, -1).to(B.dtype) @ B.t()
+                    if plan.clamp is not None:
+                        gh = gh.clamp_(-plan.clamp, plan.clamp)
+                    grad_h[i] = gh.view(shape).to(e.dtype)
         return (None, e, *grad_h, *grad_p)
 
 
 class _Plan:
     """What the Function needs to know, fixed at construction."""
 
-    def __init__(self, paths, rule: Rule, oja):
+    def __init__(self, paths, rule: Rule, oja, clamp=None):
         self.paths = paths
+        self.clamp = clamp  # error_clamp: delta_l clamped to [-c, c]
+        self.scale = LossScale()  # set by raftorch.loss_scale
         self.low_rank = rule.low_rank
         self.learns_q = "Q" in rule.learns
         self.oja = oja
@@ -274,8 +281,10 @@ class DirectFeedback(nn.Module):
         example_input: a sample batch; needed when sizes do not follow from ``Linear``
             widths (convolutional targets or sources, token inputs). It is run once under
             ``no_grad`` in eval mode (training flags are restored).
-        **options: Oja options for ``draf``: ``oja_center``, ``oja_scale``, ``oja_reduce``
-            (see :class:`raftorch.functional.OjaOptions`).
+        **options: Oja options for ``draf``: ``oja_center``, ``oja_scale``, ``oja_reduce``,
+            ``oja_ddof`` (see :class:`raftorch.functional.OjaOptions`); and, for both rules,
+            ``error_clamp=c``: every ``delta_l`` a path delivers is clamped to ``[-c, c]``.
+            :func:`raftorch.loss_scale` applies to the paths' Oja updates as to a layer's.
 
     Every ``ValueError`` names what was wrong and the valid choices.
     """
@@ -294,6 +303,8 @@ class DirectFeedback(nn.Module):
         if "direct_feedback" in model._modules:
             raise ValueError("model already has a direct_feedback; call "
                              "model.direct_feedback.detach_from(model) first")
+        options = dict(options)
+        self.error_clamp = check_error_clamp(options.pop("error_clamp", None))
         self.oja = self._parse_options(options)
         self.source, self._source_point, source_index = self._resolve_source(model, source)
         points = self._resolve_targets(model, targets, source_index)
@@ -305,7 +316,7 @@ class DirectFeedback(nn.Module):
         self.paths = nn.ModuleList(
             DirectPath(t, p, self.rule, rank, sizes[p], sizes[None], **factory) for t, p in points
         )
-        self._plan = _Plan(list(range(len(self.paths))), self.rule, self.oja)
+        self._plan = _Plan(list(range(len(self.paths))), self.rule, self.oja, self.error_clamp)
         self._stash: dict[str, Tensor] = {}
         self._attach(model)
 
@@ -314,7 +325,8 @@ class DirectFeedback(nn.Module):
     def _parse_options(self, options):
         unknown = sorted(set(options) - set(_OJA_KEYS))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for direct feedback; valid: {list(_OJA_KEYS)}"
+            raise ValueError(f"unknown option(s) {unknown} for direct feedback; valid: "
+                             f"{[*_OJA_KEYS, 'error_clamp']}"
                              + (" (oja_source='target' is for a layer-wise output layer only)"
                                 if "oja_source" in unknown else ""))
         if options and not self.rule.low_rank:

@@ -47,7 +47,7 @@ from torch.autograd import Function
 
 from raftorch import _ext
 
-OJA_SCALES = ("maxstd", "rms", "none")
+OJA_SCALES = ("maxstd", "rms", "std", "none")
 OJA_REDUCES = ("mean", "sum")
 OJA_SOURCES = ("error", "target")
 
@@ -63,8 +63,16 @@ class OjaOptions:
       appendix does this for the output layer).
     * ``center``: subtract the per-feature mean over the batch (default ``True``).
     * ``scale``: divide ``e`` by its largest per-feature standard deviation (``"maxstd"``, the
-      default, as in the authors' code), by its root-mean-square (``"rms"``) or not at all
-      (``"none"``; then the update scales with the loss's batch reduction).
+      default, as in the authors' layer-wise code), by its root-mean-square (``"rms"``: the
+      square root of the mean over features of the per-feature variances), **each feature by
+      its own** standard deviation (``"std"``, as in the authors' dRAF) or not at all
+      (``"none"``; then the update scales with the loss's batch reduction). A feature (for
+      ``"std"``) or a whole signal (the scalar scales) whose variance is below
+      ``1e-6`` times its mean square (plus ``1e-30`` per row) carries no direction and gives
+      no update, never 0/0.
+    * ``ddof``: the variance estimator of the scales, ``sum_n (e_n - mean)^2 / (M - ddof)``:
+      ``0`` (population, the default) or ``1`` (unbiased, ``torch.std``, as the authors). With
+      ``M - ddof <= 0`` (one row and ``ddof=1``) the update is zero.
     * ``reduce``: ``"mean"`` (default) or ``"sum"`` of the per-sample updates over the batch
       (the authors summed).
     """
@@ -73,6 +81,7 @@ class OjaOptions:
     center: bool = True
     scale: str = "maxstd"
     reduce: str = "mean"
+    ddof: int = 0
 
     def __post_init__(self):
         for name, value, valid in (
@@ -84,6 +93,75 @@ class OjaOptions:
                 raise ValueError(f"{name}={value!r} is not valid; choose one of {valid}")
         if not isinstance(self.center, bool):
             raise ValueError(f"oja_center must be True or False, got {self.center!r}")
+        if isinstance(self.ddof, bool) or self.ddof not in (0, 1):
+            raise ValueError(f"oja_ddof must be 0 or 1, got {self.ddof!r}")
+
+
+def check_error_clamp(value) -> float | None:
+    """``error_clamp``: ``None`` or a positive finite number ``c``; the input gradient a layer
+    (or direct path) sends down is clamped to ``[-c, c]`` (the authors' backward hook, c = 1)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
+        raise ValueError(f"error_clamp must be None or a positive finite number, got {value!r}")
+    return float(value)
+
+
+class LossScale:
+    """By what factor ``c`` the loss of the current backward was multiplied (set by
+    :func:`raftorch.loss_scale`; 1 otherwise), held by each layer / direct feedback object.
+
+    Every gradient but Oja's is linear in the loss, so it arrives multiplied by ``c`` and the
+    training loop undoes it (``GradScaler.unscale_`` divides by ``s = c``; accumulating ``k``
+    micro-batches of ``loss / k`` sums ``c = 1/k`` times each). Oja's update of ``P`` is not:
+    it depends on the Oja signal ``e`` only through ``e / scale(e)`` (``maxstd``, ``rms``,
+    ``std``) or quadratically (``none``), and not at all on the loss with ``oja_source="target"``.
+    So that ``P`` is treated like ``W``, the layer writes ``c G(e / c)`` into ``P.grad``, where
+    ``G`` is :func:`oja_grad` and ``e / c`` the signal the unscaled loss would have sent: that is
+    ``c G(e)`` for the scale-invariant scales and for targets, ``G(e) / c`` for ``scale="none"``
+    on the error (:meth:`multiplier`). Then ``P``'s step after unscaling / accumulation equals
+    the unscaled one / the mean of the micro-batch updates, exactly as ``W``'s.
+
+    The value lives in a 0-dim float64 CPU tensor, read when the backward runs (the C++ fast
+    path reads the same tensor).
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self):
+        self.tensor = torch.ones((), dtype=torch.float64)
+
+    @property
+    def value(self) -> float:
+        return float(self.tensor.item())
+
+    def multiplier(self, opts: "OjaOptions", on_error: bool = True) -> float:
+        """The factor applied to :func:`oja_grad`'s result: ``c``, or ``1 / c`` for
+        ``scale="none"`` on the error."""
+        c = self.value
+        if c == 1.0:
+            return 1.0
+        return 1.0 / c if (opts.scale == "none" and on_error) else c
+
+    def __deepcopy__(self, memo):
+        new = LossScale()
+        new.tensor.copy_(self.tensor)
+        return new
+
+    def __getstate__(self):
+        return {"value": self.value}
+
+    def __setstate__(self, state):
+        self.tensor = torch.full((), float(state["value"]), dtype=torch.float64)
+
+
+def no_double_backward(what: str) -> None:
+    """Feedback rules have no defined second derivative: refuse ``create_graph=True`` (inside a
+    custom backward, grad mode is on exactly when the caller asked for ``create_graph``)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{what}: backward with create_graph=True (double backward) is not defined for a "
+            "feedback rule; use rule='bp' (exactly nn.Linear / nn.Conv2d) for higher-order gradients")
 
 
 class TargetSlot:
@@ -113,21 +191,36 @@ class TargetSlot:
         return t
 
 
-def oja_grad(P: Tensor, e: Tensor, z: Tensor, opts: OjaOptions, colsum: Tensor | None = None) -> Tensor:
-    """``grad_P = -(z_n^T e_n - z_n^T z_n P)`` (divided by the rows for ``reduce="mean"``).
+# Read the scale on the host (``.item()``) on CPU tensors; elsewhere (and where this is set
+# to False, which tests use to run the device branch on the CPU) keep it a tensor: no sync.
+HOST_SCALARS = True
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def oja_grad(P: Tensor, e: Tensor, z: Tensor, opts: OjaOptions, colsum: Tensor | None = None,
+             mult: float = 1.0) -> Tensor:
+    """``grad_P = -(z_n^T e_n - z_n^T z_n P)`` (divided by the rows for ``reduce="mean"``),
+    times ``mult`` (the loss-scale correction of :class:`LossScale`).
 
     ``e`` is the Oja signal ``(M, n_out)`` and ``z = e P^T`` ``(M, r)``, both uncentred
     (``z`` is fastest as a transposed view of a contiguous ``(r, M)`` tensor); ``colsum``, if
-    given, is ``e.sum(0)`` (a layer's bias gradient, reused).
+    given, is ``e.sum(0)`` (a layer's bias gradient, reused). ``e_n = (e - mean e) / s`` as
+    :class:`OjaOptions` says, ``z_n = e_n P^T``.
 
-    Centring and the scalar scale ``s`` never touch the ``(M, n_out)`` signal: with
-    ``z_n = (e - mean e) P^T / s``, the centred ``z_n`` is orthogonal to the constant column, so
-    ``z_n^T e_n = z_n^T e / s = (z^T e - (z^T 1)(1^T e) / M) / s``: a rank-one correction of
-    ``A = z^T e`` (``r x n_out``). Then ``z_n^T z_n = A P^T`` (as ``P P^T`` need not be the
-    identity, this is exact only because ``z_n = e_n P^T``), so
-    ``grad_P = ((A P^T) P - A) / s^2``. The only passes over the batch are ``z^T e`` and the
-    per-feature sums of squares for ``s``.
+    Fast path (float32 / float64 signals, scalar scales): centring and the scalar scale ``s``
+    never touch the ``(M, n_out)`` signal: the centred ``z_n`` is orthogonal to the constant
+    column, so ``z_n^T e_n = z_n^T e / s = (z^T e - (z^T 1)(1^T e) / M) / s``: a rank-one
+    correction of ``A = z^T e`` (``r x n_out``). Then ``z_n^T z_n = A P^T`` (as ``P P^T`` need
+    not be the identity, this is exact only because ``z_n = e_n P^T``), so
+    ``grad_P = ((A P^T) P - A) / s^2``, with ``s^2 = max_j`` (``maxstd``) or ``mean_j``
+    (``rms``) of ``v_j / (M - ddof)``, ``v_j = sum_n e_nj^2 - (sum_n e_nj)^2 / M``. The only
+    passes over the batch are ``z^T e`` and the per-feature sums of squares for ``s``.
+
+    Explicit path (:func:`oja_grad_explicit`), for ``scale="std"`` and for float16 / bfloat16
+    signals: everything in float32, the signal centred before any product.
     """
+    if opts.scale == "std" or e.dtype in _LOW_PRECISION or P.dtype in _LOW_PRECISION:
+        return oja_grad_explicit(P, e, opts, mult)
     rows = e.shape[0]
     zt = z.t()
     A = zt @ e
@@ -137,8 +230,9 @@ def oja_grad(P: Tensor, e: Tensor, z: Tensor, opts: OjaOptions, colsum: Tensor |
     if opts.center:
         A = torch.addr(A, zt.sum(1), colsum, alpha=-1.0 / rows)
     grad = torch.addmm(A, A @ P.t(), P, beta=-1.0)
+    reduce = rows if opts.reduce == "mean" else 1
     if opts.scale == "none":
-        return grad.div_(rows) if opts.reduce == "mean" else grad
+        return grad.mul_(mult / reduce)
     # per-feature variances times the rows, from one fused pass (Tensor.var over dim 0 is ~15x
     # slower on CPU); the scale only sets P's step size, so the cancellation risk is harmless
     sq = (e * e).sum(0)
@@ -146,12 +240,52 @@ def oja_grad(P: Tensor, e: Tensor, z: Tensor, opts: OjaOptions, colsum: Tensor |
     s2 = var.max() if opts.scale == "maxstd" else var.mean()
     # a (numerically) constant signal carries no direction: no update rather than 0/0
     floor = sq.mean() * 1e-6
-    reduce = rows if opts.reduce == "mean" else 1
-    if e.device.type == "cpu":  # scalars are free to read on the CPU: skip the tensor ops
+    dof = max(rows - opts.ddof, 0)  # s^2 = v / (M - ddof): grad * (M - ddof) / v
+    if e.device.type == "cpu" and HOST_SCALARS:  # scalars are free to read on the CPU
         s2, floor = s2.item(), floor.item() + 1e-30 * rows
-        return grad.mul_(rows / (reduce * s2) if s2 > floor else 0.0)
+        return grad.mul_(mult * dof / (reduce * s2) if s2 > floor else 0.0)
     floor = floor + 1e-30 * rows
-    return grad.mul_((s2 > floor) * rows / (reduce * torch.maximum(s2, floor)))
+    return grad.mul_((s2 > floor) * (mult * dof) / (reduce * torch.maximum(s2, floor)))
+
+
+def oja_grad_explicit(P: Tensor, e: Tensor, opts: OjaOptions, mult: float = 1.0) -> Tensor:
+    """:func:`oja_grad` with the normalised signal formed explicitly, in float32 (float64 stays
+    float64) whatever the input dtype, returned in ``P``'s dtype:
+    ``e_c = e - mean e`` (if ``center``), ``v_j = sum_n e_c,nj^2``, ``d = M - ddof``,
+    ``e_n = e_c / s`` with ``s^2 = max_j v_j / d`` (``maxstd``), ``mean_j v_j / d`` (``rms``),
+    ``1`` (``none``), or per feature ``e_n,:j = e_c,:j / sqrt(v_j / d)`` (``std``); then
+    ``z_n = e_n P^T``, ``A = z_n^T e_n``, ``grad_P = mult ((A P^T) P - A) / reduce``.
+
+    Floors: a scalar scale below ``1e-6 mean_j sum_n e_nj^2 + 1e-30 M`` gives a zero update;
+    for ``std`` a feature with ``v_j <= 1e-6 sum_n e_nj^2 + 1e-30 M`` is left out (zero).
+    Sums of squares of float16 errors overflow (65504) at a loss scale of ~2^16, and the
+    rank-one centring of the fast path loses every digit in bfloat16 when ``|mean| >> std``:
+    hence float32 and explicit centring."""
+    work = torch.float64 if e.dtype == torch.float64 else torch.float32
+    e = e.to(work)
+    Pw = P.to(work)
+    rows = e.shape[0]
+    dof = max(rows - opts.ddof, 0)
+    reduce = rows if opts.reduce == "mean" else 1
+    sq = (e * e).sum(0)
+    if opts.center:
+        e = e - e.mean(0)
+    if opts.scale != "none":
+        v = (e * e).sum(0)
+        if opts.scale == "std":
+            keep = v > sq * 1e-6 + 1e-30 * rows
+            inv = torch.where(keep, (dof / torch.where(keep, v, torch.ones_like(v))).sqrt(),
+                              torch.zeros_like(v))
+            e = e * inv
+        else:
+            s2 = v.max() if opts.scale == "maxstd" else v.mean()
+            floor = sq.mean() * 1e-6 + 1e-30 * rows
+            factor = (s2 > floor) * dof / torch.maximum(s2, floor)
+            e = e * factor.sqrt()
+    zn = e @ Pw.t()
+    A = zn.t() @ e
+    grad = torch.addmm(A, A @ Pw.t(), Pw, beta=-1.0)
+    return grad.mul_(mult / reduce).to(P.dtype)
 
 
 # --------------------------------------------------------------------------- autocast
@@ -171,41 +305,51 @@ def _autocast(x: Tensor, *tensors):
 # --------------------------------------------------------------------------- Linear
 
 
+def _clamp(t: Tensor | None, c: float | None) -> Tensor | None:
+    return t if t is None or c is None else t.clamp_(-c, c)
+
+
 class LinearFullFeedback(Function):
-    """``y = x W^T + b``; backward sends ``g B^T`` down; ``grad_B = grad_W^T`` if B learns."""
+    """``y = x W^T + b``; backward sends ``g B^T`` down (clamped to ``[-c, c]`` with
+    ``error_clamp=c``); ``grad_B = grad_W^T`` if B learns."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, B):
+    def forward(ctx, x, weight, bias, B, clamp=None):
         x, weight, bias, B = _autocast(x, weight, bias, B)
         ctx.save_for_backward(x, B)
+        ctx.clamp = clamp
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
+        no_double_backward("raftorch.Linear (fa/kp)")
         x, B = ctx.saved_tensors
-        need_x, need_w, need_b, need_B = ctx.needs_input_grad
+        need_x, need_w, need_b, need_B = ctx.needs_input_grad[:4]
         g2 = g.reshape(-1, g.shape[-1])
         grad_x = grad_w = grad_b = grad_B = None
         if need_x:
-            grad_x = (g2 @ B.t()).view(x.shape)
+            grad_x = _clamp((g2 @ B.t()).view(x.shape), ctx.clamp)
         if need_w or need_B:
             grad_w = g2.t() @ x.reshape(-1, x.shape[-1])
             if need_B:
                 grad_B = grad_w.t()
         if need_b:
             grad_b = g2.sum(0)
-        return grad_x, grad_w if need_w else None, grad_b, grad_B
+        return grad_x, grad_w if need_w else None, grad_b, grad_B, None
 
 
 def lowrank_feedback(g: Tensor, x: Tensor, Q: Tensor, P: Tensor, oja: OjaOptions | None,
                      need_x: bool, need_Q: bool, need_P: bool, *, targets: TargetSlot | None = None,
-                     need_w: bool = False, need_b: bool = False):
+                     need_w: bool = False, need_b: bool = False, scale: LossScale | None = None,
+                     clamp: float | None = None):
     """The low-rank feedback path for rows ``g`` ``(M, n_out)`` arriving at activity ``x``
     ``(M, n_in)``: ``(g P^T Q^T, x^T z, Oja's grad_P, g^T x, sum_rows g)``, each ``None``
     unless asked for (the last two are a Linear layer's weight and bias gradients).
 
     Shared by the layer-wise rules and the direct ones (where ``g`` is the source error).
-    With ``targets``, Oja runs on the fed targets instead of ``g``.
+    With ``targets``, Oja runs on the fed targets instead of ``g``. ``scale`` (the loss scale
+    of this backward) multiplies Oja's update as :class:`LossScale` says; ``clamp`` clamps
+    ``grad_x`` to ``[-clamp, clamp]``.
 
     The order is chosen for the CPU's caches: on 2 cores, a pass over a ``256 x 512`` ``g``
     costs ~45 us more once the big ``g^T x`` product has pushed it out of cache than while it
@@ -220,50 +364,63 @@ def lowrank_feedback(g: Tensor, x: Tensor, Q: Tensor, P: Tensor, oja: OjaOptions
     # z^T = P g^T, kept (r, M) contiguous: thin products are 2-6x faster on CPU this way
     zt = P @ g.t() if (need_x or need_Q or oja_on_g) else None
     if oja_on_g:
-        grad_P = oja_grad(P, g, zt.t(), oja, grad_b)
+        mult = 1.0 if scale is None else scale.multiplier(oja, on_error=True)
+        grad_P = oja_grad(P, g, zt.t(), oja, grad_b, mult)
     elif need_P:
+        mult = 1.0 if scale is None else scale.multiplier(oja, on_error=False)
         e = targets.take(g.shape[0], g.shape[1], g)
-        grad_P = oja_grad(P, e, (P @ e.t()).t(), oja)
+        grad_P = oja_grad(P, e, (P @ e.t()).t(), oja, mult=mult)
     if need_w:
         grad_w = g.t() @ x
     if need_Q:  # x^T z
         grad_Q = (zt @ x).t()
     if need_x:
-        grad_x = zt.t() @ Q.t()
+        grad_x = _clamp(zt.t() @ Q.t(), clamp)
     return grad_x, grad_Q, grad_P, grad_w, grad_b if need_b else None
 
 
 _SCALE_CODES = {"none": 0, "maxstd": 1, "rms": 2}
 
 
+def _fast_path_fits(x: Tensor, P: Tensor, oja: OjaOptions | None, clamp) -> bool:
+    """The C++ path covers CPU float32/float64 tensors outside autocast, Oja on the error with
+    ``ddof=0`` and a scalar scale, and no ``error_clamp``; everything else runs in Python."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and P.dtype == x.dtype
+            and clamp is None and not torch.is_autocast_enabled("cpu")
+            and (oja is None or (oja.source == "error" and oja.scale != "std" and oja.ddof == 0)))
+
+
 def linear_lowrank(x: Tensor, weight: Tensor, bias: Tensor | None, Q: Tensor, P: Tensor,
-                   oja: OjaOptions | None, targets: TargetSlot | None = None) -> Tensor:
+                   oja: OjaOptions | None, targets: TargetSlot | None = None,
+                   scale: LossScale | None = None, clamp: float | None = None) -> Tensor:
     """``y = x W^T + b`` with the low-rank feedback backward: the C++ fast path
-    (:mod:`raftorch._ext`) for CPU tensors outside autocast with Oja on the error, otherwise
+    (:mod:`raftorch._ext`) where :func:`_fast_path_fits`, otherwise
     :class:`LinearLowRankFeedback`. Both compute the same thing (tested equal)."""
-    if x.device.type == "cpu" and (oja is None or oja.source == "error") \
-            and not torch.is_autocast_enabled("cpu"):
+    if _fast_path_fits(x, P, oja, clamp):
         ext = _ext.get()
         if ext is not None:
+            mult = (scale or LossScale()).tensor
             if oja is None:  # P does not learn: the Oja settings are never read
-                return ext.lowrank_linear(x, weight, bias, Q, P, False, 0, True)
+                return ext.lowrank_linear(x, weight, bias, Q, P, False, 0, True, mult)
             return ext.lowrank_linear(x, weight, bias, Q, P, oja.center, _SCALE_CODES[oja.scale],
-                                      oja.reduce == "mean")
-    return LinearLowRankFeedback.apply(x, weight, bias, Q, P, oja, targets)
+                                      oja.reduce == "mean", mult)
+    return LinearLowRankFeedback.apply(x, weight, bias, Q, P, oja, targets, scale, clamp)
 
 
 class LinearLowRankFeedback(Function):
     """``y = x W^T + b``; backward sends ``(g P^T) Q^T`` down, ``grad_Q = x^T z``, Oja on P."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, Q, P, oja: OjaOptions, targets: TargetSlot | None):
+    def forward(ctx, x, weight, bias, Q, P, oja: OjaOptions, targets: TargetSlot | None,
+                scale: LossScale | None = None, clamp: float | None = None):
         x, weight, bias, Q, P = _autocast(x, weight, bias, Q, P)
         ctx.save_for_backward(x, Q, P)
-        ctx.oja, ctx.targets = oja, targets
+        ctx.oja, ctx.targets, ctx.scale, ctx.clamp = oja, targets, scale, clamp
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
+        no_double_backward("raftorch.Linear (low-rank rule)")
         x, Q, P = ctx.saved_tensors
         need_x, need_w, need_b, need_Q, need_P = ctx.needs_input_grad[:5]
         g2 = g.reshape(-1, g.shape[-1])
@@ -271,10 +428,10 @@ class LinearLowRankFeedback(Function):
         targets = ctx.targets if need_P and ctx.oja.source == "target" else None
         grad_x, grad_Q, grad_P, grad_w, grad_b = lowrank_feedback(
             g2, x2, Q, P, ctx.oja, need_x, need_Q, need_P, targets=targets,
-            need_w=need_w, need_b=need_b)
+            need_w=need_w, need_b=need_b, scale=ctx.scale, clamp=ctx.clamp)
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
-        return grad_x, grad_w, grad_b, grad_Q, grad_P, None, None
+        return grad_x, grad_w, grad_b, grad_Q, grad_P, None, None, None, None
 
 
 # --------------------------------------------------------------------------- Conv2d
@@ -306,21 +463,22 @@ class Conv2dFullFeedback(Function):
     """Convolution; backward sends ``conv_transpose(g, B)`` down; ``grad_B = grad_W`` if B learns."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, B, geom: ConvGeometry):
+    def forward(ctx, x, weight, bias, B, geom: ConvGeometry, clamp: float | None = None):
         x, weight, bias, B = _autocast(x, weight, bias, B)
         ctx.save_for_backward(x, B)
-        ctx.geom = geom
+        ctx.geom, ctx.clamp = geom, clamp
         return geom.conv(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
+        no_double_backward("raftorch.Conv2d (fa/kp)")
         x, B = ctx.saved_tensors
         need_x, need_w, need_b, need_B = ctx.needs_input_grad[:4]
         grad_x, grad_w, grad_b = ctx.geom.backward(
             g, x, B, (need_x, need_w or need_B), bias=need_b
         )
         grad_B = grad_w.clone() if need_B else None
-        return grad_x, grad_w if need_w else None, grad_b, grad_B, None
+        return _clamp(grad_x, ctx.clamp), grad_w if need_w else None, grad_b, grad_B, None, None
 
 
 class Conv2dLowRankFeedback(Function):
@@ -328,14 +486,16 @@ class Conv2dLowRankFeedback(Function):
     ``grad_Q = conv_weight_grad(x, z)``, Oja on ``P`` over batch and pixels."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, Q, P, geom: ConvGeometry, oja: OjaOptions):
+    def forward(ctx, x, weight, bias, Q, P, geom: ConvGeometry, oja: OjaOptions,
+                scale: LossScale | None = None, clamp: float | None = None):
         x, weight, bias, Q, P = _autocast(x, weight, bias, Q, P)
         ctx.save_for_backward(x, weight, Q, P)
-        ctx.geom, ctx.oja = geom, oja
+        ctx.geom, ctx.oja, ctx.scale, ctx.clamp = geom, oja, scale, clamp
         return geom.conv(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
+        no_double_backward("raftorch.Conv2d (low-rank rule)")
         x, weight, Q, P = ctx.saved_tensors
         need_x, need_w, need_b, need_Q, need_P = ctx.needs_input_grad[:5]
         geom = ctx.geom
@@ -350,5 +510,7 @@ class Conv2dLowRankFeedback(Function):
                 # every pixel is a sample: rows = N*H*W, features = channels
                 e = g.transpose(0, 1).reshape(g.shape[1], -1).t()
                 zr = z.transpose(0, 1).reshape(z.shape[1], -1).t()
-                grad_P = oja_grad(P, e, zr, ctx.oja)
-        return grad_x, grad_w if need_w else None, grad_b, grad_Q, grad_P, None, None
+                mult = 1.0 if ctx.scale is None else ctx.scale.multiplier(ctx.oja)
+                grad_P = oja_grad(P, e, zr, ctx.oja, mult=mult)
+        return (_clamp(grad_x, ctx.clamp), grad_w if need_w else None, grad_b, grad_Q, grad_P,
+                None, None, None, None)

@@ -16,14 +16,15 @@ from torch import Tensor, nn
 from raftorch import functional as RF
 from raftorch.rules import Rule, check_rank, get_rule
 
-_OJA_KEYS = {"oja_source": "source", "oja_center": "center", "oja_scale": "scale", "oja_reduce": "reduce"}
-OPTIONS = tuple(_OJA_KEYS)
+_OJA_KEYS = {"oja_source": "source", "oja_center": "center", "oja_scale": "scale", "oja_reduce": "reduce",
+             "oja_ddof": "ddof"}
+OPTIONS = tuple(_OJA_KEYS) + ("error_clamp",)
 
 
 def _parse_options(rule: Rule, options: dict) -> RF.OjaOptions | None:
-    unknown = sorted(set(options) - set(_OJA_KEYS))
+    unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; valid options are {list(_OJA_KEYS)}")
+        raise ValueError(f"unknown option(s) {unknown}; valid options are {list(OPTIONS)}")
     if options and "P" not in rule.learns:
         raise ValueError(
             f"options {sorted(options)} set how P learns (Oja's rule), but rule {rule.name!r} "
@@ -52,7 +53,11 @@ def init_feedback_(module: nn.Module, fan_in: int) -> None:
         if getattr(module, name, None) is not None:
             getattr(module, name).uniform_(-bound, bound)
     if getattr(module, "P", None) is not None:
-        nn.init.orthogonal_(module.P)
+        P = module.P
+        if P.dtype in (torch.float16, torch.bfloat16):  # no QR in half precision on the CPU
+            P.copy_(nn.init.orthogonal_(torch.empty(P.shape, device=P.device)))
+        else:
+            nn.init.orthogonal_(P)
 
 
 class FeedbackLayer:
@@ -69,7 +74,14 @@ class FeedbackLayer:
     def _setup_feedback(self, rule, rank, rank_limit: int, options: dict) -> None:
         self.rule = get_rule(rule)
         self.rank = check_rank(self.rule, rank, rank_limit, layer=type(self).__name__)
+        options = dict(options)
+        self.error_clamp = RF.check_error_clamp(options.pop("error_clamp", None))
+        if self.error_clamp is not None and self.rule.path == "transpose":
+            raise ValueError("error_clamp changes the error sent down, so rule 'bp' would no longer be "
+                             "backprop; use it with a feedback rule")
         self.oja = _parse_options(self.rule, options)
+        # the factor the current backward's loss was multiplied by (raftorch.loss_scale)
+        self._loss_scale = RF.LossScale() if self.oja is not None else None
         if self.oja is not None and self.oja.source == "target":
             if not isinstance(self, nn.Linear):
                 raise ValueError("oja_source='target' is only meaningful for a Linear output layer")
@@ -103,6 +115,8 @@ class FeedbackLayer:
         oja = ""
         if self.oja is not None and self.oja != RF.OjaOptions():
             oja = f", oja={self.oja}"
+        if self.error_clamp is not None:
+            oja += f", error_clamp={self.error_clamp:g}"
         return f"{base}, rule={self.rule.name!r}{rank}{oja}"
 
 
@@ -116,7 +130,14 @@ class Linear(FeedbackLayer, nn.Linear):
         rank: rank ``r`` of the feedback path for the low-rank rules, clamped to
             ``min(in_features, out_features)``.
         **options: Oja options for ``rule="raf"``: ``oja_source``, ``oja_center``,
-            ``oja_scale``, ``oja_reduce`` (see :class:`raftorch.functional.OjaOptions`).
+            ``oja_scale``, ``oja_reduce``, ``oja_ddof`` (see
+            :class:`raftorch.functional.OjaOptions`); and, for every rule but ``bp``,
+            ``error_clamp=c`` (clamp the input gradient this layer sends down to ``[-c, c]``,
+            the authors' backward hook; default ``None``).
+
+    ``rule="bp"`` runs ``nn.Linear.forward`` itself (plain autograd), so it equals
+    ``nn.Linear`` exactly, second derivatives (``create_graph=True``) included. The feedback
+    rules raise under ``create_graph=True``: a feedback rule has no second derivative.
 
     Feedback parameters: ``B`` ``(in_features, out_features)`` for ``fa``/``kp``;
     ``Q`` ``(in_features, r)`` and ``P`` ``(r, out_features)`` for the low-rank rules.
@@ -142,9 +163,10 @@ class Linear(FeedbackLayer, nn.Linear):
         path = self.rule.path
         if path == "lowrank":
             return RF.linear_lowrank(input, self.weight, self.bias, self.Q, self.P, self.oja,
-                                     self._targets)
-        B = self.B if path == "full" else self.weight.detach().t()
-        return RF.LinearFullFeedback.apply(input, self.weight, self.bias, B)
+                                     self._targets, self._loss_scale, self.error_clamp)
+        if path == "transpose":  # bp: exactly nn.Linear (double backward included)
+            return nn.Linear.forward(self, input)
+        return RF.LinearFullFeedback.apply(input, self.weight, self.bias, self.B, self.error_clamp)
 
     @torch.no_grad()
     def feedback_matrix(self) -> Tensor:
@@ -239,10 +261,13 @@ class Conv2d(FeedbackLayer, nn.Conv2d):
         path = self.rule.path
         if path == "lowrank":
             return RF.Conv2dLowRankFeedback.apply(
-                input, self.weight, self.bias, self.Q, self.P, self.geometry, self.oja
+                input, self.weight, self.bias, self.Q, self.P, self.geometry, self.oja,
+                self._loss_scale, self.error_clamp
             )
-        B = self.B if path == "full" else self.weight.detach()
-        return RF.Conv2dFullFeedback.apply(input, self.weight, self.bias, B, self.geometry)
+        if path == "transpose":  # bp: exactly nn.Conv2d (double backward included)
+            return nn.Conv2d.forward(self, input)
+        return RF.Conv2dFullFeedback.apply(input, self.weight, self.bias, self.B, self.geometry,
+                                           self.error_clamp)
 
     def _dense(self, kernel: Tensor) -> Tensor:
         """A grouped kernel ``(C_out, C_in/g, kH, kW)`` as its dense equivalent

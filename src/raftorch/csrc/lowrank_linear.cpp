@@ -40,10 +40,10 @@ double oja_factor(int64_t M, int64_t n, const double* csum, const double* ssq, b
   return s2 > 1e-6 * tot / n + 1e-30 * M ? k * M / s2 : 0.0;
 }
 
-// Generic path (any dtype and layout): grad_P = k ((A P^T) P - A) with A = z_c^T e, z = e P^T
+// Generic path (any dtype and layout): grad_P = mult k ((A P^T) P - A) with A = z_c^T e, z = e P^T
 // given transposed as zt (r x M), colsum = e.sum(0).
 Tensor oja_grad(const Tensor& P, const Tensor& e, const Tensor& zt, const Tensor& colsum,
-                bool center, int64_t scale, bool reduce_mean) {
+                bool center, int64_t scale, bool reduce_mean, double mult) {
   const int64_t M = e.size(0), n = e.size(1);
   Tensor A = at::mm(zt, e);
   if (center) A.addr_(zt.sum(1), colsum, 1.0, -1.0 / M);
@@ -53,6 +53,7 @@ Tensor oja_grad(const Tensor& P, const Tensor& e, const Tensor& zt, const Tensor
     const double* ps = s.const_data_ptr<double>();
     k = oja_factor(M, n, ps, ps + n, center, scale, reduce_mean);
   }
+  k *= mult;
   return at::addmm(A, at::mm(A, P.t()), P, -k, k);
 }
 
@@ -311,7 +312,8 @@ struct Fused {
 // gradient x^T z in Q's layout (if qgrad) and Oja's update of P (if oja; needs stats when
 // centring or scaling), with z = g P^T.
 Fused fused_backward(const Tensor& g, const Tensor& x, const Tensor& Q, const Tensor& P, bool stats,
-                     bool need_x, bool oja, bool qgrad, bool center, int64_t scale, bool reduce_mean) {
+                     bool need_x, bool oja, bool qgrad, bool center, int64_t scale, bool reduce_mean,
+                     double mult) {
   const int64_t M = g.size(0), n = g.size(1), r = P.size(0), m = x.size(1);
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M / 64));
   const int64_t lda = n + kPad, ldq = m + kPad;
@@ -366,7 +368,7 @@ Fused fused_backward(const Tensor& g, const Tensor& x, const Tensor& Q, const Te
         for (int64_t j = 0; j < n; ++j) A[k * lda + j] -= float(zk * tot.csum[j]);
       }
     out.grad_P = at::empty({r, n}, g.options());
-    oja_finish(A, lda, p.P, r, n, oja_factor(M, n, tot.csum, tot.ssq, center, scale, reduce_mean),
+    oja_finish(A, lda, p.P, r, n, mult * oja_factor(M, n, tot.csum, tot.ssq, center, scale, reduce_mean),
                out.grad_P.data_ptr<float>());
   }
   return out;
@@ -377,8 +379,10 @@ Fused fused_backward(const Tensor& g, const Tensor& x, const Tensor& Q, const Te
 struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                         const c10::optional<Tensor>& bias, const Tensor& Q, const Tensor& P, bool center,
-                        int64_t scale, bool reduce_mean) {
+                        int64_t scale, bool reduce_mean, const Tensor& loss_scale) {
     ctx->save_for_backward({x, Q, P});
+    // raftorch.functional.LossScale's tensor, read when the backward runs (not when saved)
+    ctx->saved_data["loss_scale"] = loss_scale;
     ctx->saved_data["center"] = center;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["mean"] = reduce_mean;
@@ -387,6 +391,11 @@ struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // grad mode is on inside a backward exactly under create_graph=True (double backward)
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "raftorch.Linear (low-rank rule): backward with create_graph=True (double backward) is "
+                "not defined for a feedback rule; use rule='bp' (exactly nn.Linear / nn.Conv2d) for "
+                "higher-order gradients");
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &Q = saved[1], &P = saved[2];
     // inputs that are tensors, in order (an absent bias is not one)
@@ -397,6 +406,9 @@ struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
     const bool center = ctx->saved_data["center"].toBool();
     const int64_t scale = ctx->saved_data["scale"].toInt();
     const bool mean = ctx->saved_data["mean"].toBool();
+    // Oja's update times c (1 / c for scale none): see raftorch.functional.LossScale
+    const double c = ctx->saved_data["loss_scale"].toTensor().item<double>();
+    const double mult = scale == kNone ? 1.0 / c : c;
     const Tensor g = grads[0].reshape({-1, grads[0].size(-1)});
     const Tensor x2 = x.reshape({-1, x.size(-1)});
     const bool thin = need_x || need_Q || need_P;
@@ -405,28 +417,28 @@ struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
     bool fused = thin && fusable(g) && fusable(P) && P.size(0) <= kMaxFusedRank;
     fused = fused && (!need_Q || fusable(x2)) && (!need_x || fusable(Q));
     if (fused) {
-      Fused f = fused_backward(g, x2, Q, P, stats, need_x, need_P, need_Q, center, scale, mean);
+      Fused f = fused_backward(g, x2, Q, P, stats, need_x, need_P, need_Q, center, scale, mean, mult);
       grad_b = f.colsum, grad_Q = f.grad_Q, grad_P = f.grad_P;
       if (need_x) grad_x = f.grad_x.view(x.sizes());
     } else {  // other dtypes and layouts: the same steps as ATen operations
       if (stats) grad_b = g.sum(0);
       if (thin) {
         const Tensor zt = at::mm(P, g.t());
-        if (need_P) grad_P = oja_grad(P, g, zt, grad_b, center, scale, mean);
+        if (need_P) grad_P = oja_grad(P, g, zt, grad_b, center, scale, mean, mult);
         if (need_Q) grad_Q = at::mm(zt, x2).t();
         if (need_x) grad_x = at::mm(zt.t(), Q.t()).view(x.sizes());
       }
     }
     if (need_w) grad_w = at::mm(g.t(), x2);
     return {grad_x, grad_w, need_b ? grad_b : Tensor(), grad_Q, grad_P,
-            Tensor(), Tensor(), Tensor()};
+            Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 Tensor lowrank_linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
                       const Tensor& Q, const Tensor& P, bool center, int64_t scale,
-                      bool reduce_mean) {
-  return LowRankLinear::apply(x, weight, bias, Q, P, center, scale, reduce_mean);
+                      bool reduce_mean, const Tensor& loss_scale) {
+  return LowRankLinear::apply(x, weight, bias, Q, P, center, scale, reduce_mean, loss_scale);
 }
 
 }  // namespace
