@@ -56,7 +56,17 @@ def _show_progress_messages() -> None:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is when a message comes (not when it was made)."""
+    """Writes to whatever ``sys.stderr`` is when a message comes (not when it was made), through
+    ``tqdm.write``, so a message that comes while a progress bar is drawn (the one-time build
+    of the C++ fast path, on the first training step) gets its own line above the bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
 
     @property
     def stream(self):

@@ -26,15 +26,31 @@ def _panels(meta: dict, results: list[TheoryResult]) -> list[dict]:
 
 def draw_figure(json_path: str | os.PathLike, png_path: str | os.PathLike, dpi: int = 90) -> Path:
     """Redraw the Figure-2 PNG at ``png_path`` from the JSON written by ``save_results``."""
+    meta, results = load_results(json_path)
+    fig = build_figure(meta, results, source=json_path)
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
+
+
+def build_figure(meta: dict, results: list, source="results"):
+    """The Figure-2 matplotlib figure of ``results`` (top row: mode strengths, ODE lines and SGD
+    dots; bottom row: relative error and P's alignment per mode), with one legend below the
+    panels so that it covers no curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    meta, results = load_results(json_path)
     panels = _panels(meta, results)
     if not panels:
-        raise ValueError(f"{json_path} holds no results to draw")
+        raise ValueError(f"{source} holds no results to draw")
     fig, axes = plt.subplots(2, len(panels), figsize=(3.1 * len(panels), 5.6), sharex=True,
                              squeeze=False, gridspec_kw={"height_ratios": [3, 2]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -49,37 +65,40 @@ def draw_figure(json_path: str | os.PathLike, png_path: str | os.PathLike, dpi: 
             c = colors[i % len(colors)]
             top.axhline(s, color=c, ls="--", lw=0.8, alpha=0.7)
             if "ode" in runs:
-                top.plot(runs["ode"].times, runs["ode"].mode_strength_trajectory[:, i], color=c, lw=1.6,
-                         label=f"mode {i + 1}" if col == 0 else None)
+                top.plot(runs["ode"].times, runs["ode"].mode_strength_trajectory[:, i], color=c, lw=1.6)
             if "sim" in runs:
                 sim = runs["sim"]
                 k = max(1, len(sim.times) // 25)
-                top.plot(sim.times[::k], sim.mode_strength_trajectory[::k, i], "o", color=c, ms=2.5,
-                         label=("SGD" if i == 0 and col == 0 else None))
+                top.plot(sim.times[::k], sim.mode_strength_trajectory[::k, i], "o", color=c, ms=2.5)
         top.set_title(f"{panel['title']}\nerror {first.relative_error:.3f}, "
                       f"{len(first.recovered())}/{len(first.strengths)} modes", fontsize=9)
-        bottom.plot(first.times, first.relative_error_trajectory, color="k", lw=1.4, label="rel. error")
+        bottom.plot(first.times, first.relative_error_trajectory, color="k", lw=1.4)
         if first.alignment_trajectory is not None:
             for i in range(first.alignment_trajectory.shape[1]):
                 bottom.plot(first.times, first.alignment_trajectory[:, i], color=colors[i % len(colors)],
-                            ls="--", lw=1.0, label=("P alignment" if i == 0 else None))
-            bottom.legend(fontsize=7, loc="center right")
+                            ls="--", lw=1.0)
         bottom.set_ylim(-0.03, 1.05)
         bottom.set_xlabel("t = step x lr")
     axes[0, 0].set_ylabel("mode strength $u_i^T W_2 W_1 v_i$")
     axes[1, 0].set_ylabel("error / alignment")
-    axes[0, 0].legend(fontsize=7, loc="lower right")
+    # one legend for the whole figure, below the panels, so that no curve is covered: the
+    # colour is the mode in both rows (strength on top, P's alignment with it below)
+    from matplotlib.lines import Line2D
+
+    n_modes = max((len(r.strengths) for r in results), default=0)
+    handles = [Line2D([], [], color=colors[i % len(colors)], lw=1.6, label=f"mode {i + 1}") for i in range(n_modes)]
+    handles += [Line2D([], [], color="0.3", lw=1.6, label="ODE"),
+                Line2D([], [], color="0.3", marker="o", ms=3, ls="none", label="SGD"),
+                Line2D([], [], color="0.3", ls="--", lw=0.8, label="target strength (top)"),
+                Line2D([], [], color="k", lw=1.4, label="relative error (bottom)"),
+                Line2D([], [], color="0.3", ls="--", lw=1.0,
+                       label="P alignment with mode i (bottom, in the mode's colour)")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7.5, frameon=False)
     task = meta.get("task", {})
     if task:
         fig.suptitle(
             f"Linear network {task.get('n_in')}-{task.get('n_hidden')}-{task.get('n_out')}, d = "
             f"{len(task.get('strengths', []))}, N = {task.get('n_samples')}, noise {task.get('noise')}, "
-            f"seed {task.get('seed')}  (lines: ODE, dots: SGD, dashed: targets)", fontsize=10)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
+            f"seed {task.get('seed')}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
