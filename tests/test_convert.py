@@ -29,16 +29,18 @@ def test_convert_keeps_the_forward_pass_bit_identical_and_reports_what_it_skippe
     torch.manual_seed(0)
     model = Mixed()
     x = torch.randn(5, 3, 8, 8)
-    with pytest.warns(RaftorchConversionWarning, match="attn"):
+    model.rnn = nn.GRU(4, 4)  # not called: only there to be reported
+    with pytest.warns(RaftorchConversionWarning, match="rnn"):
         conv, report = raftorch.convert(model, rule, rank, report=True)
     for mode in ("train", "eval"):
         getattr(model, mode)()
         getattr(conv, mode)()
         assert torch.equal(model(x), conv(x)), mode
-    assert [n for n, *_ in report.converted] == ["conv", "head.0", "head.2"]
-    assert [(n, t) for n, t, _ in report.skipped] == [("attn", "MultiheadAttention")]
-    assert "F.multi_head_attention_forward" in report.skipped[0][2]
+    assert [n for n, *_ in report.converted] == ["conv", "attn", "head.0", "head.2"]
+    assert [(n, t) for n, t, _ in report.skipped] == [("rnn", "GRU")]
+    assert "recurrent layers" in report.skipped[0][2]
     assert isinstance(conv.conv, raftorch.Conv2d) and isinstance(conv.head[2], raftorch.Linear)
+    assert isinstance(conv.attn, raftorch.MultiheadAttention)
     assert type(model.conv) is nn.Conv2d, "convert must not modify its argument by default"
     conv.train()
     conv(x).sum().backward()
@@ -47,7 +49,8 @@ def test_convert_keeps_the_forward_pass_bit_identical_and_reports_what_it_skippe
 
 def test_convert_strict_raises_and_inplace_modifies():
     model = Mixed()
-    with pytest.raises(ValueError, match="MultiheadAttention"):
+    model.rnn = nn.LSTM(4, 4)
+    with pytest.raises(ValueError, match="LSTM"):
         raftorch.convert(model, "fa", strict=True)
     plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     out = raftorch.convert(plain, "fa", inplace=True)
@@ -121,7 +124,7 @@ def test_bad_conv_arguments_raise_one_clear_error():
 
 def test_bad_convert_arguments_name_the_problem():
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match=r"ranks entry 'fc1' matches no convertible module; the Linear/Conv2d modules are: '0', '2'"):
+    with pytest.raises(ValueError, match=r"ranks entry 'fc1' matches no convertible module; the convertible modules are: '0', '2'"):
         raftorch.convert(net, "raf", 2, ranks={"fc1": 1})
     with pytest.raises(ValueError, match="include entry 'x' matches no convertible module"):
         raftorch.convert(net, "fa", include=["x"])

@@ -7,11 +7,12 @@
 from raftorch import metrics
 from raftorch.convert import ConversionReport, RaftorchConversionWarning, convert, describe, feed_targets
 from raftorch.direct import DirectFeedback
-from raftorch.layers import Conv2d, Linear
+from raftorch.attention import MultiheadAttention
+from raftorch.layers import Conv1d, Conv2d, Linear
 from raftorch.rules import RULES, get_rule
 from raftorch.scaling import loss_scale
 
 __version__ = "0.1.0"
-__all__ = ["Linear", "Conv2d", "convert", "describe", "feed_targets", "metrics", "RULES",
-           "get_rule", "ConversionReport", "RaftorchConversionWarning", "DirectFeedback",
+__all__ = ["Linear", "Conv1d", "Conv2d", "MultiheadAttention", "convert", "describe", "feed_targets",
+           "metrics", "RULES", "get_rule", "ConversionReport", "RaftorchConversionWarning", "DirectFeedback",
            "loss_scale"]

@@ -9,22 +9,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from raftorch.layers import Conv2d, FeedbackLayer, Linear
+from raftorch.layers import Conv1d, Conv2d, FeedbackLayer, Linear
 from raftorch.rules import DIRECT_RULES, get_rule
 
 # Modules with weights that convert() cannot reach, and why.
 _UNSUPPORTED = {
-    nn.MultiheadAttention: (
-        "nn.MultiheadAttention calls F.multi_head_attention_forward on its weights directly "
-        "(its Linear submodules are never called); build attention from nn.Linear maps "
-        "(as raftorch.models' ViT does) so q, k, v and the output projection convert"
-    ),
-    nn.Conv1d: "Conv1d is not supported yet (Linear and Conv2d are)",
-    nn.Conv3d: "Conv3d is not supported yet (Linear and Conv2d are)",
+    nn.Conv3d: "Conv3d is not supported yet (Linear, Conv1d, Conv2d and MultiheadAttention are)",
     nn.ConvTranspose1d: "transposed convolutions are not supported",
     nn.ConvTranspose2d: "transposed convolutions are not supported",
     nn.ConvTranspose3d: "transposed convolutions are not supported",
-    nn.RNNBase: "recurrent layers are not supported (their weights are used inside a fused kernel)",
+    nn.RNNBase: "recurrent layers (RNN, LSTM, GRU) are not supported (their weights are used "
+                "inside a fused kernel)",
+    nn.Embedding: "Embedding is a lookup, not a layer that sends an error down; it learns by "
+                  "its exact gradient (a tied output Linear is converted)",
+    nn.EmbeddingBag: "EmbeddingBag is a lookup; it learns by its exact gradient",
     nn.Bilinear: "Bilinear is not supported",
 }
 
@@ -36,43 +34,93 @@ class RaftorchConversionWarning(UserWarning):
 @dataclass
 class ConversionReport:
     """What :func:`convert` did: ``converted`` (name, type, rank) and ``skipped``
-    (name, type, reason) modules."""
+    (name, type, reason) modules; ``adjusted`` (name, asked, used, why): layers whose global
+    rank was changed to fit them (a grouped convolution's rank rounded to a multiple of its
+    groups); ``direct`` (target, rule, rank): the direct-feedback paths of ``dfa``/``draf``
+    (their targets are listed in ``converted`` with the rank of their direct path).
+    ``shared`` (name, first name): modules reached under a second name (weight sharing),
+    converted once and kept shared."""
 
     converted: list[tuple[str, str, int | None]] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    adjusted: list[tuple[str, object, int, str]] = field(default_factory=list)
+    direct: list[tuple[str, str, int | None]] = field(default_factory=list)
+    shared: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} layer(s)"]
         lines += [f"  {n or '<root>'} ({t}), rank={r}" for n, t, r in self.converted]
+        if self.direct:
+            lines.append(f"direct feedback into {len(self.direct)} target(s):")
+            lines += [f"  {n} ({rule} path), rank={r}" for n, rule, r in self.direct]
+        if self.adjusted:
+            lines.append(f"rank adjusted for {len(self.adjusted)} layer(s):")
+            lines += [f"  {n or '<root>'}: rank {a!r} -> {u} ({why})" for n, a, u, why in self.adjusted]
+        if self.shared:
+            lines.append(f"{len(self.shared)} shared module(s), converted once and kept shared:")
+            lines += [f"  {n} is {first}" for n, first in self.shared]
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} module(s), left on exact backprop:")
             lines += [f"  {n or '<root>'} ({t}): {why}" for n, t, why in self.skipped]
         return "\n".join(lines)
 
 
+_WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
+
+
+def _is_attention(module: nn.Module) -> bool:
+    from raftorch.attention import MultiheadAttention
+
+    return type(module) in (nn.MultiheadAttention, MultiheadAttention)
+
+
 def _convertible(module: nn.Module) -> bool:
-    return type(module) in (nn.Linear, nn.Conv2d, Linear, Conv2d)
+    return type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d, Linear, Conv1d, Conv2d) or _is_attention(module)
+
+
+def _convert_one(old: nn.Module, rule, rank, options) -> nn.Module:
+    if _is_attention(old):
+        from raftorch.attention import MultiheadAttention
+
+        return MultiheadAttention.from_torch(old, rule=rule, rank=rank, **options)
+    return _build(old, rule, rank, options)
 
 
 def _matches(name: str, patterns) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _group_rank(old: nn.Module, rank) -> tuple[object, str | None]:
+    """A global rank made to fit a grouped convolution: the error channels are split evenly
+    between the ``g`` groups, so the rank (after clamping to the layer's limit
+    ``min(C_out, C_in kH kW)``, itself a multiple of ``g``) is rounded down to a multiple of
+    ``g``, and is at least ``g``. Returns ``(rank, why)``, ``why`` None when unchanged."""
+    g = getattr(old, "groups", 1)
+    if g == 1 or isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        return rank, None  # nothing to fit (or a bad rank: the layer raises its own error)
+    clamped = min(rank, old.out_channels, old.weight[0].numel() * g)  # C_in * kernel size
+    used = max(g, clamped // g * g)
+    if used == clamped:
+        return rank, None
+    return used, f"groups={g}: the rank must be a multiple of {g}, at least {g}"
+
+
 def _build(old: nn.Module, rule, rank, options) -> nn.Module:
+    """The raftorch twin of ``old``, holding ``old``'s own ``weight`` and ``bias``
+    ``Parameter`` objects (not copies): the forward pass is unchanged bit for bit, a
+    ``Parameter`` shared with another module (tied weights) stays shared, and with
+    ``inplace=True`` an optimizer built on the old parameters still updates the new layer."""
     factory = {"device": old.weight.device, "dtype": old.weight.dtype}
     bias = old.bias is not None
     if isinstance(old, nn.Linear):
         new = Linear(old.in_features, old.out_features, bias, rule=rule, rank=rank, **factory, **options)
     else:
-        new = Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+        new = (Conv1d if isinstance(old, nn.Conv1d) else Conv2d)(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
                      old.dilation, old.groups, bias, old.padding_mode, rule=rule, rank=rank,
                      **factory, **options)
-    with torch.no_grad():
-        new.weight.copy_(old.weight)
-        new.weight.requires_grad_(old.weight.requires_grad)
-        if bias:
-            new.bias.copy_(old.bias)
-            new.bias.requires_grad_(old.bias.requires_grad)
+    new.weight = old.weight
+    if bias:
+        new.bias = old.bias
     new.train(old.training)
     return new
 
@@ -80,7 +128,11 @@ def _build(old: nn.Module, rule, rank, options) -> nn.Module:
 def convert(model: nn.Module, rule: str, rank=None, *, ranks: dict | None = None,
             include=None, exclude=(), inplace: bool = False, strict: bool = False,
             report: bool = False, source=None, targets=None, **options):
-    """Replace every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` by its raftorch twin.
+    """Replace every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.MultiheadAttention``
+    of ``model`` by its raftorch twin (:class:`raftorch.Linear`, :class:`raftorch.Conv1d`,
+    :class:`raftorch.Conv2d`, :class:`raftorch.attention.MultiheadAttention`, whose q, k, v
+    and output projections each get a feedback path; so ``nn.TransformerEncoderLayer`` and
+    ``nn.Transformer`` convert).
 
     Args:
         model: any ``nn.Module`` (the root itself may be a Linear or Conv2d).
@@ -102,10 +154,18 @@ def convert(model: nn.Module, rule: str, rank=None, *, ranks: dict | None = None
             ``rest_rule``, ``rest_rank`` and ``example_input``) and
             :class:`raftorch.DirectFeedback`.
 
-    Weights and biases are copied, so the forward pass is unchanged bit for bit. Modules with
-    weights that cannot be converted (``nn.MultiheadAttention``, RNNs, Conv1d, ...) are
-    reported with a :class:`RaftorchConversionWarning` (or a ``ValueError`` with
-    ``strict=True``), never skipped silently.
+    The converted layers hold the original ``weight`` / ``bias`` ``Parameter`` objects, so the
+    forward pass is unchanged bit for bit. Weight sharing is kept: a module used in several
+    places (e.g. twice in a ``Sequential``) becomes one converted module used in all of them,
+    and a ``Parameter`` shared by two modules (a tied embedding / output ``Linear``) stays one
+    ``Parameter``. A global ``rank`` is clamped per layer (to ``min(in, out)``; for a grouped
+    or depthwise convolution also rounded down to a multiple of ``groups``, at least
+    ``groups``, listed in the report's ``adjusted``); an explicit ``ranks`` entry that does
+    not fit a grouped convolution raises. Modules with weights that cannot be converted
+    (``nn.Conv3d``, transposed convolutions, RNN / LSTM / GRU, ``nn.Embedding``,
+    ``nn.Bilinear``) are reported with a :class:`RaftorchConversionWarning` (or a
+    ``ValueError`` with ``strict=True``), never skipped silently; they learn by their exact
+    gradient of the error that reaches them.
 
     Returns:
         the converted model, or ``(model, report)`` with ``report=True``.
@@ -115,8 +175,14 @@ def convert(model: nn.Module, rule: str, rank=None, *, ranks: dict | None = None
             raise ValueError(f"rule {rule!r} takes source= and targets=, not ranks/include/exclude/strict")
         from raftorch.direct import convert_direct  # direct builds on this module
 
-        return convert_direct(model, rule, rank, source="output" if source is None else source,
-                              targets=targets, inplace=inplace, report=report, **options)
+        out = convert_direct(model, rule, rank, source="output" if source is None else source,
+                             targets=targets, inplace=inplace, report=report, **options)
+        if report:  # the targets learn from their direct path: report its rule and rank
+            model, result = out
+            paths = {p.target: p for p in model.direct_feedback.paths}
+            result.direct = [(p.target, p.rule.name, p.rank) for p in paths.values()]
+            result.converted = [(n, t, paths[n].rank if n in paths else r) for n, t, r in result.converted]
+        return out
     if source is not None or targets is not None:
         raise ValueError(f"source= and targets= are for the direct rules 'dfa' and 'draf', "
                          f"not {rule!r}")
@@ -127,12 +193,18 @@ def convert(model: nn.Module, rule: str, rank=None, *, ranks: dict | None = None
     if not inplace:
         model = copy.deepcopy(model)
 
+    # every name of every module: a module used in two places (weight sharing) has two names
+    names_of: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(module), []).append(name)
     candidates, skipped, inside_unsupported = [], [], set()
-    for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside_unsupported):
+    for name, module in model.named_modules():  # each module once, under its first name
+        if any((p == "" and name != "") or name.startswith(p + ".") for p in inside_unsupported):
             continue
         if _convertible(module):
             candidates.append(name)
+            if _is_attention(module):
+                inside_unsupported.add(name)  # its out_proj is converted with it
             continue
         for kind, why in _UNSUPPORTED.items():
             if isinstance(module, kind):
@@ -140,9 +212,9 @@ def convert(model: nn.Module, rule: str, rank=None, *, ranks: dict | None = None
                 inside_unsupported.add(name)
                 break
         else:
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if isinstance(module, _WEIGHT_TYPES):
                 skipped.append((name, type(module).__name__,
-                                "a subclass of Linear/Conv2d with its own behaviour; convert it by hand"))
+                                "a subclass of a supported layer with its own behaviour; convert it by hand"))
 
     for label, patterns in (("ranks", list(ranks)), ("include", include or []), ("exclude", exclude)):
         for p in patterns:
@@ -150,25 +222,29 @@ def convert(model: nn.Module, rule: str, rank=None, *, ranks: dict | None = None
                 shown = ", ".join(repr(n) for n in candidates[:12]) + (" ..." if len(candidates) > 12 else "")
                 raise ValueError(
                     f"{label} entry {p!r} matches no convertible module; "
-                    f"the Linear/Conv2d modules are: {shown or '(none)'}"
+                    f"the convertible modules are: {shown or '(none)'}"
                 )
 
     result = ConversionReport(skipped=skipped)
     for name in candidates:
         if (include is not None and not _matches(name, include)) or _matches(name, exclude):
             continue
-        layer_rank = next((r for p, r in ranks.items() if _matches(name, [p])), rank)
+        explicit = next((r for p, r in ranks.items() if _matches(name, [p])), None)
+        layer_rank = rank if explicit is None else explicit
         old = model.get_submodule(name)
+        if explicit is None and rule.low_rank:  # a global rank bends to fit the layer
+            layer_rank, why = _group_rank(old, rank)
+            if why is not None:
+                result.adjusted.append((name, rank, layer_rank, why))
         try:
-            new = _build(old, rule, layer_rank, options)
+            new = _convert_one(old, rule, layer_rank, options)
         except ValueError as exc:
             raise ValueError(f"cannot convert {name or 'the model'!r} ({type(old).__name__}): {exc}") from None
-        if name == "":
-            model = new
-        else:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
-        result.converted.append((name, type(old).__name__, new.rank))
+        for where in names_of[id(old)]:  # every place the module is used
+            model = _set_module(model, where, new)
+            if where != name:
+                result.shared.append((where, name or "<root>"))
+        result.converted.append((name, type(old).__name__, getattr(new, "rank", None)))
 
     if skipped:
         msg = "convert() left these modules on exact backprop:\n" + "\n".join(
@@ -222,25 +298,45 @@ def describe(model: nn.Module) -> Table:
     """One row per module that owns weights: name, type, rule, rank, weight shape and
     feedback parameters. Layers that are not raftorch layers learn with exact backprop
     (rule ``"bp*"``) or, for norm layers, with their local exact gradient. Direct-feedback
-    paths (``dfa``/``draf``) get one row each, naming their target."""
+    paths (``dfa``/``draf``) get one row each, naming their target, and each target is
+    labelled by the direct rule and the rank of its path (its own error comes from that
+    path, not from the layer above). An attention module gets a row (its rule and rank) and
+    one row per q / k / v feedback path (shape: that projection's ``(E, n_in)`` slice)."""
+    from raftorch.attention import MultiheadAttention, ProjectionFeedback
     from raftorch.direct import DirectPath  # direct builds on this module
 
+    direct = model._modules.get("direct_feedback")
+    fed = {}
+    if direct is not None and hasattr(direct, "paths"):
+        fed = {path.target: (i, path) for i, path in enumerate(direct.paths)}
     rows = []
     for name, m in model.named_modules():
         own = dict(m.named_parameters(recurse=False))
         if not own:
             continue
-        if isinstance(m, (FeedbackLayer, DirectPath)):
+        w = own.get("weight", next(iter(own.values())))
+        shape = _shape(w.shape)
+        if isinstance(m, (FeedbackLayer, DirectPath, ProjectionFeedback)):
             rule, rank = m.rule.name, ("-" if m.rank is None else m.rank)
             fb = ", ".join(f"{k} {_shape(s)}{'' if k in m.rule.learns else ' (fixed)'}"
                            for k, s in m.feedback_shapes().items()) or "-"
             if isinstance(m, DirectPath):
                 fb += f" (into {m.target!r} at {m.point!r})"
+            if isinstance(m, ProjectionFeedback):
+                shape = f"{m.n_out}x{m.n_in}"
+                fb += f" ({m.part} projection)"
+        elif isinstance(m, MultiheadAttention):
+            rule, rank = m.rule.name, ("-" if m.rank is None else m.rank)
+            fb = "q_feedback, k_feedback, v_feedback, out_proj"
         else:
             rule, rank, fb = "bp*", "-", "-"
-        w = own.get("weight", next(iter(own.values())))
+        if name in fed:
+            i, path = fed[name]
+            rule, rank = path.rule.name, ("-" if path.rank is None else path.rank)
+            down = m.rule.name if isinstance(m, FeedbackLayer) else "bp*"
+            fb = f"error from direct_feedback.paths.{i}; sends it down by {down}"
         rows.append({"name": name or "<root>", "type": type(m).__name__, "rule": rule,
-                     "rank": rank, "shape": _shape(w.shape), "feedback": fb})
+                     "rank": rank, "shape": shape, "feedback": fb})
     return Table(["name", "type", "rule", "rank", "shape", "feedback"], rows)
 
 
@@ -252,14 +348,21 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts))]
+
+
 def _plain_layer(layer: nn.Module) -> nn.Module:
+    if _is_attention(layer):
+        return layer.to_torch()
     factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
     bias = layer.bias is not None
     # skip_init: no random initialisation (it would draw from the global RNG), the weights are copied
     if isinstance(layer, nn.Linear):
         new = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias, **factory)
     else:
-        new = nn.utils.skip_init(nn.Conv2d, layer.in_channels, layer.out_channels, layer.kernel_size,
+        new = nn.utils.skip_init(nn.Conv1d if isinstance(layer, nn.Conv1d) else nn.Conv2d, layer.in_channels, layer.out_channels, layer.kernel_size,
                                  layer.stride, layer.padding, layer.dilation, layer.groups, bias,
                                  layer.padding_mode, **factory)
     with torch.no_grad():
@@ -285,7 +388,17 @@ def plain_copy(model: nn.Module) -> nn.Module:
     plain = copy.deepcopy(model)
     for df in [m for m in plain.modules() if isinstance(m, DirectFeedback)]:
         df.detach_from(plain)
-    for name, m in list(plain.named_modules()):
-        if isinstance(m, FeedbackLayer):
-            plain = _set_module(plain, name, _plain_layer(m))
+    names_of: dict[int, list[str]] = {}
+    for name, m in plain.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(m), []).append(name)
+    done: set[int] = set()
+    for name, m in list(plain.named_modules(remove_duplicate=False)):
+        if id(m) in done or not (isinstance(m, FeedbackLayer) or _is_attention(m) and hasattr(m, "to_torch")):
+            continue
+        if any(id(plain.get_submodule(a)) in done for a in _ancestors(name)):
+            continue  # inside an attention module already made plain
+        done.add(id(m))
+        new = _plain_layer(m)
+        for where in names_of[id(m)]:  # a shared layer stays shared
+            plain = _set_module(plain, where, new)
     return plain

@@ -299,3 +299,73 @@ class Conv2d(FeedbackLayer, nn.Conv2d):
     def weight_transpose(self) -> Tensor:
         """The weight in the layout of :meth:`feedback_matrix` (what backprop would use)."""
         return self._dense(self.weight)
+
+
+class Conv1d(FeedbackLayer, nn.Conv1d):
+    r"""1-d convolution (sequence models) trained with the feedback rule ``rule``.
+
+    Arguments as ``torch.nn.Conv1d`` (stride, padding, dilation, groups;
+    ``padding_mode="zeros"`` only), plus ``rule``, ``rank`` and ``**options`` as
+    :class:`Conv2d`, of which it is the unit-height case: the input ``(N, C_in, L)`` is viewed
+    as ``(N, C_in, 1, L)`` and the weight ``(C_out, C_in / g, k)`` as ``(C_out, C_in / g, 1, k)``,
+    so the forward output equals ``torch.nn.Conv1d``'s bit for bit (tested) and the backward
+    is :class:`Conv2d`'s (Oja over batch and positions). Feedback parameters have the weight's
+    1-d layout: ``B`` ``(C_out, C_in / g, k)``; ``Q`` ``(r, C_in / g, k)``, ``P`` ``(r, C_out)``.
+    The rank is clamped to ``min(C_out, C_in k)`` and must be a multiple of ``groups``.
+
+    Shape: input ``(N, C_in, L)``, output ``(N, C_out, L_out)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
+                 rule: str = "raf", rank: int | None = None, device=None, dtype=None, **options):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device=device, dtype=dtype)
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"raftorch.Conv1d supports padding_mode='zeros' only, got {padding_mode!r}; "
+                "pad the input explicitly (F.pad) before a zero-padded convolution"
+            )
+        (k,), (d,) = self.kernel_size, self.dilation
+        if self.padding == "same":
+            if d * (k - 1) % 2:
+                raise ValueError("padding='same' with an even kernel needs asymmetric padding, which "
+                                 "raftorch.Conv1d does not support; pad explicitly instead")
+            pad = d * (k - 1) // 2
+        else:
+            pad = 0 if self.padding == "valid" else self.padding[0]
+        self.geometry = RF.ConvGeometry((1, self.stride[0]), (0, pad), (1, d), groups)
+        self._setup_feedback(rule, rank, min(out_channels, in_channels * k), options)
+        if self.rank is not None and self.rank % groups:
+            raise ValueError(
+                f"rank {self.rank} does not fit groups={groups}: the error channels are split "
+                f"evenly between groups, so the rank must be a multiple of {groups}"
+            )
+
+    _feedback_shapes = Conv2d._feedback_shapes
+    _dense = Conv2d._dense
+    weight_transpose = Conv2d.weight_transpose
+
+    @torch.no_grad()
+    def feedback_matrix(self) -> Tensor:
+        """The effective feedback kernel ``K`` ``(C_out, C_in, k)`` (dense over groups), as
+        :meth:`Conv2d.feedback_matrix`."""
+        if self.rule.path != "lowrank":
+            return self._dense(self.B if self.rule.path == "full" else self.weight)
+        g, rg = self.groups, self.rank // self.groups
+        P = self.P.view(g, rg, self.out_channels)
+        Q = self.Q.view(g, rg, self.in_channels // g, *self.kernel_size)
+        return torch.cat(list(torch.einsum("gko,gkcl->gocl", P, Q)), dim=1)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.rule.path == "transpose":  # bp: exactly nn.Conv1d (double backward included)
+            return nn.Conv1d.forward(self, input)
+        x, w = input.unsqueeze(-2), self.weight.unsqueeze(2)
+        if self.rule.path == "lowrank":
+            out = RF.Conv2dLowRankFeedback.apply(
+                x, w, self.bias, self.Q.unsqueeze(2), self.P, self.geometry, self.oja,
+                self._loss_scale, self.error_clamp)
+        else:
+            out = RF.Conv2dFullFeedback.apply(x, w, self.bias, self.B.unsqueeze(2), self.geometry,
+                                              self.error_clamp)
+        return out.squeeze(-2)
