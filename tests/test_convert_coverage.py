@@ -275,3 +275,108 @@ def test_modules_that_remain_unsupported_are_named_in_the_warning(module, match)
     with pytest.warns(RaftorchConversionWarning, match=match):
         raftorch.convert(nn.Sequential(module, nn.Linear(4, 4)), "fa")
 
+
+# --------------------------------------------------------------------------- direct rules
+
+
+class AttnNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.out(h.mean(1))
+
+
+class LSTMNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.lstm(torch.relu(self.inp(x)))[0][:, -1])
+
+
+@pytest.mark.parametrize("rule,rank", [("dfa", None), ("draf", 2)])
+def test_direct_rules_on_attention_conv1d_and_lstm_models(rule, rank):
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 8)
+    net = raftorch.convert(AttnNet(), rule, rank, example_input=x)
+    assert [(p.target, p.n_target) for p in net.direct_feedback.paths] == [("inp", 40)]
+    F.cross_entropy(net(x), torch.tensor([0, 1, 2, 0])).backward()
+    assert net.attn.in_proj_weight.grad is not None and net.inp.weight.grad is not None
+    for target, match in (("attn.out_proj", "lies inside the attention module 'attn'"),
+                          ("attn", "is a MultiheadAttention module, whose output is a tuple")):
+        with pytest.raises(ValueError, match=f"target '{target}' {match}"):
+            raftorch.convert(AttnNet(), rule, rank, example_input=x, targets=target)
+    with pytest.warns(RaftorchConversionWarning, match="recurrent"):
+        with pytest.raises(ValueError, match="target 'lstm' is a LSTM module"):
+            raftorch.convert(LSTMNet(), rule, rank, example_input=x, targets="lstm")
+    seq = nn.Sequential(nn.Conv1d(4, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3))
+    net = raftorch.convert(seq, rule, rank, example_input=torch.randn(2, 4, 8))
+    assert [(p.target, p.point, p.n_target) for p in net.direct_feedback.paths] == [("0", "1", 36)]
+
+
+def test_direct_targets_are_labelled_by_the_direct_rule_and_its_rank():
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 5))
+    conv, report = raftorch.convert(net, "draf", 3, report=True)
+    assert report.converted == [("0", "Linear", 3), ("2", "Linear", 3), ("4", "Linear", None)]
+    assert report.direct == [("0", "draf", 3), ("2", "draf", 3)]
+    assert "0 (draf path), rank=3" in str(report)
+    rows = {r["name"]: r for r in raftorch.describe(conv).rows}
+    assert (rows["0"]["rule"], rows["0"]["rank"]) == ("draf", 3)
+    assert rows["0"]["feedback"] == "error from direct_feedback.paths.0; sends it down by bp"
+    assert rows["4"]["rule"] == "bp"
+    assert list(raftorch.metrics.alignment_angles(conv)) == ["4"], "direct targets have no B vs W^T"
+
+
+def test_error_alignment_is_the_angle_to_the_backprop_error_under_every_rule():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 5))
+    x, y = torch.randn(32, 6), torch.randint(0, 5, (32,))
+    with torch.no_grad():  # the oracle by hand: pre-activations, output error, backprop errors
+        a0 = net[0](x)
+        a2 = net[2](torch.tanh(a0))
+        e = (torch.softmax(net[4](torch.tanh(a2)), 1) - F.one_hot(y, 5)) / 32
+        bp2 = (e @ net[4].weight) * (1 - torch.tanh(a2) ** 2)
+        bp0 = (bp2 @ net[2].weight) * (1 - torch.tanh(a0) ** 2)
+    bp = raftorch.metrics.error_alignment(raftorch.convert(net, "bp"), x, y)
+    assert set(bp) == {"0", "2", "4"} and all(v < 1e-4 for v in bp.values())
+
+    fa = raftorch.convert(net, "fa")
+    with torch.no_grad():
+        fa2 = (e @ fa[4].B.t()) * (1 - torch.tanh(a2) ** 2)
+        fa0 = (fa2 @ fa[2].B.t()) * (1 - torch.tanh(a0) ** 2)
+    got = raftorch.metrics.error_alignment(fa, x, y)
+    assert got["4"] < 1e-4
+    assert got["2"] == pytest.approx(raftorch.metrics.angle_degrees(fa2, bp2), abs=1e-4)
+    assert got["0"] == pytest.approx(raftorch.metrics.angle_degrees(fa0, bp0), abs=1e-4)
+
+    dfa = raftorch.convert(net, "dfa")
+    B = [p.B for p in dfa.direct_feedback.paths]
+    with torch.no_grad():
+        d0 = (e @ B[0].t()) * (1 - torch.tanh(a0) ** 2)
+        d2 = (e @ B[1].t()) * (1 - torch.tanh(a2) ** 2)
+    got = raftorch.metrics.error_alignment(dfa, x, y)
+    assert got["0"] == pytest.approx(raftorch.metrics.angle_degrees(d0, bp0), abs=1e-4)
+    assert got["2"] == pytest.approx(raftorch.metrics.angle_degrees(d2, bp2), abs=1e-4)
+    assert all(p.grad is None for p in dfa.parameters()), "the measurement leaves .grad alone"
+
+
+def test_error_alignment_reaches_the_attention_output_projection():
+    torch.manual_seed(0)
+    net = raftorch.convert(AttnNet(), "fa")
+    x, y = torch.randn(4, 5, 8), torch.tensor([0, 1, 2, 0])
+    got = raftorch.metrics.error_alignment(net, x, y)
+    assert set(got) == {"inp", "attn.out_proj", "out"} and got["out"] < 1e-4
+    assert 0 < got["inp"] < 180
+    bp = raftorch.metrics.error_alignment(raftorch.convert(AttnNet(), "bp"), x, y)
+    assert all(v < 1e-4 for v in bp.values())
+    assert set(raftorch.metrics.alignment_angles(net)) == {"inp", "attn.q", "attn.k", "attn.v",
+                                                          "attn.out_proj", "out"}

@@ -91,7 +91,19 @@ _OJA_KEYS = {"oja_center": "center", "oja_scale": "scale", "oja_reduce": "reduce
 
 
 def _weight_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, nn.Conv2d))
+    return isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+
+
+def _attention_around(model: nn.Module, name: str) -> str | None:
+    """The name of the ``nn.MultiheadAttention`` that ``name`` lies inside, if any: its
+    projections run inside one attention call (PyTorch's never calls them as modules), so no
+    error can be injected at their outputs."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        outer = ".".join(parts[:i])
+        if isinstance(model.get_submodule(outer), nn.MultiheadAttention):
+            return outer
+    return None
 
 
 def injection_point(model: nn.Module, target: str) -> str:
@@ -337,7 +349,9 @@ class DirectFeedback(nn.Module):
 
     @staticmethod
     def _weight_names(model):
-        return [n for n, m in model.named_modules() if _weight_layer(m)]
+        """The weight layers that can be targets or the source (not the projections inside
+        an attention module, which learn by their rule from the error reaching the attention)."""
+        return [n for n, m in model.named_modules() if _weight_layer(m) and _attention_around(model, n) is None]
 
     def _resolve_source(self, model, source):
         weights = self._weight_names(model)
@@ -376,6 +390,15 @@ class DirectFeedback(nn.Module):
                     shown = ", ".join(repr(w) for w in self._weight_names(model)[:20])
                     raise ValueError(f"target {n!r} is not a module of the model; the weight layers "
                                      f"are: {shown}")
+                attn = _attention_around(model, n)
+                if attn is not None or isinstance(model.get_submodule(n), (nn.MultiheadAttention, nn.RNNBase)):
+                    what = type(model.get_submodule(n)).__name__
+                    why = (f"lies inside the attention module {attn!r}, whose projections run in one "
+                           "attention call" if attn is not None else
+                           f"is a {what} module, whose output is a tuple, not one activity tensor")
+                    raise ValueError(f"target {n!r} {why}; direct feedback cannot inject there: name a "
+                                     "module before or after it (it learns by rest_rule from the error "
+                                     "reaching it)")
         points, seen = [], {}
         for n in names:
             p = injection_point(model, n)
