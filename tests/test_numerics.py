@@ -508,3 +508,57 @@ def test_conv_oja_takes_every_pixel_as_a_sample():
     e = g.permute(0, 2, 3, 1).reshape(-1, 6)
     assert e.shape[0] == 4 * 4 * 4
     torch.testing.assert_close(conv.P.grad.double(), hand_oja(conv.P.detach(), e), rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- raftorch train --accumulate
+
+ACC = dict(data="digits", model="mlp", model_options={"hidden": [16], "dropout": 0.0, "batchnorm": False},
+           rule="bp", optimizer="sgd", lr=0.05, epochs=1, seed=3, device="cpu", threads=1)
+
+
+def _final_weights(cfg):
+    import raftorch.train as T
+
+    run = T.setup(T.TrainConfig.from_dict(cfg))
+    T.train_epoch(run, progress=False)
+    return {k: v.clone() for k, v in run.model.state_dict().items()}
+
+
+def test_accumulating_k_micro_batches_is_one_step_on_the_k_times_larger_batch():
+    """bp, no BatchNorm / dropout / augmentation: accumulate=2 of batch 64 takes the steps of
+    batch 128 (the last, uneven group included: rows weighted, not batches)."""
+    a = _final_weights(dict(ACC, batch_size=64, accumulate=2))
+    b = _final_weights(dict(ACC, batch_size=128, accumulate=1))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_train_tells_the_layers_each_micro_batch_share(monkeypatch):
+    import raftorch.train as T
+
+    seen = []
+    real = raftorch.loss_scale
+
+    def spy(model, factor):
+        seen.append(factor)
+        return real(model, factor)
+
+    monkeypatch.setattr(T.raftorch, "loss_scale", spy)
+    run = T.setup(T.TrainConfig.from_dict(dict(ACC, rule="raf", rank=4, batch_size=100, accumulate=3)))
+    n = len(run.data.x_train)
+    T.train_epoch(run, progress=False)
+    sizes = [len(b) for b in torch.split(torch.arange(n), 100)]
+    want = []
+    for i in range(0, len(sizes), 3):
+        group = sizes[i:i + 3]
+        if len(group) > 1:
+            want += [s / sum(group) for s in group]
+    assert seen == want
+
+
+def test_accumulate_must_be_a_positive_whole_number():
+    from raftorch.config import TrainConfig
+
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="accumulate"):
+            TrainConfig.from_dict(dict(ACC, accumulate=bad))

@@ -56,6 +56,9 @@ class TrainConfig:
     feedback_lr: float | None = None  # learning rate of feedback parameters (B, Q, P); None: lr
     feedback_weight_decay: float | None = None  # None: weight_decay
     batch_size: int = 32  # global batch: split over the processes of a distributed run
+    # gradient accumulation: one optimizer step per `accumulate` batches of batch_size (the
+    # micro-batch), so the effective batch is accumulate x batch_size (train.train_epoch)
+    accumulate: int = 1
     epochs: int = 20
     seed: int = 0
     # runtime
@@ -149,11 +152,11 @@ class TrainConfig:
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
                                       or not math.isfinite(value)):
                 bad(f"{name} (--{name.replace('_', '-')}) must be a finite number, got {value!r}")
-        for name in ("lr", "eval_batch_size", "batch_size", "epochs"):
+        for name in ("lr", "eval_batch_size", "batch_size", "epochs", "accumulate"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 bad(f"{name} must be a positive number, got {value!r}")
-        for name in ("batch_size", "epochs", "eval_batch_size", "seed", "crop_padding", "cutout", "eval_every"):
+        for name in ("batch_size", "accumulate", "epochs", "eval_batch_size", "seed", "crop_padding", "cutout", "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 bad(f"{name} must be a non-negative whole number, got {value!r}")

@@ -370,6 +370,17 @@ def train_epoch(run: Run, *, progress: bool = True, max_steps: int | None = None
     """One pass over the shuffled training set (or its first ``max_steps`` batches): forward,
     ``feed_targets``, backward, optimizer step; then the learning-rate schedule's step.
 
+    With ``cfg.accumulate = K`` the batches are micro-batches: each group of ``K`` consecutive
+    batches (the last group of an epoch may have fewer) makes one optimizer step from the sum
+    of the micro-batch gradients of ``loss_i = sum_i / N_group`` (``sum_i`` the micro-batch's
+    summed loss, ``N_group`` the group's rows): the mean over the group, exactly the gradient
+    one batch of ``N_group`` rows would give ``W``. Each backward runs inside
+    ``raftorch.loss_scale(model, c_i)``, ``c_i = N_i / N_group`` (the factor between
+    ``loss_i`` and the micro-batch's own mean loss), so that ``P`` gets the row-weighted mean
+    ``sum_i c_i G_i`` of the micro-batch Oja updates (:mod:`raftorch.scaling`). DDP
+    all-reduces only the last backward of a group (``no_sync``). ``K = 1`` is the plain loop.
+    ``max_steps`` counts micro-batches.
+
     Returns the epoch's record so far: epoch, lr, train loss / accuracy, seconds.
     """
     cfg, data, device, world, rank = run.cfg, run.data, run.device, run.world, run.rank
@@ -383,7 +394,11 @@ def train_epoch(run: Run, *, progress: bool = True, max_steps: int | None = None
     bar = tqdm(batches, desc=f"epoch {run.epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                disable=True if not (progress and run.lead) else None)  # None: off when not a terminal
     t0 = time.perf_counter()
+    K = cfg.accumulate
+    group_rows = [sum(len(b) for b in batches[i:i + K]) for i in range(0, len(batches), K)]
     for step, batch in enumerate(bar):
+        n_group = group_rows[step // K]
+        first, last = step % K == 0, step == len(batches) - 1 or step % K == K - 1
         params = run.augment.sample(len(batch), *data.input_shape[1:], gen) if run.augment else None
         mine = shard(torch.arange(len(batch)), rank, world)
         idx = batch[mine].to(device)
@@ -395,10 +410,17 @@ def train_epoch(run: Run, *, progress: bool = True, max_steps: int | None = None
         # sum over my samples / my share of the global batch: DDP's average over the
         # processes then gives the mean over the global batch, even for uneven shares
         local_sum = F.cross_entropy(logits.float(), y, reduction="sum")
-        loss = local_sum / (len(batch) / world)
-        run.optimizer.zero_grad(set_to_none=True)
+        if first:
+            run.optimizer.zero_grad(set_to_none=True)
         raftorch.feed_targets(run.model, y)  # for layers whose P learns on the targets
-        loss.backward()
+        if n_group == len(batch):  # a whole step
+            loss = local_sum / (len(batch) / world)
+            loss.backward()
+        else:  # one micro-batch of a group of n_group rows; P's Oja update told so
+            loss = local_sum / (n_group / world)
+            sync = nullcontext() if last or not hasattr(run.net, "no_sync") else run.net.no_sync()
+            with sync, raftorch.loss_scale(run.model, len(batch) / n_group):
+                loss.backward()
         step_loss = local_sum.detach().double()
         if world > 1:
             dist.all_reduce(step_loss)
@@ -410,7 +432,8 @@ def train_epoch(run: Run, *, progress: bool = True, max_steps: int | None = None
             raise TrainingDiverged(
                 f"loss is {step_loss} at epoch {run.epoch + 1}, step {step + 1}: training diverged and "
                 f"stopped; {where}. Start a new run with a lower learning rate (now {lr:g}).")
-        run.optimizer.step()
+        if last:
+            run.optimizer.step()
         loss_sum += step_loss
         seen += len(batch)
         correct += (logits.argmax(1) == y).sum()
@@ -551,7 +574,10 @@ _FLAG_HELP = {
     "lr_decay": "multiply the learning rate by this after every epoch (paper: 0.975)",
     "feedback_lr": "learning rate of the feedback parameters B, Q, P (default: --lr)",
     "feedback_weight_decay": "weight decay of the feedback parameters (default: --weight-decay)",
-    "batch_size": "global batch size (split over the processes of a distributed run)",
+    "batch_size": ("global batch size of one forward/backward (split over the processes of a distributed "
+                   "run); with --accumulate K, the micro-batch"),
+    "accumulate": ("gradient accumulation: one optimizer step per K batches, effective batch K x "
+                   "--batch-size; P's Oja update is corrected by raftorch.loss_scale (default: 1)"),
     "epochs": "number of epochs",
     "seed": "random seed (same seed, same numbers on CPU)",
     "device": "auto, cpu, cuda or cuda:N",
@@ -600,7 +626,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif name == "output_init":
             parser.add_argument(flag, type=lambda t: None if t.lower() in ("none", "null") else t,
                                 choices=[None, "zero"], metavar="{zero,none}", **kw)
-        elif name in ("threads", "batch_size", "epochs", "seed", "eval_batch_size", "eval_every", "crop_padding", "cutout",
+        elif name in ("threads", "batch_size", "accumulate", "epochs", "seed", "eval_batch_size", "eval_every", "crop_padding", "cutout",
                       "train_size", "image_size"):
             parser.add_argument(flag, type=int, **kw)
         else:
