@@ -61,6 +61,8 @@ def test_a_tied_embedding_and_output_keep_one_parameter_through_training(inplace
     opt.step()
     assert conv.out.weight is conv.emb.weight and not torch.equal(conv.emb.weight, before)
     assert len([p for p in conv.parameters() if p.shape == (10, 6)]) == 1
+    plain = plain_copy(conv)
+    assert type(plain.out) is nn.Linear and plain.out.weight is plain.emb.weight
 
 
 def test_a_module_used_twice_is_converted_once_and_learns_like_autograd():
@@ -380,3 +382,38 @@ def test_error_alignment_reaches_the_attention_output_projection():
     assert all(v < 1e-4 for v in bp.values())
     assert set(raftorch.metrics.alignment_angles(net)) == {"inp", "attn.q", "attn.k", "attn.v",
                                                           "attn.out_proj", "out"}
+
+
+# --------------------------------------------------------------------------- loss scale, torch version
+
+
+def test_loss_scale_reaches_the_attention_and_conv1d_feedback_paths():
+    """With raftorch.loss_scale(model, 4) around the backward of 4 * loss every gradient,
+    P's of q, k, v, out_proj and Conv1d included, is exactly 4 times the unscaled one (a
+    power of two scales exactly)."""
+    torch.manual_seed(0)
+    net = raftorch.convert(nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=True), "raf", 3)
+    conv = raftorch.convert(nn.Sequential(nn.Conv1d(4, 6, 3), nn.Tanh(), nn.Conv1d(6, 2, 3)), "raf", 2)
+    src, tgt, seq = torch.randn(2, 5, 8), torch.randn(2, 4, 8), torch.randn(3, 4, 9)
+    for model, run in ((net, lambda: net(src, tgt).square().sum()), (conv, lambda: conv(seq).square().sum())):
+        with raftorch.loss_scale(model, 4.0):
+            (4 * run()).backward()
+        scaled = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        run().backward()
+        assert any(n.endswith("v_feedback.P") for n in scaled) or model is conv
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                assert torch.equal(scaled[n], 4 * p.grad), n
+
+
+def test_pyproject_states_the_torch_version_the_code_needs():
+    """functional._autocast calls torch.is_autocast_enabled(device_type) and
+    torch.get_autocast_dtype, both new in torch 2.4."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
+    major, minor = map(int, re.search(r'"torch>=(\d+)\.(\d+)"', text).groups())
+    assert (major, minor) >= (2, 4)
+    assert hasattr(torch, "get_autocast_dtype")

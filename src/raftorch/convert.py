@@ -140,7 +140,9 @@ def convert(model: nn.Module, rule: str, rank=None, *, ranks: dict | None = None
             direct rules ``"dfa"``, ``"draf"`` (with ``source=``, ``targets=``).
         rank: feedback rank for the low-rank rules (an int or ``"full"``), clamped per layer.
         ranks: ``{module name or glob pattern: rank}``, overriding ``rank`` per layer (the
-            paper's Fig. 3a limits one layer at a time). The first matching entry wins.
+            paper's Fig. 3a limits one layer at a time). The first matching entry wins. An
+            ``nn.MultiheadAttention`` is one entry (its name): its rank applies to q, k, v and
+            ``out_proj`` alike, each clamped to its own limit.
         include: names or glob patterns of the modules to convert (default: all).
         exclude: names or glob patterns of modules to leave as they are.
         inplace: modify ``model`` itself instead of a deep copy.
@@ -358,27 +360,25 @@ def _plain_layer(layer: nn.Module) -> nn.Module:
         return layer.to_torch()
     factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
     bias = layer.bias is not None
-    # skip_init: no random initialisation (it would draw from the global RNG), the weights are copied
+    # skip_init: no random initialisation (it would draw from the global RNG); the parameters are reused
     if isinstance(layer, nn.Linear):
         new = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias, **factory)
     else:
         new = nn.utils.skip_init(nn.Conv1d if isinstance(layer, nn.Conv1d) else nn.Conv2d, layer.in_channels, layer.out_channels, layer.kernel_size,
                                  layer.stride, layer.padding, layer.dilation, layer.groups, bias,
                                  layer.padding_mode, **factory)
-    with torch.no_grad():
-        new.weight.copy_(layer.weight)
-        new.weight.requires_grad_(layer.weight.requires_grad)
-        if bias:
-            new.bias.copy_(layer.bias)
-            new.bias.requires_grad_(layer.bias.requires_grad)
+    new.weight = layer.weight  # the copy's own Parameter objects: tied weights stay tied
+    if bias:
+        new.bias = layer.bias
     new.train(layer.training)
     return new
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` that learns by exact backprop: every raftorch ``Linear`` /
-    ``Conv2d`` replaced by ``torch.nn.Linear`` / ``torch.nn.Conv2d`` with the same weights and
-    bias (so the forward pass is the same, bit for bit), and a direct-feedback object
+    ``Conv1d`` / ``Conv2d`` / ``MultiheadAttention`` replaced by its ``torch.nn`` module with
+    the same weights and bias (so the forward pass is the same, bit for bit; a layer used in
+    several places stays one module), and a direct-feedback object
     (``dfa``/``draf``) detached with its hooks. Other modules, buffers (BatchNorm statistics)
     and training flags are copied as they are; so are forward hooks a user registered (only the
     direct-feedback hooks are removed). ``model`` and the global RNG are not changed. Used to
