@@ -163,6 +163,24 @@ def test_attention_forward_and_bp_gradients_equal_torch_bit_for_bit(kw):
         assert torch.equal(old(*x)[0], new(*x)[0])
 
 
+@pytest.mark.parametrize("need", [True, False])
+def test_attention_is_causal_and_frozen_parameters_match_torch(need):
+    torch.manual_seed(0)
+    old = nn.MultiheadAttention(8, 2, batch_first=True)
+    new = raftorch.convert(old, "bp", inplace=True)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    outs = [m(x, x, x, attn_mask=mask, is_causal=True, need_weights=need)[0] for m in (old, new)]
+    assert torch.equal(*outs)
+    g = torch.randn(3, 5, 8)
+    assert torch.equal(*[torch.autograd.grad(o, new.in_proj_weight, g)[0] for o in outs])
+    old.eval(), new.eval()  # frozen and in eval: torch's fast path, which the converted module takes too
+    for p in new.parameters():
+        p.requires_grad_(False)
+    x = x.detach()
+    assert torch.equal(old(x, x, x)[0], new(x, x, x)[0])
+
+
 def test_attention_loads_the_original_state_dict_and_gives_the_plain_module_back():
     torch.manual_seed(0)
     old = nn.MultiheadAttention(8, 2, batch_first=True)

@@ -24,9 +24,10 @@ Design choice: the packed parameter is kept (rather than three separate ``Linear
 with a ``state_dict`` hook) so the original ``state_dict`` loads as it is (``strict=False``:
 only the feedback parameters are missing from it), optimizers and weight tying see the same
 ``Parameter``, and PyTorch's fused inference path (used by ``nn.TransformerEncoderLayer`` in
-eval mode without grad) reads the same weights. With gradients disabled, the forward is
+eval mode without grad) reads the same weights. When no gradient can flow (grad mode off, or
+neither the inputs nor any parameter requires grad), the forward is
 ``nn.MultiheadAttention.forward`` itself (fast path included), so inference equals the
-original module's exactly; with gradients enabled it follows the same sequence of operations
+original module's exactly; otherwise it follows the same sequence of operations
 as ``F.multi_head_attention_forward`` (tested ``torch.equal`` for ``batch_first``, masks,
 ``need_weights``, ``is_causal``, ``bias_k``/``add_zero_attn`` and ``kdim``/``vdim``).
 
@@ -283,7 +284,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask=None,
                 need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
                 is_causal: bool = False):
-        if not torch.is_grad_enabled():  # inference: PyTorch's own forward (and fast path)
+        if not (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (query, key, value, *self.parameters()))):
+            # nothing to learn from this call: PyTorch's own forward (and its fast path)
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         if query.is_nested or key.is_nested or value.is_nested:
