@@ -435,3 +435,19 @@ def test_pyproject_states_the_torch_version_the_code_needs():
     major, minor = map(int, re.search(r'"torch>=(\d+)\.(\d+)"', text).groups())
     assert (major, minor) >= (2, 4)
     assert hasattr(torch, "get_autocast_dtype")
+
+
+def test_attention_second_derivatives_are_torchs_for_bp_and_refused_for_feedback_rules():
+    torch.manual_seed(0)
+    old = nn.MultiheadAttention(8, 2, batch_first=True)
+    new = raftorch.convert(old, "bp", inplace=True)
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    second = []
+    for m in (old, new):
+        gx, = torch.autograd.grad(m(x, x, x)[0].square().sum(), x, create_graph=True)
+        second.append(torch.autograd.grad(gx.square().sum(), old.in_proj_weight)[0])
+    assert torch.equal(*second)
+    for rule, rank in (("fa", None), ("raf", 2)):
+        fb = raftorch.convert(old, rule, rank)
+        with pytest.raises(RuntimeError, match="create_graph=True"):
+            torch.autograd.grad(fb(x, x, x)[0].sum(), x, create_graph=True)

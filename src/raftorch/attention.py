@@ -13,10 +13,12 @@ output gradient ``g = [g_q | g_k | g_v]`` into its three parts:
 
 * ``grad_W = g^T x`` and ``grad_b = sum_rows g`` (exact, as for every rule);
 * the error sent to the input is ``sum_i g_i B_i^T`` over the parts projected from that
-  input, with ``B_i = W_i^T`` (``bp``: computed as the one product ``g W``, which is what
-  autograd computes), ``B_i`` (``fa``, ``kp``; ``kp`` learns ``grad_B_i = grad_W_i^T``) or
+  input, with ``B_i`` (``fa``, ``kp``; ``kp`` learns ``grad_B_i = grad_W_i^T``) or
   ``Q_i P_i`` (low-rank rules; ``grad_Q_i = x^T (g_i P_i^T)``, Oja's rule on ``P_i`` from
   ``g_i``), exactly the arithmetic of :class:`raftorch.Linear` on that part.
+
+For ``bp`` the projections are PyTorch's own ``F.linear`` calls (plain autograd, so second
+derivatives are exact too); the feedback rules refuse ``create_graph=True``.
 
 The feedback parameters live in the submodules ``q_feedback``, ``k_feedback`` and
 ``v_feedback`` (:class:`ProjectionFeedback`); ``out_proj`` is a :class:`raftorch.Linear`.
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
 
-from raftorch.functional import LossScale, _autocast, check_error_clamp, lowrank_feedback
+from raftorch.functional import LossScale, _autocast, check_error_clamp, lowrank_feedback, no_double_backward
 from raftorch.layers import Linear, _parse_options, init_feedback_
 from raftorch.rules import check_rank, get_rule
 
@@ -123,19 +125,21 @@ class _Plan:
 
 class _Projection(Function):
     """``y = F.linear(x, W, b)`` with ``W``'s rows split into consecutive parts, each sending
-    its share of the error down through its own feedback path (see the module docstring)."""
+    its share of the error down through its own feedback path (``fa``/``kp``: ``B_i``;
+    low-rank rules: ``Q_i P_i``; see the module docstring). ``bp`` does not come here."""
 
     @staticmethod
     def forward(ctx, plan: _Plan, x, weight, bias, *feedback):
         x, weight, bias, *feedback = _autocast(x, weight, bias, *feedback)
         ctx.plan = plan
-        ctx.save_for_backward(x, weight, *feedback)
+        ctx.save_for_backward(x, *feedback)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
+        no_double_backward("raftorch.MultiheadAttention (feedback rule)")
         plan = ctx.plan
-        x, weight, *feedback = ctx.saved_tensors
+        x, *feedback = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[1:4]
         need_fb = ctx.needs_input_grad[4:]
         g2 = g.reshape(-1, g.shape[-1])
@@ -147,25 +151,20 @@ class _Projection(Function):
             fused = x.dim() <= 2 or (x.dim() == 3 and x.is_contiguous())
             grad_b = g2.sum(0) if fused else g.sum(tuple(range(g.dim() - 1)))
         grad_x = None
-        if plan.path == "transpose":
-            if need_x:
-                grad_x = g2 @ weight
-        else:
-            start = j = 0
-            for oja, scale, width, count in plan.parts:
-                gi = g2[:, start:start + width]
-                if plan.path == "full":
-                    if need_x:
-                        part_x = gi @ feedback[j].t()
-                    if need_fb[j]:
-                        grads_fb[j] = grad_w[start:start + width].t()
-                else:
-                    Q, P = feedback[j], feedback[j + 1]
-                    part_x, grads_fb[j], grads_fb[j + 1], _, _ = lowrank_feedback(
-                        gi, x2, Q, P, oja, need_x, need_fb[j], need_fb[j + 1], scale=scale)
-                if need_x:
-                    grad_x = part_x if grad_x is None else grad_x + part_x
-                start, j = start + width, j + count
+        start = j = 0
+        for oja, scale, width, count in plan.parts:
+            gi = g2[:, start:start + width]
+            if plan.path == "full":
+                part_x = gi @ feedback[j].t() if need_x else None
+                if need_fb[j]:  # kp: grad_B_i = grad_W_i^T
+                    grads_fb[j] = grad_w[start:start + width].t()
+            else:
+                Q, P = feedback[j], feedback[j + 1]
+                part_x, grads_fb[j], grads_fb[j + 1], _, _ = lowrank_feedback(
+                    gi, x2, Q, P, oja, need_x, need_fb[j], need_fb[j + 1], scale=scale)
+            if part_x is not None:
+                grad_x = part_x if grad_x is None else grad_x + part_x
+            start, j = start + width, j + count
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
             if plan.clamp is not None:  # error_clamp: on the whole error this call sends down
@@ -256,7 +255,11 @@ class MultiheadAttention(nn.MultiheadAttention):
     # ------------------------------------------------------------------ forward
 
     def _project(self, x: Tensor, weight: Tensor, bias, parts: str) -> Tensor:
+        """``F.linear(x, weight, bias)`` whose output is the concatenation of ``parts``
+        (``"qkv"``, ``"kv"`` or one of them), each with its own feedback path."""
         fbs = [getattr(self, f"{p}_feedback") for p in parts]
+        if fbs[0].rule.path == "transpose":  # bp: plain autograd (double backward included)
+            return F.linear(x, weight, bias)
         tensors = [t for fb in fbs for t in fb.tensors()]
         return _Projection.apply(_Plan(fbs), x, weight, bias, *tensors)
 
