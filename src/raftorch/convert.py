@@ -143,7 +143,9 @@ def convert(model: nn.Module, rule: str, rank=None, *, ranks: dict | None = None
             paper's Fig. 3a limits one layer at a time). The first matching entry wins. An
             ``nn.MultiheadAttention`` is one entry (its name): its rank applies to q, k, v and
             ``out_proj`` alike, each clamped to its own limit.
-        include: names or glob patterns of the modules to convert (default: all).
+        include: names or glob patterns of the modules to convert (default: all). A module
+            used in several places is matched (by ``ranks``, ``include``, ``exclude``) under
+            the first of its names, in ``named_modules()`` order.
         exclude: names or glob patterns of modules to leave as they are.
         inplace: modify ``model`` itself instead of a deep copy.
         strict: raise instead of warning when a weight layer cannot be converted.
@@ -199,19 +201,20 @@ def convert(model: nn.Module, rule: str, rank=None, *, ranks: dict | None = None
     names_of: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         names_of.setdefault(id(module), []).append(name)
-    candidates, skipped, inside_unsupported = [], [], set()
+    # not_entered: modules whose submodules are not visited (converted whole, or unsupported)
+    candidates, skipped, not_entered = [], [], set()
     for name, module in model.named_modules():  # each module once, under its first name
-        if any((p == "" and name != "") or name.startswith(p + ".") for p in inside_unsupported):
+        if any((p == "" and name != "") or name.startswith(p + ".") for p in not_entered):
             continue
         if _convertible(module):
             candidates.append(name)
             if _is_attention(module):
-                inside_unsupported.add(name)  # its out_proj is converted with it
+                not_entered.add(name)  # its out_proj is converted with it
             continue
         for kind, why in _UNSUPPORTED.items():
             if isinstance(module, kind):
                 skipped.append((name, type(module).__name__, why))
-                inside_unsupported.add(name)
+                not_entered.add(name)
                 break
         else:
             if isinstance(module, _WEIGHT_TYPES):
