@@ -216,17 +216,29 @@ def oja_grad(P: Tensor, e: Tensor, z: Tensor, opts: OjaOptions, colsum: Tensor |
     (``rms``) of ``v_j / (M - ddof)``, ``v_j = sum_n e_nj^2 - (sum_n e_nj)^2 / M``. The only
     passes over the batch are ``z^T e`` and the per-feature sums of squares for ``s``.
 
-    Explicit path (:func:`oja_grad_explicit`), for ``scale="std"`` and for float16 / bfloat16
-    signals: everything in float32, the signal centred before any product.
+    Explicit path (:func:`oja_grad_explicit`), for ``scale="std"``, for float16 / bfloat16
+    signals, and for a centred signal whose mean dominates its spread
+    (``sum_j mean_j^2 > sum_j var_j``: the rank-one correction would cancel most digits of
+    ``A``; at mean/std = 20 and 100k float32 rows it left 3% error): everything in float32,
+    the signal centred before any product. Off the host (GPU, or ``HOST_SCALARS = False``) a
+    centred signal always takes it: deciding would need a device sync, the extra pass is cheap.
     """
     if opts.scale == "std" or e.dtype in _LOW_PRECISION or P.dtype in _LOW_PRECISION:
         return oja_grad_explicit(P, e, opts, mult)
     rows = e.shape[0]
-    zt = z.t()
-    A = zt @ e
+    host = e.device.type == "cpu" and HOST_SCALARS
+    if opts.center and not host:
+        return oja_grad_explicit(P, e, opts, mult)
     need_sum = opts.center or opts.scale != "none"
     if need_sum and colsum is None:
         colsum = e.sum(0)
+    sq = (e * e).sum(0) if need_sum else None
+    if opts.center:
+        mean_sq = (colsum @ colsum).item() / rows  # sum_j M mean_j^2
+        if mean_sq > sq.sum().item() - mean_sq:
+            return oja_grad_explicit(P, e, opts, mult)
+    zt = z.t()
+    A = zt @ e
     if opts.center:
         A = torch.addr(A, zt.sum(1), colsum, alpha=-1.0 / rows)
     grad = torch.addmm(A, A @ P.t(), P, beta=-1.0)
@@ -234,14 +246,13 @@ def oja_grad(P: Tensor, e: Tensor, z: Tensor, opts: OjaOptions, colsum: Tensor |
     if opts.scale == "none":
         return grad.mul_(mult / reduce)
     # per-feature variances times the rows, from one fused pass (Tensor.var over dim 0 is ~15x
-    # slower on CPU); the scale only sets P's step size, so the cancellation risk is harmless
-    sq = (e * e).sum(0)
+    # slower on CPU); the mean does not dominate here, so the cancellation is harmless
     var = torch.addcmul(sq, colsum, colsum, value=-1.0 / rows) if opts.center else sq
     s2 = var.max() if opts.scale == "maxstd" else var.mean()
     # a (numerically) constant signal carries no direction: no update rather than 0/0
     floor = sq.mean() * 1e-6
     dof = max(rows - opts.ddof, 0)  # s^2 = v / (M - ddof): grad * (M - ddof) / v
-    if e.device.type == "cpu" and HOST_SCALARS:  # scalars are free to read on the CPU
+    if host:  # scalars are free to read on the CPU
         s2, floor = s2.item(), floor.item() + 1e-30 * rows
         return grad.mul_(mult * dof / (reduce * s2) if s2 > floor else 0.0)
     floor = floor + 1e-30 * rows

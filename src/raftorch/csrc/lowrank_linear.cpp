@@ -40,19 +40,50 @@ double oja_factor(int64_t M, int64_t n, const double* csum, const double* ssq, b
   return s2 > 1e-6 * tot / n + 1e-30 * M ? k * M / s2 : 0.0;
 }
 
+// The mean of the signal dominates its spread (sum_j M mean_j^2 > sum_j M var_j): the rank-one
+// centring of A = z^T e would cancel most of A's digits (3% error at mean/std = 20 and 100k rows).
+bool mean_dominates(int64_t M, int64_t n, const double* csum, const double* ssq) {
+  double m2 = 0.0, tot = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    m2 += csum[j] * csum[j] / M;
+    tot += ssq[j];
+  }
+  return m2 > tot - m2;
+}
+
+// grad_P with the signal centred explicitly first (raftorch.functional.oja_grad_explicit):
+// e_c = e - mean e, v_j = sum_n e_c,nj^2, s2 = max_j / mean_j v_j, the floor on the uncentred
+// mean square `sq_mean` as in oja_factor; grad_P = mult k ((A P^T) P - A), A = (e_c P^T)^T e_c.
+Tensor centred_oja(const Tensor& P, const Tensor& e, double sq_mean, int64_t scale, bool reduce_mean,
+                   double mult) {
+  const int64_t M = e.size(0);
+  const Tensor ec = e - e.mean(0, true);
+  double k = reduce_mean ? 1.0 / M : 1.0;
+  if (scale != kNone) {
+    const Tensor v = (ec * ec).sum(0).to(at::kDouble);
+    const double s2 = (scale == kMaxStd ? v.max() : v.mean()).item<double>();
+    k = s2 > 1e-6 * sq_mean + 1e-30 * M ? k * M / s2 : 0.0;
+  }
+  k *= mult;
+  const Tensor A = at::mm(at::mm(P, ec.t()), ec);
+  return at::addmm(A, at::mm(A, P.t()), P, -k, k);
+}
+
 // Generic path (any dtype and layout): grad_P = mult k ((A P^T) P - A) with A = z_c^T e, z = e P^T
 // given transposed as zt (r x M), colsum = e.sum(0).
 Tensor oja_grad(const Tensor& P, const Tensor& e, const Tensor& zt, const Tensor& colsum,
                 bool center, int64_t scale, bool reduce_mean, double mult) {
   const int64_t M = e.size(0), n = e.size(1);
-  Tensor A = at::mm(zt, e);
-  if (center) A.addr_(zt.sum(1), colsum, 1.0, -1.0 / M);
   double k = reduce_mean ? 1.0 / M : 1.0;
-  if (scale != kNone) {
+  if (scale != kNone || center) {
     const Tensor s = at::stack({colsum, (e * e).sum(0)}).to(at::kDouble).contiguous();
     const double* ps = s.const_data_ptr<double>();
-    k = oja_factor(M, n, ps, ps + n, center, scale, reduce_mean);
+    if (center && mean_dominates(M, n, ps, ps + n))
+      return centred_oja(P, e, s[1].sum().item<double>() / n, scale, reduce_mean, mult);
+    if (scale != kNone) k = oja_factor(M, n, ps, ps + n, center, scale, reduce_mean);
   }
+  Tensor A = at::mm(zt, e);
+  if (center) A.addr_(zt.sum(1), colsum, 1.0, -1.0 / M);
   k *= mult;
   return at::addmm(A, at::mm(A, P.t()), P, -k, k);
 }
@@ -360,7 +391,11 @@ Fused fused_backward(const Tensor& g, const Tensor& x, const Tensor& Q, const Te
     for (int64_t j = 0; j < m; ++j)
       for (int64_t k = 0; k < r; ++k) q[j * r + k] = tot.gQt[k * ldq + j];
   }
-  if (oja) {  // grad_P = k ((A P^T) P - A), A centred by the rank-one correction (oja_grad)
+  if (oja && center && mean_dominates(M, n, tot.csum, tot.ssq)) {
+    double sq = 0.0;
+    for (int64_t j = 0; j < n; ++j) sq += tot.ssq[j];
+    out.grad_P = centred_oja(P, g, sq / n, scale, reduce_mean, mult);
+  } else if (oja) {  // grad_P = k ((A P^T) P - A), A centred by the rank-one correction (oja_grad)
     float* A = tot.A;
     if (center)
       for (int64_t k = 0; k < r; ++k) {
