@@ -71,10 +71,11 @@ class TrainConfig:
     # representation metrics logged per epoch on a fixed held-out batch (train.track_run), e.g.
     # [subspace]; a comma list is split; None (or empty): none. Never changes the training.
     track: list[str] | None = None
+    tensorboard: bool = False  # also write every epoch's numbers as TensorBoard scalars into out/tensorboard
 
     # Fields that may differ when a run is resumed. A resumed run repeats an uninterrupted one
     # exactly when device and threads are also the same (they change the float rounding).
-    RESUMABLE_CHANGES = ("epochs", "device", "threads", "data_dir", "download", "out", "eval_every", "track")
+    RESUMABLE_CHANGES = ("epochs", "device", "threads", "data_dir", "download", "out", "eval_every", "track", "tensorboard")
 
     def __post_init__(self):
         # "subspace" or ["a,b", "c"] -> ["a", "b", "c"] (order kept, duplicates dropped); [] -> None,
@@ -106,6 +107,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def completed(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """A saved config (``config.yaml``, a checkpoint's) with every field it lacks set to the
+        field's default. A field added in a later version defaults to the earlier behaviour
+        (``accumulate: 1``, ``output_init: None``, ...), so an older run folder compares equal
+        to the same settings given now instead of looking like another run."""
+        defaults = cls().to_dict()
+        return {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
+
     def replace(self, **changes) -> "TrainConfig":
         return self.from_dict({**self.to_dict(), **changes})
 
@@ -126,6 +136,8 @@ class TrainConfig:
         if unknown:
             known = ", ".join(f"{k}={v!r}" for k, v in model_options(self.model).items())
             bad(f"model {self.model!r} has no option(s) {', '.join(map(repr, unknown))}; its options: {known}")
+        if not isinstance(self.tensorboard, bool):
+            bad(f"tensorboard must be true or false, got {self.tensorboard!r}")
         if self.output_init not in OUTPUT_INITS:
             bad(f"output_init must be null (the model's own initialisation) or 'zero', got {self.output_init!r}")
         if not isinstance(self.rule, str) or not self.rule:

@@ -177,7 +177,7 @@ def _check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> dict[str, An
         raise ValueError(f"nothing to resume: run folder {out} {what}; check --out, or drop --resume "
                          f"to start a new run there")
     state = ckpt.load_checkpoint(path)
-    saved, now = dict(state["config"]), cfg.to_dict()
+    saved, now = TrainConfig.completed(dict(state["config"])), cfg.to_dict()
     changed = [k for k in now if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
     if changed:
         diffs = "; ".join(f"{k}: run has {saved.get(k)!r}, given {now[k]!r}" for k in changed)
@@ -256,6 +256,7 @@ class Run:
     epoch: int = 0  # finished epochs
     track_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, y) for track_run
     elapsed: float = 0.0  # training seconds of the finished epochs
+    tensorboard: Any = None  # raftorch.tensorboard.Logger when cfg.tensorboard (rank 0, with out)
 
     @property
     def lead(self) -> bool:
@@ -319,6 +320,12 @@ def setup(cfg: TrainConfig, *, resume: bool = False) -> Run:
     out = Path(cfg.out) if cfg.out else None
     if resume and out is None:
         raise ValueError("resume needs the run folder: set out / --out")
+    if cfg.tensorboard:
+        from raftorch import tensorboard as tb
+
+        if out is None:
+            raise ValueError("tensorboard writes into the run folder: set out / --out")
+        tb.require()
     if cfg.batch_size < world:
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} processes; "
                          f"it is the global batch, split over the processes")
@@ -356,6 +363,14 @@ def setup(cfg: TrainConfig, *, resume: bool = False) -> Run:
         if len(state["rng"]) == world:
             _set_rng_state(state["rng"][rank], device)
         run.history, run.epoch, run.elapsed = list(state["history"]), int(state["epoch"]), float(state["elapsed"])
+    if out and lead and cfg.tensorboard:
+        from raftorch import tensorboard as tb
+
+        earlier = (out / tb.SUBDIR).exists()
+        run.tensorboard = tb.Logger(out)
+        if not earlier:  # resumed with --tensorboard for the first time: the finished epochs too
+            for record in run.history:
+                run.tensorboard.log(record)
     if out and lead:
         ckpt.write_text(out / ckpt.CONFIG, dump_config(cfg))
         ckpt.write_jsonl(out / ckpt.METRICS, run.history)
@@ -512,6 +527,8 @@ def end_epoch(run: Run, record: dict[str, Any], *, progress: bool = True) -> Non
             "elapsed": run.elapsed, "config": run.cfg.to_dict()})
         ckpt.write_jsonl(run.out / ckpt.METRICS, run.history)
         ckpt.write_metrics_csv(run.out / ckpt.METRICS_CSV, run.history)
+        if run.tensorboard is not None:
+            run.tensorboard.log(record)
     if progress and run.lead:
         val = f" val {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
         test = f" test {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
@@ -543,6 +560,8 @@ def finish(run: Run) -> dict[str, Any]:
     }
     if run.out and run.lead:
         ckpt.write_json(run.out / ckpt.FINAL, final)
+    if run.tensorboard is not None:
+        run.tensorboard.close()
     return final
 
 
@@ -587,6 +606,8 @@ _FLAG_HELP = {
     "threads": "CPU threads (torch.set_num_threads); default: the usable cores not already busy (load average)",
     "train_size": "train on a stratified random subset of this many images (default: all)",
     "image_size": "resize images to N x N pixels by area averaging (default: as stored)",
+    "tensorboard": "also write every epoch's numbers as TensorBoard scalars into OUT/tensorboard "
+                   "(needs the tensorboard package: pip install 'raftorch[tensorboard]')",
     "out": "run folder (default: runs/MODEL-DATA-RULE[-rRANK]-sSEED)",
     "track": ("log representation metrics every epoch on a fixed held-out batch, repeatable or a comma "
               "list: subspace (P's overlap with the error's principal subspace, the error's "

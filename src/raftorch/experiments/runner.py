@@ -37,7 +37,7 @@ from raftorch.experiments.spec import Panel, Point, SpecError
 
 # settings that say how and where a point ran, not what it computes (numbers may differ in the
 # last float digits with the thread count; final.json records it)
-RUN_ONLY = ("out", "threads", "device", "data_dir", "download", "eval_every")
+RUN_ONLY = ("out", "threads", "device", "data_dir", "download", "eval_every", "track", "tensorboard")
 
 
 class StaleRun(SpecError):
@@ -95,7 +95,7 @@ def _check_stale(task: Task) -> None:
         return
     from raftorch.config import TrainConfig, load_config_file
 
-    have = load_config_file(saved)
+    have = TrainConfig.completed(load_config_file(saved))
     want = TrainConfig.from_dict(dict(task.point.config)).to_dict()
     changed = [k for k in want if k not in RUN_ONLY and have.get(k) != want[k]]
     if changed:
