@@ -579,3 +579,52 @@ def test_float32_oja_stays_exact_when_the_mean_dominates_at_many_rows(path, monk
         lin(torch.randn(100_000, 4)).backward(g)
     want = hand_oja(lin.P.detach(), g)
     assert ((lin.P.grad.double() - want).norm() / want.norm()).item() < 1e-4
+
+
+# --------------------------------------------------------------------------- DDP: global Oja statistics
+
+
+@pytest.mark.parametrize("rule", [["--rule", "raf", "--layer-option", "out={oja_source: target}"],
+                                  ["--rule", "raf", "--rule-option", "oja_scale=std", "--rule-option", "oja_ddof=1"],
+                                  ["--rule", "raf", "--rule-option", "oja_scale=none"],
+                                  ["--rule", "draf"]], ids=["raf-target", "raf-std", "raf-none", "draf"])
+def test_two_processes_match_one_for_raf_and_draf(tmp_path, rule):
+    """torchrun, 2 gloo processes, each half of every global batch of 16: with Oja's mean and
+    scale all-reduced (raftorch.sync_oja, called by train), the weights, P included, equal one
+    process's on the same global batches (rows of 16 and 8 alike)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import raftorch.train as T
+    from raftorch.checkpoint import load_checkpoint
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    common = ["--data", "digits", "--model", "mlp", "--model-option", "hidden=[32, 16]", *rule,
+              "--rank", "4", "--batch-size", "16", "--epochs", "1", "--lr", "0.05", "--seed", "1",
+              "--optimizer", "sgd",  # not Adam: its steps would not see a gradient's scale
+              "--device", "cpu", "--threads", "1", "--no-progress", "--train-size", "400"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "raftorch", "train",
+                           *common, "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    T.add_arguments(parser)
+    T.train(T.config_from_args(parser.parse_args(common + ["--out", str(tmp_path / "one")])), progress=False)
+    ddp = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["model"]
+    one = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["model"]
+    assert ddp.keys() == one.keys() and any(k.endswith(".P") for k in one)
+    for k in one:
+        torch.testing.assert_close(ddp[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_sync_bn_is_refused_on_cpu_and_sync_oja_needs_a_process_group():
+    from raftorch.config import TrainConfig
+
+    assert TrainConfig.from_dict(dict(ACC, sync_bn=True)).sync_bn is True
+    with pytest.raises(ValueError, match="torch.distributed"):
+        raftorch.sync_oja(raf_mlp())

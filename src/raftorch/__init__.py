@@ -10,9 +10,9 @@ from raftorch.direct import DirectFeedback
 from raftorch.attention import MultiheadAttention
 from raftorch.layers import Conv1d, Conv2d, Linear
 from raftorch.rules import RULES, get_rule
-from raftorch.scaling import loss_scale
+from raftorch.scaling import loss_scale, sync_oja
 
 __version__ = "0.1.0"
 __all__ = ["Linear", "Conv1d", "Conv2d", "MultiheadAttention", "convert", "describe", "feed_targets",
            "metrics", "RULES", "get_rule", "ConversionReport", "RaftorchConversionWarning", "DirectFeedback",
-           "loss_scale"]
+           "loss_scale", "sync_oja"]

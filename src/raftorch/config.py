@@ -59,6 +59,8 @@ class TrainConfig:
     # gradient accumulation: one optimizer step per `accumulate` batches of batch_size (the
     # micro-batch), so the effective batch is accumulate x batch_size (train.train_epoch)
     accumulate: int = 1
+    # distributed runs: nn.SyncBatchNorm (batch statistics over every process; needs CUDA)
+    sync_bn: bool = False
     epochs: int = 20
     seed: int = 0
     # runtime

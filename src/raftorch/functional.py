@@ -124,12 +124,22 @@ class LossScale:
 
     The value lives in a 0-dim float64 CPU tensor, read when the backward runs (the C++ fast
     path reads the same tensor).
+
+    Distributed data parallel (``group`` set by :func:`raftorch.sync_oja`): each of the ``w``
+    processes backpropagates its own loss (its share of the global mean, times ``w``) and DDP
+    averages the gradients, i.e. divides by ``w``: a loss scale ``c = w``. With ``group`` the
+    Oja statistics (mean, per-feature variances, rows) are all-reduced, so every process
+    normalises by the global batch's, sums its own rows' terms, divides by the global rows
+    (``reduce="mean"``), and multiplies by the extra ``c = w`` (``1 / w`` for ``scale="none"``
+    on the error): the average over the processes is then the single-process ``grad_P`` of the
+    global batch.
     """
 
-    __slots__ = ("tensor",)
+    __slots__ = ("tensor", "group")
 
     def __init__(self):
         self.tensor = torch.ones((), dtype=torch.float64)
+        self.group = None  # a torch.distributed process group: all-reduce Oja's statistics
 
     @property
     def value(self) -> float:
@@ -137,8 +147,8 @@ class LossScale:
 
     def multiplier(self, opts: "OjaOptions", on_error: bool = True) -> float:
         """The factor applied to :func:`oja_grad`'s result: ``c``, or ``1 / c`` for
-        ``scale="none"`` on the error."""
-        c = self.value
+        ``scale="none"`` on the error (``c`` times the world size under :func:`sync_oja`)."""
+        c = self.value * (1 if self.group is None else _world(self.group))
         if c == 1.0:
             return 1.0
         return 1.0 / c if (opts.scale == "none" and on_error) else c
@@ -146,6 +156,7 @@ class LossScale:
     def __deepcopy__(self, memo):
         new = LossScale()
         new.tensor.copy_(self.tensor)
+        new.group = self.group
         return new
 
     def __getstate__(self):
@@ -153,6 +164,20 @@ class LossScale:
 
     def __setstate__(self, state):
         self.tensor = torch.full((), float(state["value"]), dtype=torch.float64)
+        self.group = None
+
+
+def _world(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
+
+def _all_reduce(t: Tensor, group) -> Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(t, group=group)
+    return t
 
 
 def no_double_backward(what: str) -> None:
@@ -198,7 +223,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def oja_grad(P: Tensor, e: Tensor, z: Tensor, opts: OjaOptions, colsum: Tensor | None = None,
-             mult: float = 1.0) -> Tensor:
+             mult: float = 1.0, group=None) -> Tensor:
     """``grad_P = -(z_n^T e_n - z_n^T z_n P)`` (divided by the rows for ``reduce="mean"``),
     times ``mult`` (the loss-scale correction of :class:`LossScale`).
 
@@ -222,9 +247,10 @@ def oja_grad(P: Tensor, e: Tensor, z: Tensor, opts: OjaOptions, colsum: Tensor |
     ``A``; at mean/std = 20 and 100k float32 rows it left 3% error): everything in float32,
     the signal centred before any product. Off the host (GPU, or ``HOST_SCALARS = False``) a
     centred signal always takes it: deciding would need a device sync, the extra pass is cheap.
+    So does a ``group`` (statistics all-reduced over it, :class:`LossScale`).
     """
-    if opts.scale == "std" or e.dtype in _LOW_PRECISION or P.dtype in _LOW_PRECISION:
-        return oja_grad_explicit(P, e, opts, mult)
+    if opts.scale == "std" or e.dtype in _LOW_PRECISION or P.dtype in _LOW_PRECISION or group is not None:
+        return oja_grad_explicit(P, e, opts, mult, group)
     rows = e.shape[0]
     host = e.device.type == "cpu" and HOST_SCALARS
     if opts.center and not host:
@@ -259,7 +285,7 @@ def oja_grad(P: Tensor, e: Tensor, z: Tensor, opts: OjaOptions, colsum: Tensor |
     return grad.mul_((s2 > floor) * (mult * dof) / (reduce * torch.maximum(s2, floor)))
 
 
-def oja_grad_explicit(P: Tensor, e: Tensor, opts: OjaOptions, mult: float = 1.0) -> Tensor:
+def oja_grad_explicit(P: Tensor, e: Tensor, opts: OjaOptions, mult: float = 1.0, group=None) -> Tensor:
     """:func:`oja_grad` with the normalised signal formed explicitly, in float32 (float64 stays
     float64) whatever the input dtype, returned in ``P``'s dtype:
     ``e_c = e - mean e`` (if ``center``), ``v_j = sum_n e_c,nj^2``, ``d = M - ddof``,
@@ -271,18 +297,33 @@ def oja_grad_explicit(P: Tensor, e: Tensor, opts: OjaOptions, mult: float = 1.0)
     for ``std`` a feature with ``v_j <= 1e-6 sum_n e_nj^2 + 1e-30 M`` is left out (zero).
     Sums of squares of float16 errors overflow (65504) at a loss scale of ~2^16, and the
     rank-one centring of the fast path loses every digit in bfloat16 when ``|mean| >> std``:
-    hence float32 and explicit centring."""
+    hence float32 and explicit centring.
+
+    With a process ``group`` the statistics are those of the union of every process's rows
+    (two small all-reduces in float64: the column sums, sums of squares and rows; then the
+    centred sums of squares): ``M``, the mean, ``v_j`` and the floors are global, the products
+    ``z_n^T e_n`` cover this process's rows (:class:`LossScale` says how they add up)."""
     work = torch.float64 if e.dtype == torch.float64 else torch.float32
     e = e.to(work)
     Pw = P.to(work)
-    rows = e.shape[0]
+    sq = (e * e).sum(0)
+    if group is None:
+        rows = e.shape[0]
+        mean = e.mean(0) if opts.center else None
+    else:
+        stats = _all_reduce(torch.cat([e.sum(0), sq, e.new_full((1,), e.shape[0])]).double(), group)
+        n = e.shape[1]
+        rows = int(stats[-1].item())
+        mean = (stats[:n] / rows).to(work) if opts.center else None
+        sq = stats[n:2 * n].to(work)
     dof = max(rows - opts.ddof, 0)
     reduce = rows if opts.reduce == "mean" else 1
-    sq = (e * e).sum(0)
     if opts.center:
-        e = e - e.mean(0)
+        e = e - mean
     if opts.scale != "none":
         v = (e * e).sum(0)
+        if group is not None:
+            v = _all_reduce(v.double(), group).to(work)
         if opts.scale == "std":
             keep = v > sq * 1e-6 + 1e-30 * rows
             inv = torch.where(keep, (dof / torch.where(keep, v, torch.ones_like(v))).sqrt(),
@@ -374,13 +415,14 @@ def lowrank_feedback(g: Tensor, x: Tensor, Q: Tensor, P: Tensor, oja: OjaOptions
         grad_b = g.sum(0)
     # z^T = P g^T, kept (r, M) contiguous: thin products are 2-6x faster on CPU this way
     zt = P @ g.t() if (need_x or need_Q or oja_on_g) else None
+    group = None if scale is None else scale.group
     if oja_on_g:
         mult = 1.0 if scale is None else scale.multiplier(oja, on_error=True)
-        grad_P = oja_grad(P, g, zt.t(), oja, grad_b, mult)
+        grad_P = oja_grad(P, g, zt.t(), oja, grad_b, mult, group)
     elif need_P:
         mult = 1.0 if scale is None else scale.multiplier(oja, on_error=False)
         e = targets.take(g.shape[0], g.shape[1], g)
-        grad_P = oja_grad(P, e, (P @ e.t()).t(), oja, mult=mult)
+        grad_P = oja_grad(P, e, (P @ e.t()).t(), oja, mult=mult, group=group)
     if need_w:
         grad_w = g.t() @ x
     if need_Q:  # x^T z
@@ -393,11 +435,13 @@ def lowrank_feedback(g: Tensor, x: Tensor, Q: Tensor, P: Tensor, oja: OjaOptions
 _SCALE_CODES = {"none": 0, "maxstd": 1, "rms": 2}
 
 
-def _fast_path_fits(x: Tensor, P: Tensor, oja: OjaOptions | None, clamp) -> bool:
+def _fast_path_fits(x: Tensor, P: Tensor, oja: OjaOptions | None, clamp, scale: "LossScale | None" = None) -> bool:
     """The C++ path covers CPU float32/float64 tensors outside autocast, Oja on the error with
-    ``ddof=0`` and a scalar scale, and no ``error_clamp``; everything else runs in Python."""
+    ``ddof=0`` and a scalar scale, no ``error_clamp`` and no :func:`raftorch.sync_oja` group;
+    everything else runs in Python."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and P.dtype == x.dtype
             and clamp is None and not torch.is_autocast_enabled("cpu")
+            and (scale is None or scale.group is None or oja is None)
             and (oja is None or (oja.source == "error" and oja.scale != "std" and oja.ddof == 0)))
 
 
@@ -407,7 +451,7 @@ def linear_lowrank(x: Tensor, weight: Tensor, bias: Tensor | None, Q: Tensor, P:
     """``y = x W^T + b`` with the low-rank feedback backward: the C++ fast path
     (:mod:`raftorch._ext`) where :func:`_fast_path_fits`, otherwise
     :class:`LinearLowRankFeedback`. Both compute the same thing (tested equal)."""
-    if _fast_path_fits(x, P, oja, clamp):
+    if _fast_path_fits(x, P, oja, clamp, scale):
         ext = _ext.get()
         if ext is not None:
             mult = (scale or LossScale()).tensor
@@ -522,6 +566,7 @@ class Conv2dLowRankFeedback(Function):
                 e = g.transpose(0, 1).reshape(g.shape[1], -1).t()
                 zr = z.transpose(0, 1).reshape(z.shape[1], -1).t()
                 mult = 1.0 if ctx.scale is None else ctx.scale.multiplier(ctx.oja)
-                grad_P = oja_grad(P, e, zr, ctx.oja, mult=mult)
+                grad_P = oja_grad(P, e, zr, ctx.oja, mult=mult,
+                                  group=None if ctx.scale is None else ctx.scale.group)
         return (_clamp(grad_x, ctx.clamp), grad_w if need_w else None, grad_b, grad_Q, grad_P,
                 None, None, None, None)

@@ -34,6 +34,13 @@ step as an unscaled loss:
 
 Blocks nest by multiplying their factors; leaving a block restores the previous factor.
 The factor is read when each layer's backward runs, so ``backward`` must run inside the block.
+
+DistributedDataParallel: ``raftorch.sync_oja(model)`` (``raftorch train`` calls it when it runs
+on several processes) makes every layer and direct path all-reduce Oja's statistics (mean,
+variances, rows) over the process group in each backward, so the weights after a few steps
+with ``w`` processes equal one process's with the same global batch, for ``raf`` and ``draf``
+as for the other rules (:class:`raftorch.functional.LossScale` gives the formula). Every
+process must then run every backward (as DDP requires anyway).
 """
 from __future__ import annotations
 
@@ -44,7 +51,7 @@ from torch import Tensor, nn
 
 from raftorch.functional import LossScale
 
-__all__ = ["loss_scale"]
+__all__ = ["loss_scale", "sync_oja"]
 
 
 def _holders(model: nn.Module) -> list[LossScale]:
@@ -80,3 +87,19 @@ def loss_scale(model: nn.Module, factor):
     finally:
         for h, v in zip(holders, before):
             h.tensor.fill_(v)
+
+
+def sync_oja(model: nn.Module, enable: bool = True, group=None) -> None:
+    """All-reduce the Oja statistics of ``model``'s layers and direct paths over ``group``
+    (default: the whole default process group) in every backward (``enable=False``: stop).
+    Needs an initialised ``torch.distributed``; the C++ fast path is bypassed while on."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"sync_oja needs the model (an nn.Module), got {type(model).__name__}")
+    if enable:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("sync_oja needs torch.distributed initialised (init_process_group) first")
+        group = dist.group.WORLD if group is None else group
+    for h in _holders(model):
+        h.group = group if enable else None

@@ -346,6 +346,14 @@ def setup(cfg: TrainConfig, *, resume: bool = False) -> Run:
     if cfg.output_init == "zero":
         zero_output_layer_(plain)
     model = convert_model(plain, cfg, data.x_train[:2].cpu()).to(device)
+    if world > 1:
+        if cfg.sync_bn:
+            if device.type == "cpu":
+                raise ValueError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU kernel")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # raf / draf: Oja's mean and scale over the global batch (own group: never interleaved
+        # with DDP's gradient all-reduces)
+        raftorch.sync_oja(model, group=dist.new_group())
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
     torch.manual_seed(cfg.seed + 1 + rank)  # dropout: its own stream per process
@@ -601,6 +609,8 @@ _FLAG_HELP = {
     "seed": "random seed (same seed, same numbers on CPU)",
     "device": "auto, cpu, cuda or cuda:N",
     "bf16": "bfloat16 autocast for the forward pass",
+    "sync_bn": ("distributed runs: BatchNorm statistics over the global batch (nn.SyncBatchNorm; GPUs "
+                "only); one process: no effect"),
     "eval_batch_size": "batch size of evaluation",
     "eval_every": "evaluate (val, test, alignment) every N epochs and after the last; 0: after the last only",
     "threads": "CPU threads (torch.set_num_threads); default: the usable cores not already busy (load average)",
