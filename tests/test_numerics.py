@@ -393,6 +393,14 @@ def test_train_passes_the_authors_options_and_the_authors_config_is_valid():
     assert cfg.rule == "raf"
     assert cfg.rule_options.get("oja_ddof") == 1 and cfg.rule_options.get("oja_reduce") == "sum"
     assert cfg.rule_options.get("error_clamp") == 1.0
+    import raftorch.train as T  # the settings build and train (on digits, two steps)
+
+    run = T.setup(cfg.replace(data="digits", val_fraction=0.0, device="cpu", threads=1, out=None))
+    layers = [m for m in run.model.modules() if isinstance(m, raftorch.Linear)]
+    assert all(m.error_clamp == 1.0 and m.oja.ddof == 1 and m.oja.reduce == "sum" for m in layers)
+    assert layers[-1].oja.source == "target"
+    T.train_epoch(run, progress=False, max_steps=2)
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
 
 # --------------------------------------------------------------------------- item 5: floors, branches

@@ -1,7 +1,11 @@
 """The optional C++ fast path (``csrc/lowrank_linear.cpp``), compiled on first use.
 
-``raftorch.Linear`` with a low-rank rule on CPU tensors runs its forward and backward through
-one C++ ``autograd::Function`` when this extension is available: the arithmetic is the same as
+``raftorch.Linear`` with a low-rank rule on CPU float32/float64 tensors runs its forward and
+backward through one C++ ``autograd::Function`` when this extension is available (not under
+autocast, with Oja on the targets, ``oja_scale="std"``, ``oja_ddof=1``, ``error_clamp`` or
+:func:`raftorch.sync_oja`: ``raftorch.functional._fast_path_fits``). It honours
+:func:`raftorch.loss_scale` (the factor is read in the backward) and refuses double
+backward, like the Python path; the arithmetic is the same as
 the Python path in :mod:`raftorch.functional` (tested equal), but the Python dispatch between the
 backward's ~20 small operations is gone and, for float32, all of its thin (rank-r) products,
 Oja's statistics and the bias gradient come from one multithreaded pass over the rows of the
