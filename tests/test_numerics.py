@@ -636,3 +636,17 @@ def test_sync_bn_is_refused_on_cpu_and_sync_oja_needs_a_process_group():
     assert TrainConfig.from_dict(dict(ACC, sync_bn=True)).sync_bn is True
     with pytest.raises(ValueError, match="torch.distributed"):
         raftorch.sync_oja(raf_mlp())
+
+
+def test_bf16_autocast_P_grad_is_not_rounded_to_bfloat16():
+    """Under bf16 autocast the Oja statistics run in float32 on the bf16 signal and the float32
+    P receives them without a bf16 rounding on the way."""
+    torch.manual_seed(0)
+    lin = raftorch.Linear(6, 8, rule="raf", rank=3)
+    g = torch.randn(64, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(torch.randn(64, 6))
+    y.float().backward(g)
+    want = hand_oja(lin.P.detach().bfloat16().float(), g.bfloat16().float())
+    assert lin.P.grad.dtype == torch.float32
+    torch.testing.assert_close(lin.P.grad.double(), want, rtol=1e-5, atol=1e-6)

@@ -287,7 +287,7 @@ def oja_grad(P: Tensor, e: Tensor, z: Tensor, opts: OjaOptions, colsum: Tensor |
 
 def oja_grad_explicit(P: Tensor, e: Tensor, opts: OjaOptions, mult: float = 1.0, group=None) -> Tensor:
     """:func:`oja_grad` with the normalised signal formed explicitly, in float32 (float64 stays
-    float64) whatever the input dtype, returned in ``P``'s dtype:
+    float64) whatever the input dtype, returned in that dtype:
     ``e_c = e - mean e`` (if ``center``), ``v_j = sum_n e_c,nj^2``, ``d = M - ddof``,
     ``e_n = e_c / s`` with ``s^2 = max_j v_j / d`` (``maxstd``), ``mean_j v_j / d`` (``rms``),
     ``1`` (``none``), or per feature ``e_n,:j = e_c,:j / sqrt(v_j / d)`` (``std``); then
@@ -337,7 +337,9 @@ def oja_grad_explicit(P: Tensor, e: Tensor, opts: OjaOptions, mult: float = 1.0,
     zn = e @ Pw.t()
     A = zn.t() @ e
     grad = torch.addmm(A, A @ Pw.t(), Pw, beta=-1.0)
-    return grad.mul_(mult / reduce).to(P.dtype)
+    # float32 even for a float16 / bfloat16 P: autograd casts it to the dtype of the parameter
+    # given to the Function (under autocast a float32 P, cast inside forward: no rounding)
+    return grad.mul_(mult / reduce)
 
 
 # --------------------------------------------------------------------------- autocast
