@@ -650,3 +650,26 @@ def test_bf16_autocast_P_grad_is_not_rounded_to_bfloat16():
     want = hand_oja(lin.P.detach().bfloat16().float(), g.bfloat16().float())
     assert lin.P.grad.dtype == torch.float32
     torch.testing.assert_close(lin.P.grad.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_training_gives_P_the_step_of_float32_training():
+    """raftorch train --fp16: GradScaler's scale (65536) is told to the layers, so after
+    unscaling P moves as in a float32 run (without it, by 1/65536 of that)."""
+    import raftorch.train as T
+
+    cfg = dict(ACC, rule="raf", rank=4, batch_size=64, lr=0.5)
+    runs = {}
+    for name, extra in (("fp32", {}), ("fp16", {"fp16": True})):
+        run = T.setup(T.TrainConfig.from_dict(dict(cfg, **extra)))
+        P0 = {n: p.detach().clone() for n, p in run.model.named_parameters() if n.endswith(".P")}
+        T.train_epoch(run, progress=False, max_steps=5)
+        runs[name] = (P0, {n: p.detach().clone() for n, p in run.model.named_parameters() if n in P0})
+        if name == "fp16":
+            assert run.scaler is not None and run.scaler.get_scale() > 1
+    (P0, P32), (_, P16) = runs["fp32"], runs["fp16"]
+    for n in P0:
+        moved = (P32[n] - P0[n]).norm()
+        assert moved > 1e-3
+        assert (P16[n] - P32[n]).norm() < 0.1 * moved, n
+    with pytest.raises(ValueError, match="choose one"):
+        T.TrainConfig.from_dict(dict(cfg, fp16=True, bf16=True))

@@ -66,6 +66,7 @@ class TrainConfig:
     # runtime
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     bf16: bool = False  # bfloat16 autocast for the forward pass
+    fp16: bool = False  # float16 autocast with torch.amp.GradScaler (P told by raftorch.loss_scale)
     eval_batch_size: int = 1000
     eval_every: int = 1  # evaluate every N epochs and after the last one; 0: after the last only
     threads: int | None = None  # CPU threads (torch.set_num_threads); None: the idle usable cores (train.auto_threads)
@@ -174,6 +175,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 bad(f"{name} must be a non-negative whole number, got {value!r}")
+        if self.bf16 and self.fp16:
+            bad("bf16 and fp16 are two autocast dtypes; choose one")
         if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
                                          or self.threads < 1):
             bad(f"threads must be a positive whole number or null, got {self.threads!r}")

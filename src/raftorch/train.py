@@ -257,6 +257,7 @@ class Run:
     track_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, y) for track_run
     elapsed: float = 0.0  # training seconds of the finished epochs
     tensorboard: Any = None  # raftorch.tensorboard.Logger when cfg.tensorboard (rank 0, with out)
+    scaler: Any = None  # torch.amp.GradScaler under fp16
 
     @property
     def lead(self) -> bool:
@@ -360,14 +361,20 @@ def setup(cfg: TrainConfig, *, resume: bool = False) -> Run:
     net = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
            if world > 1 else model)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else nullcontext
+    if cfg.fp16:
+        autocast = lambda: torch.autocast(device.type, dtype=torch.float16)  # noqa: E731
     run = Run(cfg, rank, world, device, out, data, Augmentation(cfg.crop_padding, cfg.flip, cfg.cutout),
               model, net, model is not plain, optimizer, scheduler, autocast)
+    if cfg.fp16:
+        run.scaler = torch.amp.GradScaler(device.type)
     if cfg.track and lead:
         run.track_batch = held_out_batch(data)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if run.scaler is not None and state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
         if len(state["rng"]) == world:
             _set_rng_state(state["rng"][rank], device)
         run.history, run.epoch, run.elapsed = list(state["history"]), int(state["epoch"]), float(state["elapsed"])
@@ -404,6 +411,11 @@ def train_epoch(run: Run, *, progress: bool = True, max_steps: int | None = None
     all-reduces only the last backward of a group (``no_sync``). ``K = 1`` is the plain loop.
     ``max_steps`` counts micro-batches.
 
+    Under ``fp16`` the loss goes through ``torch.amp.GradScaler`` (scale ``s``): each backward
+    of ``s loss_i`` runs inside ``raftorch.loss_scale(model, s c_i)``, and ``scaler.step``
+    unscales every gradient, ``P``'s included, before the step (and skips a step whose
+    gradients overflowed).
+
     Returns the epoch's record so far: epoch, lr, train loss / accuracy, seconds.
     """
     cfg, data, device, world, rank = run.cfg, run.data, run.device, run.world, run.rank
@@ -436,13 +448,16 @@ def train_epoch(run: Run, *, progress: bool = True, max_steps: int | None = None
         if first:
             run.optimizer.zero_grad(set_to_none=True)
         raftorch.feed_targets(run.model, y)  # for layers whose P learns on the targets
-        if n_group == len(batch):  # a whole step
+        s = 1.0 if run.scaler is None else run.scaler.get_scale()
+        if n_group == len(batch) and s == 1.0:  # a whole step, unscaled
             loss = local_sum / (len(batch) / world)
             loss.backward()
-        else:  # one micro-batch of a group of n_group rows; P's Oja update told so
+        else:  # a micro-batch of a group of n_group rows and / or a GradScaler: P's Oja update told so
             loss = local_sum / (n_group / world)
+            if run.scaler is not None:
+                loss = run.scaler.scale(loss)
             sync = nullcontext() if last or not hasattr(run.net, "no_sync") else run.net.no_sync()
-            with sync, raftorch.loss_scale(run.model, len(batch) / n_group):
+            with sync, raftorch.loss_scale(run.model, s * len(batch) / n_group):
                 loss.backward()
         step_loss = local_sum.detach().double()
         if world > 1:
@@ -455,7 +470,10 @@ def train_epoch(run: Run, *, progress: bool = True, max_steps: int | None = None
             raise TrainingDiverged(
                 f"loss is {step_loss} at epoch {run.epoch + 1}, step {step + 1}: training diverged and "
                 f"stopped; {where}. Start a new run with a lower learning rate (now {lr:g}).")
-        if last:
+        if last and run.scaler is not None:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        elif last:
             run.optimizer.step()
         loss_sum += step_loss
         seen += len(batch)
@@ -532,7 +550,8 @@ def end_epoch(run: Run, record: dict[str, Any], *, progress: bool = True) -> Non
         ckpt.save_checkpoint(run.out / ckpt.CHECKPOINT, {
             "epoch": run.epoch, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "rng": rng, "history": run.history,
-            "elapsed": run.elapsed, "config": run.cfg.to_dict()})
+            "elapsed": run.elapsed, "config": run.cfg.to_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None})
         ckpt.write_jsonl(run.out / ckpt.METRICS, run.history)
         ckpt.write_metrics_csv(run.out / ckpt.METRICS_CSV, run.history)
         if run.tensorboard is not None:
@@ -609,6 +628,7 @@ _FLAG_HELP = {
     "seed": "random seed (same seed, same numbers on CPU)",
     "device": "auto, cpu, cuda or cuda:N",
     "bf16": "bfloat16 autocast for the forward pass",
+    "fp16": "float16 autocast with a GradScaler (raftorch.loss_scale keeps P's step right)",
     "sync_bn": ("distributed runs: BatchNorm statistics over the global batch (nn.SyncBatchNorm; GPUs "
                 "only); one process: no effect"),
     "eval_batch_size": "batch size of evaluation",
