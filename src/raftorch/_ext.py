@@ -123,3 +123,14 @@ def disabled():
         yield
     finally:
         _state["module"] = module
+
+
+def warm() -> None:
+    """Build (or load) the fast path now, before any timed work (the experiment runner before it
+    starts its workers, ``raftorch compare`` before its first run); a failure is left to the
+    first real use, which falls back to the Python path and warns."""
+    try:
+        if setting() != "0":
+            get()
+    except Exception:  # noqa: BLE001
+        pass

@@ -108,6 +108,9 @@ def run_compare(*, rules=DEFAULT_RULES, ranks=DEFAULT_RANKS, dataset="digits", h
     data = data or load_dataset(dataset, seed=seed, data_dir=data_dir)
     build_model(model, data.input_shape, data.num_classes, **options)  # bad options fail before training
     runs = plan(rules, ranks)
+    from raftorch import _ext
+
+    _ext.warm()  # a first-use build of the C++ fast path is not counted as a run's time
     rows = []
     bar = tqdm(total=len(runs) * epochs * len(seeds), desc="compare", unit="epoch", disable=not progress)
     for s in seeds:

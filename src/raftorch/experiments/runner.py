@@ -383,10 +383,6 @@ def _run_pool(todo: list[Task], args, finished, jobs: int, threads: int) -> None
 
 def _warm_extension() -> None:
     """Build (or load) the C++ fast path once here, not in every worker at the same time."""
-    try:
-        from raftorch import _ext
+    from raftorch import _ext
 
-        if _ext.setting() != "0":
-            _ext.get()
-    except Exception:  # the workers fall back to the Python path and warn themselves
-        pass
+    _ext.warm()
