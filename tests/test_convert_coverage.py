@@ -15,12 +15,7 @@ from raftorch.attention import MultiheadAttention
 from raftorch.convert import plain_copy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grads(model, params, loss):

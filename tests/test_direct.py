@@ -14,13 +14,7 @@ from raftorch.functional import OjaOptions, oja_grad
 from test_feedback_learning import principal_angles_deg, spiked_covariance
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread avoids the cost of thread hand-offs on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(widths=(6, 8, 7, 5), act=nn.Tanh, batchnorm=False, seed=0):

@@ -41,13 +41,6 @@ def train_digits(rule, rank=None, source="output", seed=0, epochs=EPOCHS):
     return 100.0 * (pred == data.y_test).float().mean().item()
 
 
-@pytest.fixture
-def one_thread():
-    """Batches of 32 on a 256-wide MLP run fastest on one thread (and CI has two cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.slow

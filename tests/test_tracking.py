@@ -23,12 +23,7 @@ from raftorch.cli import main as cli_main
 from raftorch.config import TrainConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def orthonormal(d, k, seed=0):
