@@ -184,6 +184,14 @@ class Linear(FeedbackLayer, nn.Linear):
         return self.weight.t().clone()
 
 
+def _require_zero_padding(layer: str, padding_mode: str) -> None:
+    if padding_mode != "zeros":
+        raise ValueError(
+            f"raftorch.{layer} supports padding_mode='zeros' only, got {padding_mode!r}; "
+            "pad the input explicitly (F.pad) before a zero-padded convolution"
+        )
+
+
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -215,11 +223,7 @@ class Conv2d(FeedbackLayer, nn.Conv2d):
                  rule: str = "raf", rank: int | None = None, device=None, dtype=None, **options):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device=device, dtype=dtype)
-        if padding_mode != "zeros":
-            raise ValueError(
-                f"raftorch.Conv2d supports padding_mode='zeros' only, got {padding_mode!r}; "
-                "pad the input explicitly (F.pad) before a zero-padded convolution"
-            )
+        _require_zero_padding("Conv2d", padding_mode)
         self.geometry = RF.ConvGeometry(
             _pair(self.stride), self._explicit_padding(), _pair(self.dilation), groups
         )
@@ -321,11 +325,7 @@ class Conv1d(FeedbackLayer, nn.Conv1d):
                  rule: str = "raf", rank: int | None = None, device=None, dtype=None, **options):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device=device, dtype=dtype)
-        if padding_mode != "zeros":
-            raise ValueError(
-                f"raftorch.Conv1d supports padding_mode='zeros' only, got {padding_mode!r}; "
-                "pad the input explicitly (F.pad) before a zero-padded convolution"
-            )
+        _require_zero_padding("Conv1d", padding_mode)
         (k,), (d,) = self.kernel_size, self.dilation
         if self.padding == "same":
             if d * (k - 1) % 2:
