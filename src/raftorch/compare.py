@@ -20,7 +20,6 @@ import csv
 import hashlib
 import io
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from tqdm import tqdm
 import raftorch
 from raftorch.checkpoint import write_json, write_text
 from raftorch.data import DATASETS, DataSplits, load_dataset
+from raftorch.experiments.aggregate import mean_std
 from raftorch.models import MODELS, build_model
 from raftorch.rules import DIRECT_RULES, get_rule
 from raftorch.train import evaluate
@@ -140,13 +140,11 @@ def summarize(rows: list[Row]) -> list[dict]:
         groups.setdefault((r.rule, r.rank, r.source), []).append(r)
     out = []
     for (rule, rank, source), members in groups.items():
-        acc = [100 * m.test_accuracy for m in members]
-        loss = [m.train_loss for m in members]
-        out.append({"rule": rule, "rank": rank, "source": source, "n": len(members),
-                    "test_accuracy_mean": statistics.fmean(acc),
-                    "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                    "train_loss_mean": statistics.fmean(loss),
-                    "seconds_mean": statistics.fmean(m.seconds for m in members)})
+        acc_mean, acc_std, n = mean_std([100 * m.test_accuracy for m in members])
+        out.append({"rule": rule, "rank": rank, "source": source, "n": n,
+                    "test_accuracy_mean": acc_mean, "test_accuracy_std": acc_std,
+                    "train_loss_mean": mean_std([m.train_loss for m in members])[0],
+                    "seconds_mean": mean_std([m.seconds for m in members])[0]})
     return out
 
 
@@ -235,9 +233,8 @@ _RUN_ONLY = ("out", "force", "threads", "no_progress", "data_dir")
 
 def settings(args) -> dict:
     """The settings that decide the numbers, JSON-ready (tuples as lists)."""
-    meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
             if not k.startswith("_") and k not in ("command", *_RUN_ONLY)}
-    return meta
 
 
 def default_out(args) -> str:
