@@ -560,10 +560,7 @@ class Conv2dLowRankFeedback(Function):
         if need_w or need_b:
             _, grad_w, grad_b = geom.backward(g, x, weight, (False, need_w), bias=need_b)
         if need_x or need_Q or need_P:
-            # the 1x1 P as one batched matmul over the (N, C, H*W) view (no copy; measured ~2x
-            # faster than a 1x1 convolution for r = 4-10 on the CPU)
-            n, c = g.shape[:2]
-            z = torch.matmul(P.to(g.dtype), g.reshape(n, c, -1)).view(n, P.shape[0], *g.shape[2:])
+            z = F.conv2d(g, P[:, :, None, None])  # (N, r, H, W)
             if need_x or need_Q:
                 grad_x, grad_Q, _ = geom.backward(z, x, Q, (need_x, need_Q))
             if need_P:
