@@ -446,13 +446,17 @@ struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
     const double mult = scale == kNone ? 1.0 / c : c;
     const Tensor g = grads[0].reshape({-1, grads[0].size(-1)});
     const Tensor x2 = x.reshape({-1, x.size(-1)});
-    const bool thin = need_x || need_Q || need_P;
+    // grad_Q = x^T z = x^T g P^T = (P grad_W)^T: an r x n x m product once grad_W exists,
+    // instead of r M m multiply-adds over the rows (M = batch x tokens can be >> n)
+    const bool q_from_w = need_Q && need_w;
+    const bool q_rows = need_Q && !q_from_w;
+    const bool thin = need_x || q_rows || need_P;
     const bool stats = need_b || (need_P && (center || scale != kNone));
     Tensor grad_x, grad_w, grad_b, grad_Q, grad_P;
     bool fused = thin && fusable(g) && fusable(P) && P.size(0) <= kMaxFusedRank;
-    fused = fused && (!need_Q || fusable(x2)) && (!need_x || fusable(Q));
+    fused = fused && (!q_rows || fusable(x2)) && (!need_x || fusable(Q));
     if (fused) {
-      Fused f = fused_backward(g, x2, Q, P, stats, need_x, need_P, need_Q, center, scale, mean, mult);
+      Fused f = fused_backward(g, x2, Q, P, stats, need_x, need_P, q_rows, center, scale, mean, mult);
       grad_b = f.colsum, grad_Q = f.grad_Q, grad_P = f.grad_P;
       if (need_x) grad_x = f.grad_x.view(x.sizes());
     } else {  // other dtypes and layouts: the same steps as ATen operations
@@ -460,11 +464,12 @@ struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
       if (thin) {
         const Tensor zt = at::mm(P, g.t());
         if (need_P) grad_P = oja_grad(P, g, zt, grad_b, center, scale, mean, mult);
-        if (need_Q) grad_Q = at::mm(zt, x2).t();
+        if (q_rows) grad_Q = at::mm(zt, x2).t();
         if (need_x) grad_x = at::mm(zt.t(), Q.t()).view(x.sizes());
       }
     }
     if (need_w) grad_w = at::mm(g.t(), x2);
+    if (q_from_w) grad_Q = at::mm(P, grad_w).t();
     return {grad_x, grad_w, need_b ? grad_b : Tensor(), grad_Q, grad_P,
             Tensor(), Tensor(), Tensor(), Tensor()};
   }
