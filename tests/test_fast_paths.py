@@ -1,5 +1,6 @@
-"""The fast steps of the low-rank convolution backward (``grad_Q = P grad_W``, ``z = P g`` as a
-batched product, Oja's statistics from the ``(N, C, H W)`` maps) against the definitions,
+"""The fast steps of the low-rank backward (``grad_Q = P grad_W``; for convolutions ``z = P g``
+as a batched product, the input gradient as a flipped forward convolution, Oja's statistics from
+the ``(N, C, H W)`` maps) against the definitions,
 computed independently in float64 with plain autograd and the hand formula of Oja's rule."""
 import pytest
 import torch
@@ -15,6 +16,8 @@ GEOMETRIES = [
     dict(stride=2, padding=0, dilation=1, groups=1),
     dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=1),
     dict(stride=1, padding=1, dilation=1, groups=2),
+    dict(stride=1, padding=(1, 2), dilation=(2, 1), groups=2),  # flipped forward conv, dilated
+    dict(stride=1, padding=3, dilation=1, groups=1),  # padding beyond the kernel: the fallback
 ]
 OJA = [
     dict(),
