@@ -446,9 +446,9 @@ struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
     const double mult = scale == kNone ? 1.0 / c : c;
     const Tensor g = grads[0].reshape({-1, grads[0].size(-1)});
     const Tensor x2 = x.reshape({-1, x.size(-1)});
-    // grad_Q = x^T z = x^T g P^T = (P grad_W)^T: an r x n x m product once grad_W exists,
-    // instead of r M m multiply-adds over the rows (M = batch x tokens can be >> n)
-    const bool q_from_w = need_Q && need_w;
+    // grad_Q = x^T z = x^T g P^T = (P grad_W)^T: r n m multiply-adds once grad_W exists,
+    // instead of r M m over the rows; taken where it is less work (M = batch x tokens > n)
+    const bool q_from_w = need_Q && need_w && g.size(0) > g.size(1);
     const bool q_rows = need_Q && !q_from_w;
     const bool thin = need_x || q_rows || need_P;
     const bool stats = need_b || (need_P && (center || scale != kNone));
