@@ -326,6 +326,39 @@ def test_analyze_writes_fields_scores_and_figure(runs, capsys):
     assert not (run / "receptive_fields.png").exists()
 
 
+def test_zero_fields_are_left_out_of_the_means_and_a_run_without_one_has_no_score(runs, tmp_path, capsys):
+    """A conv2 channel with zero weights has a zero field: it is not a live channel and the
+    means are over the others; with every retina.conv1 gate closed at the blank image
+    (bias -1, ReLU) every conv2 field is zero: no scores (null), and the panel row skips it."""
+    import shutil
+
+    from raftorch.checkpoint import load_checkpoint, save_checkpoint
+    from raftorch.experiments import aggregate
+
+    run = tmp_path / "raf"
+    shutil.copytree(runs / "raf", run)
+    state = load_checkpoint(run / "checkpoint.pt")
+    state["model"]["retina.conv2.weight"][0] = 0.0
+    save_checkpoint(run / "checkpoint.pt", state)
+    scores = raftorch.analysis.analyze_run(run, figure=False)
+    assert scores["live_channels"] == [1, 2, 3] and scores["orientedness"][0] == 0.0
+    for key in ("orientedness", "centre_surround_index"):
+        assert scores[f"{key}_mean"] == pytest.approx(float(np.mean(scores[key][1:])))
+        assert scores[f"{key}_std"] == pytest.approx(float(np.std(scores[key][1:], ddof=1)))
+
+    state["model"]["retina.conv1.bias"][:] = -1.0
+    save_checkpoint(run / "checkpoint.pt", state)
+    assert cli_main(["analyze", str(run)]) == 0
+    assert "every field is zero" in capsys.readouterr().out
+    scores = json.loads((run / "scores.json").read_text())
+    assert scores["live_channels"] == [] and scores["orientedness_mean"] is None
+    assert scores["centre_surround_index_std"] is None
+    # the panel's row of this run carries no score, so mean_std over seeds leaves it out
+    row = {"status": "done"}
+    row.update({c: scores[f"{c}_mean"] for c in aggregate.SCORE_COLUMNS if scores.get(f"{c}_mean") is not None})
+    assert aggregate.done_values([row, {"status": "done", "orientedness": 0.5}], "orientedness") == [0.5]
+
+
 def test_analyze_run_defaults_to_the_retina_output_layer_and_loads_draf_runs(runs):
     result = raftorch.analysis.analyze_run(runs / "draf", figure=False)
     assert result["layer"] == "retina.conv2" and result["rule"] == "draf" and len(result["channels"]) == 4

@@ -9,8 +9,13 @@ forward map, whatever rule trained it). Then, for one convolution (``--layer``):
 * ``receptive_fields.npz``: ``fields`` ``(channels, H, W)`` float32, ``channels`` (their
   indices), ``orientedness``, ``centre_surround_index``, ``layer``, ``method``,
   ``input_shape``, ``label`` (the run folder's name);
-* ``scores.json``: per channel ``orientedness`` and ``centre_surround_index`` with their
-  mean and std (sample std over the channels), the layer, method and the run's settings;
+* ``scores.json``: per channel ``orientedness`` and ``centre_surround_index``; their mean
+  and std (sample std) over the **live** channels, those whose field is not exactly zero
+  (``live_channels`` lists them): with ``method="gradient"`` a channel whose path to the input
+  is closed by ReLUs at the blank image (every unit it reads has a bias <= 0) has a zero
+  field, a fact about the gates at that image rather than a field, so it is left out of the
+  means instead of counting as "neither oriented nor centre-surround" (0); with no live
+  channel the means and stds are ``null``. Also the layer, method and the run's settings;
 * ``receptive_fields.png`` (unless ``--no-figure``, which removes an older one):
   :func:`raftorch.analysis.figure.draw_fields`.
 
@@ -112,7 +117,9 @@ def default_layer(model: nn.Module, model_name: str | None = None) -> str:
     return convs[0]
 
 
-def _stats(values: Sequence[float]) -> tuple[float, float]:
+def _stats(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -147,12 +154,13 @@ def analyze_run(run_dir: str | Path, layer: str | None = None, method: str = "gr
     chans = list(range(model.get_submodule(name).out_channels)) if channels is None else [int(c) for c in channels]
     o = orientedness(fields).tolist()
     c = centre_surround_index(fields).tolist()
-    om, osd = _stats(o)
-    cm, csd = _stats(c)
+    live = [i for i in range(len(chans)) if bool(fields[i].abs().max() > 0)]
+    om, osd = _stats([o[i] for i in live])
+    cm, csd = _stats([c[i] for i in live])
     result: dict[str, Any] = {
         "run": str(run_dir), "layer": name, "method": method,
         **({"steps": int(steps), "lr": float(lr)} if method == "ascent" else {}),
-        "input_shape": list(shape), "channels": chans,
+        "input_shape": list(shape), "channels": chans, "live_channels": [chans[i] for i in live],
         "orientedness": o, "centre_surround_index": c,
         "orientedness_mean": om, "orientedness_std": osd,
         "centre_surround_index_mean": cm, "centre_surround_index_std": csd,
@@ -216,8 +224,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"raftorch analyze: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{result['layer']} ({result['method']}), {len(result['channels'])} channels: orientedness "
-          f"{result['orientedness_mean']:.3f} ± {result['orientedness_std']:.3f}, centre-surround index "
-          f"{result['centre_surround_index_mean']:.3f} ± {result['centre_surround_index_std']:.3f}; "
+    live = len(result["live_channels"])
+    if live:
+        scores = (f"orientedness {result['orientedness_mean']:.3f} ± {result['orientedness_std']:.3f}, "
+                  f"centre-surround index {result['centre_surround_index_mean']:.3f} ± "
+                  f"{result['centre_surround_index_std']:.3f} over the {live} with a nonzero field")
+    else:
+        scores = "every field is zero (no unit of the path is active at the blank image): no scores"
+    print(f"{result['layer']} ({result['method']}), {len(result['channels'])} channels: {scores}; "
           f"wrote {', '.join(Path(f).name for f in result['files'])} in {args.run_dir}")
     return 0

@@ -78,7 +78,9 @@ def collect(root: str | Path, panel: Panel, points: list[Point]) -> list[dict[st
                        torch=final.get("torch", ""))
             if panel.analysis:
                 scores = _read_json(folder / SCORES)
-                row.update({c: round(scores[f"{c}_mean"], 6) for c in SCORE_COLUMNS if f"{c}_mean" in scores})
+                # a run without a live field (null means) has no score: left out of the means
+                row.update({c: round(scores[f"{c}_mean"], 6) for c in SCORE_COLUMNS
+                            if scores.get(f"{c}_mean") is not None})
         elif status == "partial":
             row["epochs"] = len((folder / ckpt.METRICS).read_text().splitlines()) if (folder / ckpt.METRICS).exists() else 0
         rows.append(row)
@@ -115,7 +117,8 @@ def analyze_finished(root: str | Path, panel: Panel, points: list[Point]) -> int
         if run_status(folder) != "done":
             continue
         have = _read_json(folder / SCORES)
-        if have and have.get("method") == method and (layer is None or have.get("layer") == layer):
+        if (have and have.get("method") == method and (layer is None or have.get("layer") == layer)
+                and "live_channels" in have):  # older scores counted zero fields in the means
             continue
         kw = {"steps": panel.analysis["steps"]} if "steps" in panel.analysis else {}
         analyze_run(folder, layer, method, figure=False, **kw)
