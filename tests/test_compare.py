@@ -129,3 +129,12 @@ def test_compare_rejects_settings_it_cannot_honour(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["compare", "--no-progress", "--epochs", "1", *argv])
     assert message in str(exc.value)
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capfd):
+    """Captured output (a log, CI, a pipe) gets the table, not a bar redrawn per epoch."""
+    assert main(["compare", "--rules", "bp", "--epochs", "2", "--seeds", "0", "--hidden", "8",
+                 "--out", str(tmp_path / "c")]) == 0
+    out, err = capfd.readouterr()
+    assert "| bp | full |" in out
+    assert "epoch/s" not in err and "compare:" not in err

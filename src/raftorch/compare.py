@@ -112,7 +112,9 @@ def run_compare(*, rules=DEFAULT_RULES, ranks=DEFAULT_RANKS, dataset="digits", h
 
     _ext.warm()  # a first-use build of the C++ fast path is not counted as a run's time
     rows = []
-    bar = tqdm(total=len(runs) * epochs * len(seeds), desc="compare", unit="epoch", disable=not progress)
+    # disable=None: no bar when stderr is not a terminal (logs, CI, pipes), as in raftorch train
+    bar = tqdm(total=len(runs) * epochs * len(seeds), desc="compare", unit="epoch",
+               disable=None if progress else True)
     for s in seeds:
         for rule, rank in runs:
             torch.manual_seed(s)
