@@ -41,9 +41,10 @@ def mlp(n_in, hidden, n_out):
     return nn.Sequential(*layers, nn.Linear(width, n_out))
 
 
-def make_step(model, batches):
+def make_step(model, batches, bf16_device: str | None = None):
     """One training step per call, cycling through ``batches`` (random labels cannot be
-    memorised, so gradients never shrink towards denormal numbers)."""
+    memorised, so gradients never shrink towards denormal numbers). With ``bf16_device``
+    (``"cpu"``, ``"cuda"``) the forward and loss run under bf16 autocast on that device."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
     i = 0
 
@@ -51,7 +52,8 @@ def make_step(model, batches):
         nonlocal i
         x, y = batches[i % len(batches)]
         i += 1
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(bf16_device or "cpu", dtype=torch.bfloat16, enabled=bf16_device is not None):
+            loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

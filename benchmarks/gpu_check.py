@@ -57,7 +57,7 @@ import raftorch  # noqa: E402
 from raftorch import _ext  # noqa: E402
 from raftorch import functional as RF  # noqa: E402
 from bench_models import MODELS as NETS, build  # noqa: E402
-from bench_step import MODELS as MLPS, mlp  # noqa: E402
+from bench_step import MODELS as MLPS, make_step, mlp  # noqa: E402
 
 LABELS = {"paper": "(a) paper MLP", "deep": "(b) deep MLP", "vgg": "(c) VGG",
           "vgg-block4": "(c) VGG, block 4 RAF",
@@ -359,22 +359,6 @@ def _checks(checks, device, quick):
 # --------------------------------------------------------------------------- timing
 
 
-def make_step(model, batches, device, bf16):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-    i = 0
-
-    def step():
-        nonlocal i
-        x, y = batches[i % len(batches)]
-        i += 1
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
-
-
 def models_for(name, quick):
     """(BP model, RAF model, batches), all on the CPU."""
     if name in MLPS:
@@ -415,7 +399,7 @@ def peak_mb(model_cpu, batches, device, bf16, warmup):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     model = copy.deepcopy(model_cpu).to(device)
-    step = make_step(model, batches, device, bf16)
+    step = make_step(model, batches, device.type if bf16 else None)
     for _ in range(max(warmup, 1)):
         step()
     torch.cuda.synchronize()
@@ -437,7 +421,8 @@ def time_model(name, device, rounds, steps, warmup, quick):
     if device.type == "cuda":
         for m, dtype in variants:
             mem[m, dtype] = peak_mb(cpu_models[m], batches, device, dtype == "bf16", warmup)
-    fns = {(m, dtype): make_step(copy.deepcopy(cpu_models[m]).to(device), batches, device, dtype == "bf16")
+    fns = {(m, dtype): make_step(copy.deepcopy(cpu_models[m]).to(device), batches,
+                                   device.type if dtype == "bf16" else None)
            for m, dtype in variants}
     for fn in fns.values():
         for _ in range(warmup):
