@@ -629,10 +629,9 @@ class Conv2dLowRankFeedback(Function):
                 z = z3.view(g.shape[0], P.shape[0], *g.shape[2:])
             else:  # channels_last or other strides: the 1x1 convolution keeps the layout
                 z = F.conv2d(g, P[:, :, None, None])  # (N, r, H, W)
-            q_from_w = need_Q and grad_w is not None and geom.groups == 1
-            if need_Q and q_from_w:
+            if need_Q and grad_w is not None and geom.groups == 1:
                 grad_Q = (P @ grad_w.reshape(grad_w.shape[0], -1)).view(Q.shape)
-            if need_Q and not q_from_w:
+            elif need_Q:
                 _, grad_Q, _ = geom.backward(z, x, Q, (False, True))
             if need_x:
                 grad_x = geom.input_grad(z, x, Q)
