@@ -124,6 +124,23 @@ def test_every_quick_spec_loads_and_expands_to_its_documented_number_of_points()
         assert len(panel.seeds) >= 2 and panel.claims, name
 
 
+def test_the_weight_decay_variant_of_fig4cd_is_the_quick_panel_with_adamw_and_decay_only():
+    """configs/variants/fig4cd-weight-decay.yaml (README, "The retina") must stay the quick
+    fig4cd panel point for point, with only the optimizer and the decay changed."""
+    root = Path(__file__).resolve().parents[1]
+    variant = load_spec(root / "configs" / "variants" / "fig4cd-weight-decay.yaml", "quick")
+    quick = S.load_panel("fig4cd", "quick")
+    assert variant.id == "fig4cd-weight-decay"
+    a, b = quick.points(), variant.points()
+    assert [p.id for p in a] == [p.id for p in b]
+    assert quick.claims == variant.claims
+    for p, q in zip(a, b):
+        assert q.config["optimizer"] == "adamw" and q.config["weight_decay"] == 3.0
+        assert p.config["optimizer"] == "adam" and not p.config.get("weight_decay")
+        rest = lambda c: {k: v for k, v in c.items() if k not in ("optimizer", "weight_decay", "out")}  # noqa: E731
+        assert rest(p.config) == rest(q.config)
+
+
 def test_the_first_point_of_every_quick_training_panel_trains_one_step(tmp_path):
     import math
 
