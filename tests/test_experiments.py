@@ -141,6 +141,29 @@ def test_the_weight_decay_variant_of_fig4cd_is_the_quick_panel_with_adamw_and_de
         assert rest(p.config) == rest(q.config)
 
 
+VARIANTS = sorted((Path(__file__).resolve().parents[1] / "configs" / "variants").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", VARIANTS, ids=[p.stem for p in VARIANTS])
+def test_every_variant_spec_loads_and_its_claims_pick_their_points(path):
+    """configs/variants/*.yaml are run with --spec (README): each must load (which checks that
+    every claim picks its points) and be named after its file, so results never mix."""
+    panel = load_spec(path, "quick")
+    assert panel.id == path.stem and panel.claims and len(panel.seeds) >= 3
+    assert all(p.config["rule"] for p in panel.points())
+
+
+def test_the_16_channel_variant_compares_rank_1_with_full_rank_into_the_retina():
+    path = Path(__file__).resolve().parents[1] / "configs" / "variants" / "fig4cd-16-channels.yaml"
+    points = load_spec(path, "quick").points()
+    assert len(points) == (2 + 1) * 3
+    for p in points:
+        assert p.config["model_options"]["channels"] == 16 == p.config["model_options"]["bottleneck"]
+        assert p.config["optimizer"] == "adamw" and p.config["weight_decay"] == 3.0
+    raf = [p for p in points if p.config["rule"] == "raf"]
+    assert sorted({p.config["ranks"]["vvs.conv1"] for p in raf}) == [1, 16]
+
+
 def test_the_first_point_of_every_quick_training_panel_trains_one_step(tmp_path):
     import math
 
