@@ -124,11 +124,13 @@ def test_every_quick_spec_loads_and_expands_to_its_documented_number_of_points()
         assert len(panel.seeds) >= 2 and panel.claims, name
 
 
+VARIANT_DIR = REPO / "configs" / "variants"  # panel variants run with --spec (README, "The retina")
+
+
 def test_the_weight_decay_variant_of_fig4cd_is_the_quick_panel_with_adamw_and_decay_only():
     """configs/variants/fig4cd-weight-decay.yaml (README, "The retina") must stay the quick
     fig4cd panel point for point, with only the optimizer and the decay changed."""
-    root = Path(__file__).resolve().parents[1]
-    variant = load_spec(root / "configs" / "variants" / "fig4cd-weight-decay.yaml", "quick")
+    variant = load_spec(VARIANT_DIR / "fig4cd-weight-decay.yaml", "quick")
     quick = S.load_panel("fig4cd", "quick")
     assert variant.id == "fig4cd-weight-decay"
     a, b = quick.points(), variant.points()
@@ -141,7 +143,7 @@ def test_the_weight_decay_variant_of_fig4cd_is_the_quick_panel_with_adamw_and_de
         assert rest(p.config) == rest(q.config)
 
 
-VARIANTS = sorted((Path(__file__).resolve().parents[1] / "configs" / "variants").glob("*.yaml"))
+VARIANTS = sorted(VARIANT_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", VARIANTS, ids=[p.stem for p in VARIANTS])
@@ -154,8 +156,7 @@ def test_every_variant_spec_loads_and_its_claims_pick_their_points(path):
 
 
 def test_the_16_channel_variant_compares_rank_1_with_full_rank_into_the_retina():
-    path = Path(__file__).resolve().parents[1] / "configs" / "variants" / "fig4cd-16-channels.yaml"
-    points = load_spec(path, "quick").points()
+    points = load_spec(VARIANT_DIR / "fig4cd-16-channels.yaml", "quick").points()
     assert len(points) == (2 + 1) * 3
     for p in points:
         assert p.config["model_options"]["channels"] == 16 == p.config["model_options"]["bottleneck"]
