@@ -40,6 +40,8 @@ MODELS = {
     "retina": ("retina", (1, 32, 32), 64, {}, 4, None),
     "vgg-quick": ("vgg", (1, 28, 28), 128, {"width_mult": 0.25}, 10, None),
     "vit-quick": ("vit", (1, 28, 28), 128, {"dim": 64, "depth": 2}, 10, None),
+    # the README per-model table's retina (8 channels: r = 10 is full rank in its convolutions)
+    "retina-quick": ("retina", (1, 28, 28), 128, {"channels": 8, "bottleneck": 8, "fc": 128}, 10, None),
 }
 
 
