@@ -355,8 +355,42 @@ def test_zero_fields_are_left_out_of_the_means_and_a_run_without_one_has_no_scor
     assert scores["centre_surround_index_std"] is None
     # the panel's row of this run carries no score, so mean_std over seeds leaves it out
     row = {"status": "done"}
-    row.update({c: scores[f"{c}_mean"] for c in aggregate.SCORE_COLUMNS if scores.get(f"{c}_mean") is not None})
+    row.update({c: scores[f"{c}_mean"] for c in aggregate.SCORES_OF_FIELDS if scores.get(f"{c}_mean") is not None})
     assert aggregate.done_values([row, {"status": "done", "orientedness": 0.5}], "orientedness") == [0.5]
+
+
+def test_the_baseline_is_the_fields_of_the_runs_own_initial_net(runs, tmp_path):
+    """``init`` in scores.json / ``init_fields`` in the npz are the fields of the net the run
+    started from: a run whose weights barely move (lr 1e-12: Adam moves each weight by at most
+    ~lr a step) has init fields equal to its trained ones; another seed's differ; a real run's
+    trained fields differ from their init. The global RNG is left alone."""
+    import raftorch.train as T
+
+    base = dict(data="digits", model="retina", model_options=dict(channels=4, bottleneck=4, fc=16, kernel=3,
+                                                                  vvs_layers=1),
+                rule="raf", rank=2, batch_size=64, epochs=1, train_size=128, device="cpu", threads=1,
+                lr=1e-12, output_init="zero")
+    inits = []
+    for seed in (0, 1):
+        run = tmp_path / f"still{seed}"
+        T.train(dict(base, seed=seed, out=str(run)), progress=False)
+        rng = torch.get_rng_state()
+        scores = raftorch.analysis.analyze_run(run, figure=False)
+        assert torch.equal(torch.get_rng_state(), rng)
+        with np.load(run / "receptive_fields.npz") as z:
+            assert np.abs(z["fields"]).max() > 1e-3
+            assert np.allclose(z["init_fields"], z["fields"], rtol=0, atol=1e-8)
+            assert np.allclose(z["init_orientedness"], z["orientedness"], atol=1e-5)
+            inits.append(z["init_fields"])
+        for key in ("orientedness_mean", "centre_surround_index_mean", "live_channels"):
+            assert scores["init"][key] == pytest.approx(scores[key], abs=1e-5)
+        assert json.loads((run / "scores.json").read_text())["init"]["orientedness"] == pytest.approx(
+            scores["init"]["orientedness"])
+    assert not np.allclose(inits[0], inits[1], atol=1e-3)  # the seed's own initialisation
+    raftorch.analysis.analyze_run(runs / "raf", figure=False)
+    with np.load(runs / "raf" / "receptive_fields.npz") as z:
+        assert np.allclose(z["init_fields"], inits[0], atol=1e-8)  # seed 0, the same net
+        assert not np.allclose(z["init_fields"], z["fields"], atol=1e-4)  # it trained
 
 
 def test_analyze_run_defaults_to_the_retina_output_layer_and_loads_draf_runs(runs):

@@ -114,11 +114,21 @@ def test_analysis_panel_scores_every_run_and_claims_read_them(tmp_path):
         assert 0.0 <= float(r["orientedness"]) <= 1.0
         assert float(r["centre_surround_index"]) == pytest.approx(scores["centre_surround_index_mean"], abs=1e-6)
     assert scored >= 4
+    # the baseline: every series starts from its seed's net (same model options), so the runs
+    # of one seed share their init scores and the two seeds differ (seed 0's tiny initial net
+    # has every gate closed at the blank image: no live field, no score)
+    by_seed = {}
+    for r in rows:
+        by_seed.setdefault(r["seed"], set()).add(r["init_orientedness"])
+    assert sorted(by_seed) == ["0", "1"] and all(len(v) == 1 for v in by_seed.values())
+    assert by_seed["0"] == {""} and 0 < float(*by_seed["1"]) < 1
     claims = json.loads((results / "quick" / "fields" / "claims.json").read_text())
     assert [c["passed"] for c in claims] == [True, False] and claims[0]["metric"] == "orientedness"
     with open(results / "quick" / "fields" / "points.csv", newline="") as f:
         points = list(csv.DictReader(f))
     assert all(p["orientedness_mean"] != "" and p["centre_surround_index_std"] != "" for p in points)
+    assert all(float(p["init_orientedness_mean"]) == pytest.approx(float(*by_seed["1"]), abs=1e-4)
+               and float(p["init_orientedness_std"]) == 0.0 for p in points)  # n = 1: seed 1's
     for name in ("figure.png", "fields.png", "orientedness.png"):
         assert (results / "quick" / "fields" / name).stat().st_size > 1000
     # redraw: scores deleted from one run are recomputed from its checkpoint, identically

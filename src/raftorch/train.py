@@ -74,6 +74,18 @@ def _device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def initial_model(cfg: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The plain model of ``cfg`` (``raftorch.models``, no rule yet) as a run of ``cfg`` starts:
+    built right after ``torch.manual_seed(cfg.seed)``, with ``output_init`` applied. Its forward
+    weights are the run's at step 0 (the rule's conversion keeps them), so analyses can compare
+    a trained net with its own initialisation (``raftorch analyze``: the fields at init)."""
+    torch.manual_seed(cfg.seed)
+    plain = build_model(cfg.model, input_shape, num_classes, **cfg.model_options)
+    if cfg.output_init == "zero":
+        zero_output_layer_(plain)
+    return plain
+
+
 def convert_model(model: nn.Module, cfg: TrainConfig, example_input: torch.Tensor | None = None) -> nn.Module:
     """Swap the model's layers for the rule's (``bp`` keeps the plain PyTorch model).
 
@@ -342,10 +354,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False) -> Run:
         dist.barrier()
 
     # model, rule, optimizer
-    torch.manual_seed(cfg.seed)
-    plain = build_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_options)
-    if cfg.output_init == "zero":
-        zero_output_layer_(plain)
+    plain = initial_model(cfg, data.input_shape, data.num_classes)
     model = convert_model(plain, cfg, data.x_train[:2].cpu()).to(device)
     if world > 1:
         if cfg.sync_bn:

@@ -8,14 +8,20 @@ forward map, whatever rule trained it). Then, for one convolution (``--layer``):
 
 * ``receptive_fields.npz``: ``fields`` ``(channels, H, W)`` float32, ``channels`` (their
   indices), ``orientedness``, ``centre_surround_index``, ``layer``, ``method``,
-  ``input_shape``, ``label`` (the run folder's name);
+  ``input_shape``, ``label`` (the run folder's name), and ``init_fields``,
+  ``init_orientedness``, ``init_centre_surround_index``: the same at initialisation;
 * ``scores.json``: per channel ``orientedness`` and ``centre_surround_index``; their mean
   and std (sample std) over the **live** channels, those whose field is not exactly zero
   (``live_channels`` lists them): with ``method="gradient"`` a channel whose path to the input
   is closed by ReLUs at the blank image (every unit it reads has a bias <= 0) has a zero
   field, a fact about the gates at that image rather than a field, so it is left out of the
   means instead of counting as "neither oriented nor centre-surround" (0); with no live
-  channel the means and stds are ``null``. Also the layer, method and the run's settings;
+  channel the means and stds are ``null``. Also the layer, method and the run's settings, and
+  ``init``: the same scores for the same layer of the run's **initial** net (its seed's
+  initialisation, :func:`initial_run_model`), the baseline to read a trained score against:
+  the fields of an untrained net are not score-free (white noise scores about 0.2
+  orientedness, random compositions of 9 x 9 kernels more), so a learned field is "more
+  oriented" only where it scores above its own initialisation;
 * ``receptive_fields.png`` (unless ``--no-figure``, which removes an older one):
   :func:`raftorch.analysis.figure.draw_fields`.
 
@@ -35,6 +41,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from torch import nn
 
 from raftorch import checkpoint as ckpt
@@ -47,7 +54,7 @@ PNG = "receptive_fields.png"
 _IMAGE_SHAPES = {"digits": (1, 8, 8), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32),
                  "cifar100": (3, 32, 32)}
 
-__all__ = ["analyze_run", "load_run_model", "input_shape_of", "default_layer", "add_arguments", "run"]
+__all__ = ["analyze_run", "load_run_model", "initial_run_model", "input_shape_of", "default_layer", "add_arguments", "run"]
 
 
 def input_shape_of(cfg) -> tuple[tuple[int, int, int], int]:
@@ -123,6 +130,32 @@ def _stats(values: Sequence[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def initial_run_model(cfg) -> nn.Module:
+    """The plain model of the run config ``cfg`` at its initialisation (the weights its training
+    started from: :func:`raftorch.train.initial_model`), in eval mode. The global RNG is left as
+    it was."""
+    from raftorch.train import initial_model
+
+    shape, classes = input_shape_of(cfg)
+    with torch.random.fork_rng(devices=[]):
+        return initial_model(cfg, shape, classes).eval()
+
+
+def _scores(fields, chans: Sequence[int]) -> dict[str, Any]:
+    """Per-channel orientedness and centre-surround index of ``fields``, and their mean and
+    sample std over the live channels (nonzero field)."""
+    from raftorch.analysis.scores import centre_surround_index, orientedness
+
+    o = orientedness(fields).tolist()
+    c = centre_surround_index(fields).tolist()
+    live = [i for i in range(len(chans)) if bool(fields[i].abs().max() > 0)]
+    om, osd = _stats([o[i] for i in live])
+    cm, csd = _stats([c[i] for i in live])
+    return {"live_channels": [chans[i] for i in live], "orientedness": o, "centre_surround_index": c,
+            "orientedness_mean": om, "orientedness_std": osd,
+            "centre_surround_index_mean": cm, "centre_surround_index_std": csd}
+
+
 def analyze_run(run_dir: str | Path, layer: str | None = None, method: str = "gradient", *,
                 steps: int = 20, lr: float = 0.1, channels: Sequence[int] | None = None,
                 figure: bool = True) -> dict[str, Any]:
@@ -145,30 +178,30 @@ def analyze_run(run_dir: str | Path, layer: str | None = None, method: str = "gr
         valid ones, bad method).
     """
     from raftorch.analysis.fields import receptive_fields, resolve_layer
-    from raftorch.analysis.scores import centre_surround_index, orientedness
 
     run_dir = Path(run_dir)
-    model, cfg, shape = load_run_model(run_dir)
-    name = default_layer(model, cfg.model) if layer is None else resolve_layer(model, layer)
-    fields = receptive_fields(model, name, shape, method=method, steps=steps, lr=lr, channels=channels)
-    chans = list(range(model.get_submodule(name).out_channels)) if channels is None else [int(c) for c in channels]
-    o = orientedness(fields).tolist()
-    c = centre_surround_index(fields).tolist()
-    live = [i for i in range(len(chans)) if bool(fields[i].abs().max() > 0)]
-    om, osd = _stats([o[i] for i in live])
-    cm, csd = _stats([c[i] for i in live])
+    with torch.random.fork_rng(devices=[]):  # building the models draws from the global RNG
+        model, cfg, shape = load_run_model(run_dir)
+        name = default_layer(model, cfg.model) if layer is None else resolve_layer(model, layer)
+        chans = (list(range(model.get_submodule(name).out_channels)) if channels is None
+                 else [int(c) for c in channels])
+        kw = dict(method=method, steps=steps, lr=lr, channels=channels)
+        fields = receptive_fields(model, name, shape, **kw)
+        init_fields = receptive_fields(initial_run_model(cfg), name, shape, **kw)
+    trained, init = _scores(fields, chans), _scores(init_fields, chans)
     result: dict[str, Any] = {
         "run": str(run_dir), "layer": name, "method": method,
         **({"steps": int(steps), "lr": float(lr)} if method == "ascent" else {}),
-        "input_shape": list(shape), "channels": chans, "live_channels": [chans[i] for i in live],
-        "orientedness": o, "centre_surround_index": c,
-        "orientedness_mean": om, "orientedness_std": osd,
-        "centre_surround_index_mean": cm, "centre_surround_index_std": csd,
+        "input_shape": list(shape), "channels": chans, **trained, "init": init,
         "model": cfg.model, "rule": cfg.rule, "rank": cfg.rank, "ranks": dict(cfg.ranks),
         "model_options": dict(cfg.model_options), "seed": cfg.seed, "data": cfg.data,
     }
     arrays = {"fields": fields.numpy().astype(np.float32), "channels": np.asarray(chans, dtype=np.int64),
-              "orientedness": np.asarray(o), "centre_surround_index": np.asarray(c),
+              "orientedness": np.asarray(trained["orientedness"]),
+              "centre_surround_index": np.asarray(trained["centre_surround_index"]),
+              "init_fields": init_fields.numpy().astype(np.float32),
+              "init_orientedness": np.asarray(init["orientedness"]),
+              "init_centre_surround_index": np.asarray(init["centre_surround_index"]),
               "layer": np.asarray(name), "method": np.asarray(method),
               "input_shape": np.asarray(shape, dtype=np.int64), "label": np.asarray(run_dir.resolve().name)}
     ckpt._atomic_write(run_dir / NPZ, lambda f: np.savez(f, **arrays), "wb")
@@ -217,6 +250,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-figure", action="store_true", help="do not draw receptive_fields.png")
 
 
+def _summary(scores: dict[str, Any]) -> str:
+    live = len(scores["live_channels"])
+    if not live:
+        return "every field is zero (no unit of the path is active at the blank image): no scores"
+    return (f"orientedness {scores['orientedness_mean']:.3f} ± {scores['orientedness_std']:.3f}, "
+            f"centre-surround index {scores['centre_surround_index_mean']:.3f} ± "
+            f"{scores['centre_surround_index_std']:.3f} over the {live} with a nonzero field")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         result = analyze_run(args.run_dir, args.layer, args.method, steps=args.steps, lr=args.lr,
@@ -224,13 +266,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"raftorch analyze: error: {exc}", file=sys.stderr)
         return 2
-    live = len(result["live_channels"])
-    if live:
-        scores = (f"orientedness {result['orientedness_mean']:.3f} ± {result['orientedness_std']:.3f}, "
-                  f"centre-surround index {result['centre_surround_index_mean']:.3f} ± "
-                  f"{result['centre_surround_index_std']:.3f} over the {live} with a nonzero field")
-    else:
-        scores = "every field is zero (no unit of the path is active at the blank image): no scores"
-    print(f"{result['layer']} ({result['method']}), {len(result['channels'])} channels: {scores}; "
+    scores = _summary(result)
+    init = _summary(result["init"])
+    print(f"{result['layer']} ({result['method']}), {len(result['channels'])} channels: {scores} "
+          f"(at initialisation: {init}); "
           f"wrote {', '.join(Path(f).name for f in result['files'])} in {args.run_dir}")
     return 0

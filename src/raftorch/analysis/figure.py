@@ -5,6 +5,8 @@
   channel; each field in grey with a colour scale symmetric about 0 (its own ``max |F|``:
   mid-grey is 0, white positive, black negative), titled with its orientedness ``O`` and
   centre-surround index ``C``.
+* :func:`init_row`: the fields of a run's initial net (saved beside the trained ones) as a
+  row of that grid, the baseline to read the trained fields against.
 * :func:`draw_orientedness_vs_rank`: mean ± std over seeds of a score against the feedback
   rank (log x), one curve per series with ranks; series without a rank (BP, the dRAF
   bottleneck model) are horizontal lines with a ±std band.
@@ -25,7 +27,7 @@ from raftorch.checkpoint import _atomic_write
 
 _LINESTYLES = ("--", ":", "-.")
 
-__all__ = ["draw_fields", "draw_orientedness_vs_rank", "load_fields"]
+__all__ = ["draw_fields", "draw_orientedness_vs_rank", "init_row", "load_fields"]
 
 
 def _pyplot():
@@ -52,6 +54,19 @@ def load_fields(path: str | Path) -> dict[str, Any]:
         row = {k: (str(z[k]) if z[k].dtype.kind == "U" and z[k].ndim == 0 else z[k]) for k in z.files}
     row.setdefault("label", path.parent.name)
     return row
+
+
+def init_row(path: str | Path) -> dict[str, Any] | None:
+    """The fields of a ``receptive_fields.npz`` run's **initial** net as a row for
+    :func:`draw_fields` (labelled "at initialisation" and the run folder), or ``None`` for a
+    file written before the baseline was saved."""
+    row = load_fields(path)
+    if "init_fields" not in row:
+        return None
+    return {"fields": row["init_fields"], "orientedness": row["init_orientedness"],
+            "centre_surround_index": row["init_centre_surround_index"],
+            **{k: row[k] for k in ("channels", "layer", "method") if k in row},
+            "label": f"at initialisation\n({row['label']})"}
 
 
 def _rows(source) -> list[dict[str, Any]]:

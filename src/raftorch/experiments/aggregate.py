@@ -8,7 +8,9 @@ whose shards ran on other machines, and for ``--redraw``.
 train_loss, epochs`` (finished), ``seconds`` (training time), ``threads, device, torch,
 error``; for a panel with ``analysis`` (receptive fields), ``orientedness`` and
 ``centre_surround_index``: the run's mean over the channels of the analysed layer
-(``scores.json``, :func:`analyze_finished`). Theory panels have one row per rule and method: ``rule, rank, method,
+(``scores.json``, :func:`analyze_finished`), and ``init_orientedness``,
+``init_centre_surround_index``: the same for the run's net at initialisation (the baseline;
+a claim can use them as its ``metric``). Theory panels have one row per rule and method: ``rule, rank, method,
 relative_error, recovered`` (modes within 2%).
 """
 from __future__ import annotations
@@ -25,7 +27,9 @@ from raftorch.experiments.spec import Panel, Point
 
 ERROR = "error.json"
 SCORES = "scores.json"
-SCORE_COLUMNS = ["orientedness", "centre_surround_index"]
+SCORES_OF_FIELDS = ["orientedness", "centre_surround_index"]
+# each score of the trained fields, then the same of the run's initial net (its baseline)
+SCORE_COLUMNS = SCORES_OF_FIELDS + [f"init_{c}" for c in SCORES_OF_FIELDS]
 RUN_COLUMNS = ["seed", "status", "test_accuracy", "val_accuracy", "test_loss", "train_loss", "epochs",
                "seconds", "threads", "device", "torch", "error"]
 THEORY_COLUMNS = ["seed", "status", "rule", "rank", "method", "relative_error", "recovered", "seconds", "error"]
@@ -79,8 +83,9 @@ def collect(root: str | Path, panel: Panel, points: list[Point]) -> list[dict[st
             if panel.analysis:
                 scores = _read_json(folder / SCORES)
                 # a run without a live field (null means) has no score: left out of the means
-                row.update({c: round(scores[f"{c}_mean"], 6) for c in SCORE_COLUMNS
-                            if scores.get(f"{c}_mean") is not None})
+                for prefix, got in (("", scores), ("init_", scores.get("init") or {})):
+                    row.update({prefix + c: round(got[f"{c}_mean"], 6) for c in SCORES_OF_FIELDS
+                                if got.get(f"{c}_mean") is not None})
         elif status == "partial":
             row["epochs"] = len((folder / ckpt.METRICS).read_text().splitlines()) if (folder / ckpt.METRICS).exists() else 0
         rows.append(row)
@@ -118,7 +123,8 @@ def analyze_finished(root: str | Path, panel: Panel, points: list[Point]) -> int
             continue
         have = _read_json(folder / SCORES)
         if (have and have.get("method") == method and (layer is None or have.get("layer") == layer)
-                and "live_channels" in have):  # older scores counted zero fields in the means
+                and "live_channels" in have  # older scores counted zero fields in the means
+                and "init" in have):  # and had no baseline at initialisation
             continue
         kw = {"steps": panel.analysis["steps"]} if "steps" in panel.analysis else {}
         analyze_run(folder, layer, method, figure=False, **kw)

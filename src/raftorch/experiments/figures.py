@@ -134,12 +134,13 @@ def draw_panel(panel: Panel, rows: list[dict], folder: str | Path) -> list[Path]
 
 def _draw_fields(panel: Panel, rows: list[dict], folder: Path) -> list[Path]:
     """``fields.png`` (the analysed layer's receptive fields of each point's first finished
-    seed, one row per point) and ``orientedness.png`` (mean orientedness ± std over seeds against
-    the figure's ``x``; series without ``x`` as lines), from the runs' saved files."""
-    from raftorch.analysis.figure import draw_fields, draw_orientedness_vs_rank
+    seed, one row per point, then one row per distinct initial net of those runs) and ``orientedness.png`` (mean orientedness ± std over seeds against
+    the figure's ``x``; series without ``x`` as lines, and the initial nets' orientedness as a
+    line: the baseline), from the runs' saved files."""
+    from raftorch.analysis.figure import draw_fields, draw_orientedness_vs_rank, init_row
 
     x = panel.figure.get("x", "rank")
-    sources, points = {}, []
+    sources, points, inits = {}, [], {}
     for s in panel.series:
         mine = [r for r in rows if r["series"] == s.name and r.get("status") == "done"]
         for v in dict.fromkeys(str(r.get(x, "")) for r in mine):
@@ -147,12 +148,21 @@ def _draw_fields(panel: Panel, rows: list[dict], folder: Path) -> list[Path]:
             npz = folder / "runs" / same[0]["point"] / "receptive_fields.npz"
             if npz.exists():
                 sources[s.name if v == "" else f"{s.name}, {x} = {v}"] = npz
+                init = init_row(npz)
+                if init is not None:  # one row per distinct initial net (seed, model options)
+                    inits.setdefault(init["fields"].tobytes(), init)
             values = done_values(same, "orientedness")
             if values:
                 points.append({"series": s.name, "rank": _num(v), "values": values})
+    # the untrained nets' score: one value per distinct initial net among the finished runs
+    base = {(r.get("seed"), r["init_orientedness"]) for r in rows
+            if r.get("status") == "done" and r.get("init_orientedness") not in (None, "")}
+    if base:
+        points.append({"series": f"at initialisation ({len(base)} nets)", "rank": None,
+                       "values": [float(v) for _, v in sorted(base, key=str)]})
     out = []
     if sources:
-        out.append(draw_fields(sources, folder / "fields.png", max_channels=8))
+        out.append(draw_fields([sources, *inits.values()], folder / "fields.png", max_channels=8))
     if points:
         out.append(draw_orientedness_vs_rank(points, folder / "orientedness.png",
                                              xlabel=panel.figure.get("xlabel", x),
