@@ -165,6 +165,51 @@ def test_the_16_channel_variant_compares_rank_1_with_full_rank_into_the_retina()
     assert sorted({p.config["ranks"]["vvs.conv1"] for p in raf}) == [1, 16]
 
 
+def test_the_bottleneck_control_runs_bp_at_1_and_8_channels_and_draf_at_1():
+    points = load_spec(VARIANT_DIR / "fig4cd-bottleneck.yaml", "quick").points()
+    got = sorted((p.config["rule"], p.config["model_options"]["bottleneck"], p.seed) for p in points)
+    assert got == sorted((r, b, s) for r, b in (("bp", 1), ("bp", 8), ("draf", 1)) for s in (0, 1, 2))
+    for p in points:  # the weight-decay variant's net and optimizer
+        assert p.config["model_options"] == {"channels": 8, "bottleneck": p.config["model_options"]["bottleneck"],
+                                             "fc": 64}
+        assert p.config["optimizer"] == "adamw" and p.config["weight_decay"] == 3.0
+
+
+def test_extends_replaces_keys_and_merges_base_into_the_parents(tmp_path):
+    parent = write_spec(tmp_path)
+    child = tmp_path / "variants" / "child.yaml"
+    child.parent.mkdir()
+    child.write_text(yaml.safe_dump({
+        "extends": "../quick/toy.yaml", "panel": "child",
+        "base": {"lr": 1e-3, "model_options": {"dropout": 0.1}},
+        "series": [{"name": "BP", "set": {"rule": "bp"}}],
+        "claims": [{"text": "BP beats 0", "type": "at_least", "a": {"series": "BP"}, "value": 0.0}]}))
+    grandchild = tmp_path / "variants" / "grandchild.yaml"
+    grandchild.write_text(yaml.safe_dump({"extends": "child.yaml", "panel": "grandchild", "seeds": [5],
+                                          "base": {"model_options": {}}}))
+    toy, c, g = load_spec(parent), load_spec(child, "quick"), load_spec(grandchild, "quick")
+    assert c.id == "child" and c.title == toy.title and c.seeds == toy.seeds and c.figure == toy.figure
+    assert [p.id for p in c.points()] == ["bp_s0", "bp_s1"] and len(c.claims) == 1
+    cfg = c.points()[0].config
+    assert cfg["lr"] == 1e-3 and cfg["epochs"] == toy.base["epochs"]
+    assert cfg["model_options"] == {"hidden": [32, 32], "dropout": 0.1}  # merged one level deep
+    assert [p.id for p in g.points()] == ["bp_s5"] and g.points()[0].config["model_options"] == {}
+    assert g.points()[0].config["lr"] == 1e-3 and toy.base["lr"] == 3e-3  # the parent file is untouched
+
+
+@pytest.mark.parametrize("extends, message", [
+    ("missing.yaml", "does not exist (the path is relative to"),
+    ("me.yaml", "which extends it back (me.yaml -> me.yaml); break the cycle"),
+    (7, "extends must be the path of another spec file"),
+])
+def test_a_bad_extends_is_one_clear_error(tmp_path, extends, message):
+    me = tmp_path / "me.yaml"
+    me.write_text(yaml.safe_dump({"extends": extends, "panel": "me"}))
+    with pytest.raises(SpecError) as err:
+        load_spec(me, "quick")
+    assert message in str(err.value) and str(me) in str(err.value)
+
+
 def test_the_first_point_of_every_quick_training_panel_trains_one_step(tmp_path):
     import math
 

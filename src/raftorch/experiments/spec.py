@@ -23,6 +23,17 @@ A spec (``configs/experiments/<profile>/<panel>.yaml``) says everything a panel 
     threads_per_point: 2           # threads one point runs fastest with (measured; default 1):
                                    # the runner then runs cores / threads_per_point points at once
 
+A variant of another spec says only what differs::
+
+    extends: ../experiments/quick/fig4cd.yaml   # the parent spec, relative to this file
+    panel: fig4cd-weight-decay                  # every key given replaces the parent's ...
+    base: {optimizer: adamw, weight_decay: 3.0} # ... except base, merged into the parent's base
+
+The parent may extend another spec in turn (a cycle is an error). ``base`` merges like a
+series' ``set`` (mappings one level deep, so ``model_options: {channels: 16}`` keeps the
+parent's other model options; ``{}`` clears); ``series``, ``claims``, ``figure`` and every
+other key are replaced whole.
+
 Grid variables that are :class:`~raftorch.config.TrainConfig` fields (``rank``, ``lr``, ...)
 set that field; any other name is a template variable for ``set``: a string ``"{layer}"``
 becomes the variable's value (its type kept), ``"fashion-mnist:{K}"`` is formatted, and
@@ -49,7 +60,7 @@ SPEC_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"
 PROFILES = ("quick", "paper")
 KINDS = ("train", "theory")
 SPEC_KEYS = {"panel", "title", "paper", "claim", "notes", "kind", "base", "seeds", "series", "figure",
-             "published", "claims", "cost", "theory", "threads_per_point", "analysis"}
+             "published", "claims", "cost", "theory", "threads_per_point", "analysis", "extends"}
 ANALYSIS_KEYS = {"layer", "method", "steps"}
 SERIES_KEYS = {"name", "set", "grid", "cost"}
 FIGURE_KEYS = {"x", "xlabel", "ylabel", "xscale", "group", "title", "curves", "lines", "xticks", "labels"}
@@ -260,10 +271,7 @@ def load_panel(panel: str, profile: str, spec_dir: Path | None = None) -> Panel:
 def load_spec(path: str | Path, profile: str | None = None) -> Panel:
     """Read and check one spec file (any path: also a user's own panel)."""
     path = Path(path)
-    try:
-        raw = load_config_file(path, "spec file")
-    except ValueError as exc:
-        raise SpecError(str(exc)) from None
+    raw = _read_spec(path, ())
 
     def bad(msg: str):
         raise SpecError(f"{path}: {msg}")
@@ -348,6 +356,36 @@ def load_spec(path: str | Path, profile: str | None = None) -> Panel:
             bad(f"published entries need 'series' and 'value' (and the grid values), got {pub!r}")
     panel.points()  # every point must make a valid config
     return panel
+
+
+def _read_spec(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """The spec file's mapping with its ``extends`` chain resolved (module docstring)."""
+    try:
+        raw = load_config_file(path, "spec file")
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str) or not parent.strip():
+        raise SpecError(f"{path}: extends must be the path of another spec file (relative to this one), "
+                        f"got {parent!r}")
+    target = (path.parent / parent).resolve()
+    chain = (*chain, path.resolve())
+    if target in chain:
+        raise SpecError(f"{path}: extends {parent!r}, which extends it back ({' -> '.join(p.name for p in (*chain, target))}); "
+                        f"break the cycle")
+    if not target.exists():
+        raise SpecError(f"{path}: extends {parent!r}, but {target} does not exist (the path is relative "
+                        f"to {path.parent})")
+    merged = _read_spec(target, chain)
+    base = raw.pop("base", None)
+    if base is not None:
+        if not isinstance(base, dict):
+            raise SpecError(f"{path}: base must be a mapping of settings")
+        merged["base"] = _merge(copy.deepcopy(merged.get("base") or {}), base)
+    merged.update(raw)
+    return merged
 
 
 def _check_variables(path: Path, item: dict, grid: dict) -> None:
