@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import raftorch
-from raftorch.analysis import (centre_surround_index, orientedness, plain_copy, radial_fraction,
-                               receptive_fields)
+from raftorch.analysis import (centre_surround_index, field_dimensionality, orientedness, plain_copy,
+                               radial_fraction, receptive_fields)
 from raftorch.analysis.figure import draw_fields, draw_orientedness_vs_rank, load_fields
 from raftorch.analysis.scores import orientation_tuning
 from raftorch.cli import main as cli_main
@@ -110,6 +110,23 @@ def test_centre_surround_index_exact_values():
     blob = torch.exp(-(_grid(15)[0] ** 2 + _grid(15)[1] ** 2) / 8)  # symmetric, no surround
     assert radial_fraction(blob).item() > 0.95 and centre_surround_index(blob).item() == 0.0
     assert centre_surround_index(torch.zeros(9, 9)).item() == 0.0 and orientedness(torch.zeros(9, 9)).item() == 0.0
+
+
+def test_field_dimensionality_counts_the_distinct_field_shapes():
+    """n^2 / sum <u_k, u_l>^2 over unit-norm live fields: orthogonal fields count each, one
+    field in every channel (any sign and scale) counts 1, k shapes shared equally count k,
+    zero fields are left out; two fields at angle a give 2 / (1 + cos^2 a)."""
+    basis = torch.eye(12, dtype=torch.float64).view(12, 3, 4)
+    assert field_dimensionality(basis) == pytest.approx(12.0)
+    scales = torch.tensor([1.0, -2.0, 0.5, 7.0], dtype=torch.float64).view(4, 1, 1)
+    assert field_dimensionality(gabor(n=9)[None].repeat(4, 1, 1) * scales) == pytest.approx(1.0)
+    shared = torch.cat([basis[:3].repeat(2, 1, 1), torch.zeros(2, 3, 4, dtype=torch.float64)])
+    assert field_dimensionality(shared) == pytest.approx(3.0)  # 8 channels, 6 live, 3 shapes
+    a = 0.6
+    pair = torch.stack([basis[0], math.cos(a) * basis[0] + math.sin(a) * basis[1]])
+    assert field_dimensionality(pair) == pytest.approx(2 / (1 + math.cos(a) ** 2), abs=1e-12)
+    assert field_dimensionality(torch.zeros(3, 5, 5)) == 0.0
+    assert 6.0 < field_dimensionality(noise(k=8)) < 8.0  # 8 random fields in 441 pixels: nearly 8
 
 
 def test_radial_fraction_is_the_share_of_energy_in_the_ring_averages():
@@ -315,6 +332,8 @@ def test_analyze_writes_fields_scores_and_figure(runs, capsys):
     with np.load(run / "receptive_fields.npz") as z:
         assert z["fields"].shape == (4, 8, 8) and str(z["layer"]) == "retina.conv1"
         assert np.allclose(orientedness(torch.from_numpy(z["fields"])).numpy(), scores["orientedness"], atol=1e-6)
+        assert scores["field_dimensionality"] == pytest.approx(field_dimensionality(torch.from_numpy(z["fields"])))
+        assert 1.0 <= scores["field_dimensionality"] <= 4.0
         # the saved fields are the trained conv1 kernels at the centre (a single conv, so exactly)
         from raftorch.checkpoint import load_checkpoint
 
@@ -382,7 +401,7 @@ def test_the_baseline_is_the_fields_of_the_runs_own_initial_net(runs, tmp_path):
             assert np.allclose(z["init_fields"], z["fields"], rtol=0, atol=1e-8)
             assert np.allclose(z["init_orientedness"], z["orientedness"], atol=1e-5)
             inits.append(z["init_fields"])
-        for key in ("orientedness_mean", "centre_surround_index_mean", "live_channels"):
+        for key in ("orientedness_mean", "centre_surround_index_mean", "live_channels", "field_dimensionality"):
             assert scores["init"][key] == pytest.approx(scores[key], abs=1e-5)
         assert json.loads((run / "scores.json").read_text())["init"]["orientedness"] == pytest.approx(
             scores["init"]["orientedness"])

@@ -113,6 +113,8 @@ def test_analysis_panel_scores_every_run_and_claims_read_them(tmp_path):
         assert float(r["orientedness"]) == pytest.approx(scores["orientedness_mean"], abs=1e-6)
         assert 0.0 <= float(r["orientedness"]) <= 1.0
         assert float(r["centre_surround_index"]) == pytest.approx(scores["centre_surround_index_mean"], abs=1e-6)
+        assert float(r["field_dimensionality"]) == pytest.approx(scores["field_dimensionality"], abs=1e-6)
+        assert 1.0 <= float(r["field_dimensionality"]) <= len(scores["live_channels"])
     assert scored >= 4
     # the baseline: every series starts from its seed's net (same model options), so the runs
     # of one seed share their init scores and the two seeds differ (seed 0's tiny initial net
@@ -129,7 +131,7 @@ def test_analysis_panel_scores_every_run_and_claims_read_them(tmp_path):
     assert all(p["orientedness_mean"] != "" and p["centre_surround_index_std"] != "" for p in points)
     assert all(float(p["init_orientedness_mean"]) == pytest.approx(float(*by_seed["1"]), abs=1e-4)
                and float(p["init_orientedness_std"]) == 0.0 for p in points)  # n = 1: seed 1's
-    for name in ("figure.png", "fields.png", "orientedness.png"):
+    for name in ("figure.png", "fields.png", "orientedness.png", "dimensionality.png"):
         assert (results / "quick" / "fields" / name).stat().st_size > 1000
     # redraw: scores deleted from one run are recomputed from its checkpoint, identically
     victim = runs / rows[0]["point"] / "scores.json"

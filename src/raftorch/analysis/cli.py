@@ -16,7 +16,9 @@ forward map, whatever rule trained it). Then, for one convolution (``--layer``):
   is closed by ReLUs at the blank image (every unit it reads has a bias <= 0) has a zero
   field, a fact about the gates at that image rather than a field, so it is left out of the
   means instead of counting as "neither oriented nor centre-surround" (0); with no live
-  channel the means and stds are ``null``. Also the layer, method and the run's settings, and
+  channel the means and stds are ``null``; ``field_dimensionality``: the participation ratio
+  of the live fields (:func:`raftorch.analysis.scores.field_dimensionality`: 1 = every channel
+  the same field, ``n`` = all different; ``null`` with no live field). Also the layer, method and the run's settings, and
   ``init``: the same scores for the same layer of the run's **initial** net (its seed's
   initialisation, :func:`initial_run_model`), the baseline to read a trained score against:
   the fields of an untrained net are not score-free (white noise scores about 0.2
@@ -142,9 +144,9 @@ def initial_run_model(cfg) -> nn.Module:
 
 
 def _scores(fields, chans: Sequence[int]) -> dict[str, Any]:
-    """Per-channel orientedness and centre-surround index of ``fields``, and their mean and
-    sample std over the live channels (nonzero field)."""
-    from raftorch.analysis.scores import centre_surround_index, orientedness
+    """Per-channel orientedness and centre-surround index of ``fields``, their mean and sample
+    std over the live channels (nonzero field), and the fields' dimensionality."""
+    from raftorch.analysis.scores import centre_surround_index, field_dimensionality, orientedness
 
     o = orientedness(fields).tolist()
     c = centre_surround_index(fields).tolist()
@@ -153,7 +155,8 @@ def _scores(fields, chans: Sequence[int]) -> dict[str, Any]:
     cm, csd = _stats([c[i] for i in live])
     return {"live_channels": [chans[i] for i in live], "orientedness": o, "centre_surround_index": c,
             "orientedness_mean": om, "orientedness_std": osd,
-            "centre_surround_index_mean": cm, "centre_surround_index_std": csd}
+            "centre_surround_index_mean": cm, "centre_surround_index_std": csd,
+            "field_dimensionality": field_dimensionality(fields) if live else None}
 
 
 def analyze_run(run_dir: str | Path, layer: str | None = None, method: str = "gradient", *,
@@ -256,7 +259,8 @@ def _summary(scores: dict[str, Any]) -> str:
         return "every field is zero (no unit of the path is active at the blank image): no scores"
     return (f"orientedness {scores['orientedness_mean']:.3f} ± {scores['orientedness_std']:.3f}, "
             f"centre-surround index {scores['centre_surround_index_mean']:.3f} ± "
-            f"{scores['centre_surround_index_std']:.3f} over the {live} with a nonzero field")
+            f"{scores['centre_surround_index_std']:.3f} over the {live} with a nonzero field, "
+            f"dimensionality {scores['field_dimensionality']:.2f}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -45,6 +45,20 @@ So a balanced difference of Gaussians (DoG) scores ~1, a plain Gaussian blob (ra
 symmetric but no surround) 0, a Gabor low (most of its energy is not radially symmetric),
 white noise ~0 (a ring average keeps about (number of rings) / (number of pixels) of
 its energy). A zero field scores 0.
+
+**Field dimensionality** (one number for a layer's set of fields, not per channel): how many
+distinct field shapes the channels have. Each live (nonzero) field is flattened and scaled to
+unit norm, ``u_k = F_k / ||F_k||``; with the Gram matrix ``G_kl = <u_k, u_l>`` of the ``n``
+live fields (eigenvalues ``lambda``)::
+
+    field_dimensionality = (sum lambda)^2 / sum lambda^2 = n^2 / sum_{k, l} <u_k, u_l>^2
+
+the participation ratio of the fields, in ``[1, n]``: 1 when every channel has the same field
+up to sign and scale, ``n`` for mutually orthogonal fields, ``k`` for ``k`` orthogonal shapes
+shared equally by the channels. It is the quantity the paper's mechanism speaks to: with
+rank-``r`` feedback into a layer, every channel's weight update lies in the span of ``r``
+directions, so the learned part of its fields spans at most about ``r`` shapes (plus what the
+layers below contribute). 0 when no field is live.
 """
 from __future__ import annotations
 
@@ -55,7 +69,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["orientedness", "orientation_tuning", "centre_surround_index", "radial_fraction",
-           "radial_reconstruction"]
+           "radial_reconstruction", "field_dimensionality"]
 
 
 def _as_fields(fields) -> Tensor:
@@ -149,3 +163,15 @@ def centre_surround_index(fields) -> Tensor:
     mass = pos + neg
     balance = torch.where(mass > 0, 2 * torch.minimum(pos, neg) / mass.clamp_min(1e-300), torch.zeros_like(mass))
     return frac * balance
+
+
+def field_dimensionality(fields) -> float:
+    r"""``n^2 / sum_{k, l} <u_k, u_l>^2`` over the ``n`` live fields scaled to unit norm
+    (module docstring): in ``[1, n]``; 0.0 when every field is zero."""
+    f = _as_fields(fields).flatten(1)
+    norms = f.norm(dim=1)
+    live = f[norms > 0] / norms[norms > 0, None]
+    if len(live) == 0:
+        return 0.0
+    gram = live @ live.t()
+    return float(len(live) ** 2 / gram.pow(2).sum())

@@ -8,9 +8,10 @@ whose shards ran on other machines, and for ``--redraw``.
 train_loss, epochs`` (finished), ``seconds`` (training time), ``threads, device, torch,
 error``; for a panel with ``analysis`` (receptive fields), ``orientedness`` and
 ``centre_surround_index``: the run's mean over the channels of the analysed layer
-(``scores.json``, :func:`analyze_finished`), and ``init_orientedness``,
-``init_centre_surround_index``: the same for the run's net at initialisation (the baseline;
-a claim can use them as its ``metric``). Theory panels have one row per rule and method: ``rule, rank, method,
+(``scores.json``, :func:`analyze_finished`), ``field_dimensionality`` (of the layer's
+fields), and ``init_orientedness``, ``init_centre_surround_index``,
+``init_field_dimensionality``: the same for the run's net at initialisation (the baseline; a
+claim can use any of these as its ``metric``). Theory panels have one row per rule and method: ``rule, rank, method,
 relative_error, recovered`` (modes within 2%).
 """
 from __future__ import annotations
@@ -27,9 +28,10 @@ from raftorch.experiments.spec import Panel, Point
 
 ERROR = "error.json"
 SCORES = "scores.json"
-SCORES_OF_FIELDS = ["orientedness", "centre_surround_index"]
+SCORES_OF_FIELDS = ["orientedness", "centre_surround_index"]  # per channel: a run's is their mean
+LAYER_SCORES = ["field_dimensionality"]  # one number per run
 # each score of the trained fields, then the same of the run's initial net (its baseline)
-SCORE_COLUMNS = SCORES_OF_FIELDS + [f"init_{c}" for c in SCORES_OF_FIELDS]
+SCORE_COLUMNS = [*SCORES_OF_FIELDS, *LAYER_SCORES, *(f"init_{c}" for c in SCORES_OF_FIELDS + LAYER_SCORES)]
 RUN_COLUMNS = ["seed", "status", "test_accuracy", "val_accuracy", "test_loss", "train_loss", "epochs",
                "seconds", "threads", "device", "torch", "error"]
 THEORY_COLUMNS = ["seed", "status", "rule", "rank", "method", "relative_error", "recovered", "seconds", "error"]
@@ -86,6 +88,7 @@ def collect(root: str | Path, panel: Panel, points: list[Point]) -> list[dict[st
                 for prefix, got in (("", scores), ("init_", scores.get("init") or {})):
                     row.update({prefix + c: round(got[f"{c}_mean"], 6) for c in SCORES_OF_FIELDS
                                 if got.get(f"{c}_mean") is not None})
+                    row.update({prefix + c: round(got[c], 6) for c in LAYER_SCORES if got.get(c) is not None})
         elif status == "partial":
             row["epochs"] = len((folder / ckpt.METRICS).read_text().splitlines()) if (folder / ckpt.METRICS).exists() else 0
         rows.append(row)
@@ -124,7 +127,7 @@ def analyze_finished(root: str | Path, panel: Panel, points: list[Point]) -> int
         have = _read_json(folder / SCORES)
         if (have and have.get("method") == method and (layer is None or have.get("layer") == layer)
                 and "live_channels" in have  # older scores counted zero fields in the means
-                and "init" in have):  # and had no baseline at initialisation
+                and "field_dimensionality" in have.get("init", {})):  # no baseline, no dimensionality
             continue
         kw = {"steps": panel.analysis["steps"]} if "steps" in panel.analysis else {}
         analyze_run(folder, layer, method, figure=False, **kw)

@@ -132,15 +132,21 @@ def draw_panel(panel: Panel, rows: list[dict], folder: str | Path) -> list[Path]
     return paths
 
 
+# scores of an analysis panel drawn against the figure's x: summary column -> (label, file)
+PLOTTED_SCORES = {"orientedness": ("orientedness", "orientedness.png"),
+                  "field_dimensionality": ("field dimensionality", "dimensionality.png")}
+
+
 def _draw_fields(panel: Panel, rows: list[dict], folder: Path) -> list[Path]:
     """``fields.png`` (the analysed layer's receptive fields of each point's first finished
-    seed, one row per point, then one row per distinct initial net of those runs) and ``orientedness.png`` (mean orientedness ± std over seeds against
-    the figure's ``x``; series without ``x`` as lines, and the initial nets' orientedness as a
-    line: the baseline), from the runs' saved files."""
+    seed, one row per point, then one row per distinct initial net of those runs),
+    ``orientedness.png`` and ``dimensionality.png`` (mean orientedness / field dimensionality ±
+    std over seeds against the figure's ``x``; series without ``x`` as lines, and the initial
+    nets' score as a line: the baseline), from the runs' saved files."""
     from raftorch.analysis.figure import draw_fields, draw_orientedness_vs_rank, init_row
 
     x = panel.figure.get("x", "rank")
-    sources, points, inits = {}, [], {}
+    sources, points, inits = {}, {m: [] for m in PLOTTED_SCORES}, {}
     for s in panel.series:
         mine = [r for r in rows if r["series"] == s.name and r.get("status") == "done"]
         for v in dict.fromkeys(str(r.get(x, "")) for r in mine):
@@ -151,23 +157,25 @@ def _draw_fields(panel: Panel, rows: list[dict], folder: Path) -> list[Path]:
                 init = init_row(npz)
                 if init is not None:  # one row per distinct initial net (seed, model options)
                     inits.setdefault(init["fields"].tobytes(), init)
-            values = done_values(same, "orientedness")
-            if values:
-                points.append({"series": s.name, "rank": _num(v), "values": values})
-    # the untrained nets' score: one value per distinct initial net among the finished runs
-    base = {(r.get("seed"), r["init_orientedness"]) for r in rows
-            if r.get("status") == "done" and r.get("init_orientedness") not in (None, "")}
-    if base:
-        points.append({"series": f"at initialisation ({len(base)} nets)", "rank": None,
-                       "values": [float(v) for _, v in sorted(base, key=str)]})
+            for metric in PLOTTED_SCORES:
+                values = done_values(same, metric)
+                if values:
+                    points[metric].append({"series": s.name, "rank": _num(v), "values": values})
     out = []
     if sources:
         out.append(draw_fields([sources, *inits.values()], folder / "fields.png", max_channels=8))
-    if points:
-        out.append(draw_orientedness_vs_rank(points, folder / "orientedness.png",
-                                             xlabel=panel.figure.get("xlabel", x),
-                                             title=f"{panel.paper or panel.id}: orientedness of "
-                                                   f"{panel.analysis.get('layer', 'the retina')}"))
+    layer = panel.analysis.get("layer", "the retina")
+    for metric, (label, name) in PLOTTED_SCORES.items():
+        # the untrained nets' score: one value per distinct initial net among the finished runs
+        base = {(r.get("seed"), r[f"init_{metric}"]) for r in rows
+                if r.get("status") == "done" and r.get(f"init_{metric}") not in (None, "")}
+        if base:
+            points[metric].append({"series": f"at initialisation ({len(base)} nets)", "rank": None,
+                                   "values": [float(v) for _, v in sorted(base, key=str)]})
+        if points[metric]:
+            out.append(draw_orientedness_vs_rank(points[metric], folder / name,
+                                                 ylabel=label, xlabel=panel.figure.get("xlabel", x),
+                                                 title=f"{panel.paper or panel.id}: {label} of {layer}"))
     return out
 
 
