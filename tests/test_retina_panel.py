@@ -150,3 +150,23 @@ def test_analysis_spec_errors(tmp_path):
     with pytest.raises(SpecError, match="method must be one of"):
         load_spec(_write(tmp_path, {**PANEL, "analysis": {"method": "psychic"}}))
     assert load_spec(_write(tmp_path, PANEL)).analysis == {"layer": "retina.conv2", "method": "gradient"}
+
+
+def test_the_init_baseline_is_one_line_per_model_and_one_value_per_initial_net():
+    """fig4cd-bottleneck's series use bottleneck 1 and 8: two initial nets per seed, so two
+    baseline lines, each with one value per seed (runs of one seed and model share their net)."""
+    from raftorch.experiments.figures import _baselines
+    from raftorch.experiments.spec import load_spec
+
+    panel = load_spec(Path(__file__).resolve().parents[1] / "configs" / "variants" / "fig4cd-bottleneck.yaml",
+                      "quick")
+    rows = [{"point": p.id, "seed": p.seed, "status": "done",
+             "init_orientedness": 0.1 * p.seed + (0.5 if p.config["model_options"]["bottleneck"] == 8 else 0.0)}
+            for p in panel.points()]
+    rows[0]["status"] = "failed"  # bp_b-1_s0: its net is still counted through dRAF's seed-0 run
+    lines = sorted(_baselines(panel, rows, "init_orientedness"), key=lambda d: d["series"])
+    assert [d["series"] for d in lines] == ["at initialisation, bottleneck 1 (3 nets)",
+                                            "at initialisation, bottleneck 8 (3 nets)"]
+    assert sorted(lines[0]["values"]) == pytest.approx([0.0, 0.1, 0.2])
+    assert sorted(lines[1]["values"]) == pytest.approx([0.5, 0.6, 0.7])
+    assert all(d["rank"] is None for d in lines)

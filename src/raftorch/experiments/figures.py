@@ -166,16 +166,31 @@ def _draw_fields(panel: Panel, rows: list[dict], folder: Path) -> list[Path]:
         out.append(draw_fields([sources, *inits.values()], folder / "fields.png", max_channels=8))
     layer = panel.analysis.get("layer", "the retina")
     for metric, (label, name) in PLOTTED_SCORES.items():
-        # the untrained nets' score: one value per distinct initial net among the finished runs
-        base = {(r.get("seed"), r[f"init_{metric}"]) for r in rows
-                if r.get("status") == "done" and r.get(f"init_{metric}") not in (None, "")}
-        if base:
-            points[metric].append({"series": f"at initialisation ({len(base)} nets)", "rank": None,
-                                   "values": [float(v) for _, v in sorted(base, key=str)]})
+        points[metric] += _baselines(panel, rows, f"init_{metric}")
         if points[metric]:
             out.append(draw_orientedness_vs_rank(points[metric], folder / name,
                                                  ylabel=label, xlabel=panel.figure.get("xlabel", x),
                                                  title=f"{panel.paper or panel.id}: {label} of {layer}"))
+    return out
+
+
+def _baselines(panel: Panel, rows: list[dict], column: str) -> list[dict]:
+    """The initial nets' score ``column`` as lines for :func:`draw_orientedness_vs_rank`: one
+    value per distinct initial net (seed x model options) among the finished runs, one line per
+    model (labelled with the model options that differ, where the series use several)."""
+    options = {p.id: p.config.get("model_options") or {} for p in panel.points()}
+    groups: dict[str, dict] = {}
+    for r in rows:
+        if r.get("status") == "done" and r.get(column) not in (None, ""):
+            opts = options.get(r["point"], {})
+            key = repr(sorted(opts.items()))
+            groups.setdefault(key, {"options": opts, "values": {}})["values"][r.get("seed")] = float(r[column])
+    out = []
+    for g in groups.values():
+        differ = [k for k in g["options"] if len({repr(o["options"].get(k)) for o in groups.values()}) > 1]
+        which = ", ".join(f"{k} {g['options'][k]}" for k in differ)
+        out.append({"series": f"at initialisation{', ' + which if which else ''} ({len(g['values'])} nets)",
+                    "rank": None, "values": list(g["values"].values())})
     return out
 
 
