@@ -157,12 +157,12 @@ def test_every_variant_spec_loads_and_its_claims_pick_their_points(path):
 
 def test_the_16_channel_variant_compares_rank_1_with_full_rank_into_the_retina():
     points = load_spec(VARIANT_DIR / "fig4cd-16-channels.yaml", "quick").points()
-    assert len(points) == (2 + 1) * 3
+    assert len(points) == (4 + 1) * 5
     for p in points:
         assert p.config["model_options"]["channels"] == 16 == p.config["model_options"]["bottleneck"]
         assert p.config["optimizer"] == "adamw" and p.config["weight_decay"] == 3.0
     raf = [p for p in points if p.config["rule"] == "raf"]
-    assert sorted({p.config["ranks"]["vvs.conv1"] for p in raf}) == [1, 16]
+    assert sorted({p.config["ranks"]["vvs.conv1"] for p in raf}) == [1, 2, 4, 16]
 
 
 def test_the_bottleneck_control_runs_bp_at_1_and_8_channels_and_draf_at_1():
@@ -357,6 +357,9 @@ def test_a_point_identical_to_another_panels_run_is_reused_not_trained(tmp_path,
     assert "2 point(s) taken from identical finished runs" in out and "[1/" not in out
     assert [r["test_accuracy"] for r in summary(res, "b")] == [r["test_accuracy"] for r in summary(res, "a")
                                                                 if r["series"] == "BP"]
+    for seed in (0, 1):  # the weights come along (analyses read them), as a link or a copy
+        got, source = (res / "quick" / panel / "runs" / f"bp_s{seed}" / "checkpoint.pt" for panel in ("b", "a"))
+        assert got.read_bytes() == source.read_bytes()
 
 
 def test_default_parallelism_never_oversubscribes_the_cores(monkeypatch):

@@ -93,7 +93,7 @@ def _rows(results: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_analysis_panel_scores_every_run_and_claims_read_them(tmp_path):
+def test_analysis_panel_scores_every_run_and_claims_read_them(tmp_path, capsys):
     spec = _write(tmp_path, PANEL)
     results = tmp_path / "results"
     rc = cli_main(["reproduce", "--spec", str(spec), "--results", str(results), "--no-progress",
@@ -142,6 +142,16 @@ def test_analysis_panel_scores_every_run_and_claims_read_them(tmp_path):
     after = json.loads(victim.read_text())
     assert after["orientedness"] == before["orientedness"]
     assert (results / "quick" / "fields" / "fields.png").exists()
+    # a run whose checkpoint is gone loses its scores with a warning; the panel is still reported
+    live = [i for i, r in enumerate(_rows(results)) if r["orientedness"] != ""]
+    gone = runs / rows[live[0]]["point"]
+    (gone / "scores.json").unlink()
+    (gone / "checkpoint.pt").unlink()
+    assert cli_main(["reproduce", "--spec", str(spec), "--results", str(results), "--no-progress", "--redraw"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: no receptive fields for {gone}" in err and "Traceback" not in err
+    after = _rows(results)
+    assert after[live[0]]["orientedness"] == "" and all(after[i]["orientedness"] != "" for i in live[1:])
 
 
 def test_analysis_spec_errors(tmp_path):

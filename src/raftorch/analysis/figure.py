@@ -66,7 +66,7 @@ def init_row(path: str | Path) -> dict[str, Any] | None:
     return {"fields": row["init_fields"], "orientedness": row["init_orientedness"],
             "centre_surround_index": row["init_centre_surround_index"],
             **{k: row[k] for k in ("channels", "layer", "method") if k in row},
-            "label": f"at initialisation\n({row['label']})"}
+            "label": f"at init.\n{row['label']}"}
 
 
 def _rows(source) -> list[dict[str, Any]]:
@@ -121,7 +121,7 @@ def draw_fields(source, out_png: str | Path, *, max_channels: int = 16) -> Path:
     method = {str(r.get("method")) for r in rows if r.get("method") is not None}
     fig.suptitle("receptive fields" + (f" ({', '.join(sorted(method))})" if method else "")
                  + ": O orientedness, C centre-surround index", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     return _save(fig, out_png)
 
 

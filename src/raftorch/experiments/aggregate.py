@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,13 @@ def analyze_finished(root: str | Path, panel: Panel, points: list[Point]) -> int
                 and "field_dimensionality" in have.get("init", {})):  # no baseline, no dimensionality
             continue
         kw = {"steps": panel.analysis["steps"]} if "steps" in panel.analysis else {}
-        analyze_run(folder, layer, method, figure=False, **kw)
+        try:
+            analyze_run(folder, layer, method, figure=False, **kw)
+        except ValueError as exc:  # one run's missing checkpoint must not sink the panel's report
+            (folder / SCORES).unlink(missing_ok=True)
+            print(f"raftorch reproduce: warning: no receptive fields for {folder}: {exc}; its scores "
+                  f"are left out of the panel", file=sys.stderr)
+            continue
         done += 1
     return done
 

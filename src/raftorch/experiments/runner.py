@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import json
+import os
 import multiprocessing as mp
 import sys
 import time
@@ -122,7 +123,8 @@ def _fingerprint(config: dict) -> str:
 def reuse_finished(root: str | Path, tasks: list[Task]) -> list[Task]:
     """Points that another point of the same profile has already run with exactly the same
     settings (the BP reference shared by several panels, say) are filled from that run folder
-    (``final.json``, ``metrics.jsonl``, ``config.yaml``, and ``reused.json`` naming the source)
+    (``final.json``, ``metrics.jsonl``, ``config.yaml``, ``checkpoint.pt`` (a hard link where
+    the file system allows, else a copy), and ``reused.json`` naming the source)
     instead of being trained again. Returns the tasks filled this way."""
     missing = [t for t in tasks if t.status == "missing" and t.panel.kind == "train"]
     if not missing:
@@ -139,11 +141,27 @@ def reuse_finished(root: str | Path, tasks: list[Task]) -> list[Task]:
         for name in (ckpt.CONFIG, ckpt.METRICS, ckpt.METRICS_CSV):
             if (source / name).exists():
                 ckpt.write_text(t.folder / name, (source / name).read_text())
+        if (source / ckpt.CHECKPOINT).exists():  # the trained weights: analyses (fields) read them
+            _link_or_copy(source / ckpt.CHECKPOINT, t.folder / ckpt.CHECKPOINT)
         ckpt.write_json(t.folder / "reused.json", {"from": str(source)})
         ckpt.write_text(t.folder / ckpt.FINAL, (source / ckpt.FINAL).read_text())  # last: marks it done
         t.status = "done"
         filled.append(t)
     return filled
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` becomes a hard link to ``source`` (checkpoints are replaced by rename, never
+    written in place, so the two stay independent), else an atomic copy."""
+    import shutil
+
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def _index_finished(profile_dir: Path, index: dict[str, Path]) -> None:
