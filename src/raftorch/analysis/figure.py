@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -115,9 +116,9 @@ def draw_fields(source, out_png: str | Path, *, max_channels: int = 16) -> Path:
             m = float(np.abs(fields[j]).max()) or 1.0
             ax.imshow(fields[j], cmap="gray", vmin=-m, vmax=m, interpolation="nearest")
             ax.set_title(f"#{int(chans[j])} O {o[j]:.2f} C {c[j]:.2f}", fontsize=6.5)
-        label = str(row.get("label", f"row {i + 1}"))
+        label = "\n".join(textwrap.fill(part, 24) for part in str(row.get("label", f"row {i + 1}")).split("\n"))
         layer = row.get("layer")
-        axes[i, 0].set_ylabel(label + (f"\n{layer}" if layer else ""), fontsize=7)
+        axes[i, 0].set_ylabel(label + (f"\n{layer}" if layer else ""), fontsize=6.5)
     method = {str(r.get("method")) for r in rows if r.get("method") is not None}
     fig.suptitle("receptive fields" + (f" ({', '.join(sorted(method))})" if method else "")
                  + ": O orientedness, C centre-surround index", fontsize=8)

@@ -153,10 +153,11 @@ def _draw_fields(panel: Panel, rows: list[dict], folder: Path) -> list[Path]:
             same = [r for r in mine if str(r.get(x, "")) == v]
             npz = folder / "runs" / same[0]["point"] / "receptive_fields.npz"
             if npz.exists():
-                sources[s.name if v == "" else f"{s.name}, {x} = {v}"] = npz
+                label = s.name if v == "" else f"{s.name}, {x} = {v}"
+                sources[label] = npz
                 init = init_row(npz)
                 if init is not None:  # one row per distinct initial net (seed, model options)
-                    inits.setdefault(init["fields"].tobytes(), init)
+                    inits.setdefault(init["fields"].tobytes(), {**init, "label": f"initial net of\n{label}"})
             for metric in PLOTTED_SCORES:
                 values = done_values(same, metric)
                 if values:
