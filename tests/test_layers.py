@@ -309,3 +309,22 @@ def test_bf16_autocast_runs_every_rule():
         for p in net.parameters():
             if p.requires_grad:
                 assert p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("kernel, rank, expected", [(1, 1, 1), (1, 3, 3), (3, 1, 9), (3, 2, 16), (5, 1, 16)])
+def test_a_rank_r_conv_sends_below_an_error_of_at_most_r_k2_channel_directions(kernel, rank, expected):
+    """The conv rank limits the channels of the error map z = P g (r of them); the error sent
+    below, conv_transpose(z, Q), mixes those r maps through k x k kernels, so at each pixel its
+    channel vector lies in the span of Q's r * k^2 columns: exactly rank r for 1 x 1 kernels,
+    min(C_in, r k^2) otherwise (a 9 x 9 retina conv at r = 1 gets full-rank errors). This is
+    what "rank r into the retina" limits (README, the retina)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, kernel, padding=kernel // 2)
+    layer = raftorch.convert(nn.Sequential(conv), rule="raf", rank=rank)
+    x = torch.randn(32, 16, 12, 12, dtype=torch.float64, requires_grad=True)
+    layer = layer.double()
+    out = layer(x)
+    out.backward(torch.randn_like(out))
+    per_pixel = x.grad.permute(0, 2, 3, 1).reshape(-1, 16)
+    s = torch.linalg.svdvals(per_pixel)
+    assert int((s > 1e-9 * s[0]).sum()) == expected
