@@ -59,7 +59,7 @@ def load_fields(path: str | Path) -> dict[str, Any]:
 
 def init_row(path: str | Path) -> dict[str, Any] | None:
     """The fields of a ``receptive_fields.npz`` run's **initial** net as a row for
-    :func:`draw_fields` (labelled "at initialisation" and the run folder), or ``None`` for a
+    :func:`draw_fields` (labelled "at init." and the run folder), or ``None`` for a
     file written before the baseline was saved."""
     row = load_fields(path)
     if "init_fields" not in row:

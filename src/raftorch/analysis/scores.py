@@ -55,10 +55,13 @@ live fields (eigenvalues ``lambda``)::
 
 the participation ratio of the fields, in ``[1, n]``: 1 when every channel has the same field
 up to sign and scale, ``n`` for mutually orthogonal fields, ``k`` for ``k`` orthogonal shapes
-shared equally by the channels. It is the quantity the paper's mechanism speaks to: with
-rank-``r`` feedback into a layer, every channel's weight update lies in the span of ``r``
-directions, so the learned part of its fields spans at most about ``r`` shapes (plus what the
-layers below contribute). 0 when no field is live.
+shared equally by the channels. It is the quantity the paper's mechanism speaks to: where
+the error a layer receives has rank ``r`` over its channels (a linear layer or 1 x 1 conv above
+it with rank-``r`` feedback, or dRAF at rank ``r``), every channel's weight update lies in the
+span of ``r`` directions, so the learned part of its fields spans about ``r`` shapes (plus what
+the layers below contribute). A ``k x k`` conv above with rank-``r`` feedback sends errors
+spanning up to ``r k^2`` channel directions per pixel, so there the rank limits the error's
+total dimension, not its channel rank. 0 when no field is live.
 """
 from __future__ import annotations
 

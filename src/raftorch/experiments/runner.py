@@ -22,8 +22,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import json
-import os
 import multiprocessing as mp
+import os
 import sys
 import time
 import traceback
