@@ -22,7 +22,7 @@ EXPECTED_POINTS = {
     "fig3e": (6 + 1 + 1) * 5,           # RAF block 4 at 6 ranks, RAF full rank, BP; 5 seeds
     "fig4b": (3 + 1) * 5,               # RAF width/2, /4, /8; BP; 5 seeds
     "fig3f": (6 + 1) * 5,               # RAF 6 ranks, BP; 5 seeds
-    "fig4cd": (6 + 6 + 1 + 1) * 5,      # RAF into the retina 6 ranks, every layer 6; dRAF bottleneck; BP; 5 seeds
+    "fig4cd": (6 + 6 + 1 + 1 + 1) * 5,  # RAF into the retina 6 ranks, every layer 6; dRAF bottleneck; BP; BP bottleneck 1; 5 seeds
 }
 ORDER = ["fig2", "fig3a", "fig3b", "fig3c", "fig3d", "fig3e", "fig4b", "fig3f", "fig4cd"]
 TRAIN_PANELS = [p for p in ORDER if p != "fig2"]
