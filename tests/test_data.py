@@ -314,3 +314,15 @@ def test_a_cifar_folder_with_a_missing_batch_names_what_is_missing(tmp_path):
     (folder / "data_batch_3").unlink()
     with pytest.raises(DatasetNotFoundError, match=r"has 5 of the files; missing: data_batch_3\)"):
         load_dataset("cifar10", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name, grayscale, image_size", [
+    ("digits", False, None), ("digits", False, 4), ("fashion-mnist", False, None), ("fashion-mnist", True, 14),
+    ("cifar10", False, None), ("cifar10", True, 16), ("cifar100", False, None), ("cifar100:7", True, None)])
+def test_dataset_shape_is_what_load_dataset_returns_without_loading(tmp_path, name, grayscale, image_size):
+    write_fake_fashion_mnist(tmp_path / "fashion-mnist", n_train=20, n_test=10)
+    write_fake_cifar(tmp_path, "cifar10")
+    write_fake_cifar(tmp_path, "cifar100", per_batch=100)
+    s = load_dataset(name, data_dir=tmp_path, grayscale=grayscale, image_size=image_size)
+    assert D.dataset_shape(name, grayscale=grayscale, image_size=image_size) == (tuple(s.x_train.shape[1:]),
+                                                                                s.num_classes)

@@ -20,7 +20,9 @@ METRICS_CSV = "metrics.csv"
 FINAL = "final.json"
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str) -> None:
+    """Write ``path`` atomically: ``write(f)`` fills a temporary file in the same folder (opened
+    with ``mode``, "w" or "wb"), which is then renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -39,7 +41,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
-    _atomic_write(Path(path), lambda f: f.write(text), "w")
+    atomic_write(Path(path), lambda f: f.write(text), "w")
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -69,7 +71,7 @@ def write_metrics_csv(path: str | Path, records: list[dict]) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    _atomic_write(Path(path), lambda f: torch.save(state, f), "wb")
+    atomic_write(Path(path), lambda f: torch.save(state, f), "wb")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -535,8 +535,24 @@ def _take_classes(splits: DataSplits, k: int, name: str) -> DataSplits:
 
 
 _NUM_CLASSES = {"digits": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
+_IMAGE_SHAPES = {"digits": (1, 8, 8), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32),
+                 "cifar100": (3, 32, 32)}  # (C, H, W) as stored
 
 DATASETS = tuple(_NUM_CLASSES)
+
+
+def dataset_shape(name: str, *, grayscale: bool = False,
+                  image_size: int | None = None) -> tuple[tuple[int, int, int], int]:
+    """``((C, H, W), num_classes)`` of the images :func:`load_dataset` returns for ``name``
+    (``"cifar100:50"`` counts 50 classes) with these ``grayscale`` / ``image_size`` settings,
+    without loading anything."""
+    base, subset = parse_dataset_name(name)
+    c, h, w = _IMAGE_SHAPES[base]
+    if grayscale:
+        c = 1
+    if image_size is not None:
+        h = w = int(image_size)
+    return (c, h, w), (subset if subset is not None else _NUM_CLASSES[base])
 
 
 # --------------------------------------------------------------------------- batches and augmentation

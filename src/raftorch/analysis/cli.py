@@ -52,24 +52,14 @@ NPZ = "receptive_fields.npz"
 SCORES = "scores.json"
 PNG = "receptive_fields.png"
 
-# image shape (C, H, W) of each dataset as stored (raftorch.data)
-_IMAGE_SHAPES = {"digits": (1, 8, 8), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32),
-                 "cifar100": (3, 32, 32)}
-
 __all__ = ["analyze_run", "load_run_model", "initial_run_model", "input_shape_of", "default_layer", "add_arguments", "run"]
 
 
 def input_shape_of(cfg) -> tuple[tuple[int, int, int], int]:
     """``((C, H, W), num_classes)`` of the images a run with config ``cfg`` was trained on."""
-    from raftorch.data import _NUM_CLASSES, parse_dataset_name
+    from raftorch.data import dataset_shape
 
-    base, subset = parse_dataset_name(cfg.data)
-    c, h, w = _IMAGE_SHAPES[base]
-    if cfg.grayscale:
-        c = 1
-    if cfg.image_size is not None:
-        h = w = int(cfg.image_size)
-    return (c, h, w), (subset if subset is not None else _NUM_CLASSES[base])
+    return dataset_shape(cfg.data, grayscale=cfg.grayscale, image_size=cfg.image_size)
 
 
 def load_run_model(run_dir: str | Path) -> tuple[nn.Module, Any, tuple[int, int, int]]:
@@ -207,7 +197,7 @@ def analyze_run(run_dir: str | Path, layer: str | None = None, method: str = "gr
               "init_centre_surround_index": np.asarray(init["centre_surround_index"]),
               "layer": np.asarray(name), "method": np.asarray(method),
               "input_shape": np.asarray(shape, dtype=np.int64), "label": np.asarray(run_dir.resolve().name)}
-    ckpt._atomic_write(run_dir / NPZ, lambda f: np.savez(f, **arrays), "wb")
+    ckpt.atomic_write(run_dir / NPZ, lambda f: np.savez(f, **arrays), "wb")
     files = [str(run_dir / NPZ), str(run_dir / SCORES)]
     if figure:
         from raftorch.analysis.figure import draw_fields

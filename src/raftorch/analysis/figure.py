@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from raftorch.checkpoint import _atomic_write
+from raftorch.checkpoint import atomic_write
 
 _LINESTYLES = ("--", ":", "-.")
 
@@ -42,7 +42,7 @@ def _pyplot():
 
 def _save(fig, out_png: str | Path) -> Path:
     out = Path(out_png)
-    _atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=120), "wb")
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=120), "wb")
     _pyplot().close(fig)
     return out
 
