@@ -180,3 +180,38 @@ def test_the_init_baseline_is_one_line_per_model_and_one_value_per_initial_net()
     assert sorted(lines[0]["values"]) == pytest.approx([0.0, 0.1, 0.2])
     assert sorted(lines[1]["values"]) == pytest.approx([0.5, 0.6, 0.7])
     assert all(d["rank"] is None for d in lines)
+
+
+def test_fields_rows_and_score_lines_split_a_series_by_its_other_grid_variables(tmp_path, monkeypatch):
+    """fig4cd-28px draws x = r, but its BP series has a grid over the bottleneck b: each b is
+    its own fields row and its own score line, never folded into the first b's."""
+    import numpy as np
+
+    import raftorch.analysis.figure as AF
+    from raftorch.experiments import figures
+    from raftorch.experiments.spec import load_spec
+
+    panel = load_spec(Path(__file__).resolve().parents[1] / "configs" / "variants" / "fig4cd-28px.yaml", "quick")
+    rows = []
+    for p in panel.points():
+        folder = tmp_path / "runs" / p.id
+        folder.mkdir(parents=True)
+        np.savez(folder / "receptive_fields.npz", fields=np.ones((2, 3, 3), dtype=np.float32),
+                 init_fields=np.full((2, 3, 3), float(p.seed), dtype=np.float32),
+                 init_orientedness=np.zeros(2), init_centre_surround_index=np.zeros(2),
+                 orientedness=np.zeros(2), centre_surround_index=np.zeros(2), label=np.asarray(p.id))
+        rows.append({"point": p.id, "series": p.series, "seed": p.seed, "status": "done",
+                     **{k: p.values.get(k, "") for k in panel.variables},
+                     "orientedness": 0.1 * p.values.get("b", p.values.get("r")), "field_dimensionality": 1.0})
+    drawn = {}
+    monkeypatch.setattr(AF, "draw_fields", lambda source, out, **kw: drawn.setdefault("fields", source) and out)
+    monkeypatch.setattr(AF, "draw_orientedness_vs_rank",
+                        lambda pts, out, **kw: drawn.setdefault(Path(out).name, pts) and out)
+    figures._draw_fields(panel, rows, tmp_path)
+    labels = list(drawn["fields"][0])
+    assert labels == ["BP, b = 1", "BP, b = 8", "RAF, into the retina, r = 1", "RAF, into the retina, r = 8"]
+    assert len(drawn["fields"]) == 1 + 1  # the trained rows, then the first seed's initial net (one here)
+    lines = {(d["series"], d["rank"]): d["values"] for d in drawn["orientedness.png"]}
+    assert lines[("BP, b = 1", None)] == pytest.approx([0.1] * 3)
+    assert lines[("BP, b = 8", None)] == pytest.approx([0.8] * 3)
+    assert lines[("RAF, into the retina", 8)] == pytest.approx([0.8] * 3)

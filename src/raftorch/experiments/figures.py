@@ -149,11 +149,15 @@ def _draw_fields(panel: Panel, rows: list[dict], folder: Path) -> list[Path]:
     sources, points, inits = {}, {m: [] for m in PLOTTED_SCORES}, {}
     for s in panel.series:
         mine = [r for r in rows if r["series"] == s.name and r.get("status") == "done"]
-        for v in dict.fromkeys(str(r.get(x, "")) for r in mine):
-            same = [r for r in mine if str(r.get(x, "")) == v]
+        others = [k for k in s.variables if k != x]  # grid variables besides x: one row / line each
+        for key in dict.fromkeys(tuple(str(r.get(k, "")) for k in s.variables) for r in mine):
+            values_of = dict(zip(s.variables, key))
+            same = [r for r in mine if tuple(str(r.get(k, "")) for k in s.variables) == key]
+            v = values_of.get(x, "")
+            named = ", ".join([s.name] + [f"{k} = {values_of[k]}" for k in others])
             npz = folder / "runs" / same[0]["point"] / "receptive_fields.npz"
             if npz.exists():
-                label = s.name if v == "" else f"{s.name}, {x} = {v}"
+                label = named if v == "" else f"{named}, {x} = {v}"
                 sources[label] = npz
                 init = init_row(npz)
                 if init is not None:  # one row per distinct initial net (seed, model options)
@@ -161,7 +165,7 @@ def _draw_fields(panel: Panel, rows: list[dict], folder: Path) -> list[Path]:
             for metric in PLOTTED_SCORES:
                 values = done_values(same, metric)
                 if values:
-                    points[metric].append({"series": s.name, "rank": _num(v), "values": values})
+                    points[metric].append({"series": named, "rank": _num(v), "values": values})
     out = []
     if sources:
         out.append(draw_fields([sources, *inits.values()], folder / "fields.png", max_channels=8))
