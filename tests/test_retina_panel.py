@@ -174,7 +174,8 @@ def test_the_init_baseline_is_one_line_per_model_and_one_value_per_initial_net()
              "init_orientedness": 0.1 * p.seed + (0.5 if p.config["model_options"]["bottleneck"] == 8 else 0.0)}
             for p in panel.points()]
     rows[0]["status"] = "failed"  # bp_b-1_s0: its net is still counted through dRAF's seed-0 run
-    lines = sorted(_baselines(panel, rows, "init_orientedness"), key=lambda d: d["series"])
+    options = {p.id: p.config["model_options"] for p in panel.points()}
+    lines = sorted(_baselines(options, rows, "init_orientedness"), key=lambda d: d["series"])
     assert [d["series"] for d in lines] == ["at initialisation, bottleneck 1 (3 nets)",
                                             "at initialisation, bottleneck 8 (3 nets)"]
     assert sorted(lines[0]["values"]) == pytest.approx([0.0, 0.1, 0.2])
@@ -209,6 +210,7 @@ def test_fields_rows_and_score_lines_split_a_series_by_its_other_grid_variables(
                         lambda pts, out, **kw: drawn.setdefault(Path(out).name, pts) and out)
     figures._draw_fields(panel, rows, tmp_path)
     labels = list(drawn["fields"][0])
+    assert all(row["fields"].shape == (2, 3, 3) for row in drawn["fields"][0].values())
     assert labels == ["BP, b = 1", "BP, b = 8", "RAF, into the retina, r = 1", "RAF, into the retina, r = 8"]
     assert len(drawn["fields"]) == 1 + 1  # the trained rows, then the first seed's initial net (one here)
     lines = {(d["series"], d["rank"]): d["values"] for d in drawn["orientedness.png"]}

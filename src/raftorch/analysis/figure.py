@@ -57,11 +57,11 @@ def load_fields(path: str | Path) -> dict[str, Any]:
     return row
 
 
-def init_row(path: str | Path) -> dict[str, Any] | None:
-    """The fields of a ``receptive_fields.npz`` run's **initial** net as a row for
-    :func:`draw_fields` (labelled "at init." and the run folder), or ``None`` for a
-    file written before the baseline was saved."""
-    row = load_fields(path)
+def init_row(source: str | Path | Mapping[str, Any]) -> dict[str, Any] | None:
+    """The fields of a run's **initial** net, from its ``receptive_fields.npz`` (a path, or
+    the dict :func:`load_fields` made of it), as a row for :func:`draw_fields` (labelled "at
+    init." and the run folder), or ``None`` for a file written before the baseline was saved."""
+    row = load_fields(source) if isinstance(source, (str, Path)) else source
     if "init_fields" not in row:
         return None
     return {"fields": row["init_fields"], "orientedness": row["init_orientedness"],

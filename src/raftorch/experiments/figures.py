@@ -143,7 +143,7 @@ def _draw_fields(panel: Panel, rows: list[dict], folder: Path) -> list[Path]:
     ``orientedness.png`` and ``dimensionality.png`` (mean orientedness / field dimensionality ±
     std over seeds against the figure's ``x``; series without ``x`` as lines, and the initial
     nets' score as a line: the baseline), from the runs' saved files."""
-    from raftorch.analysis.figure import draw_fields, draw_orientedness_vs_rank, init_row
+    from raftorch.analysis.figure import draw_fields, draw_orientedness_vs_rank, init_row, load_fields
 
     x = panel.figure.get("x", "rank")
     sources, points, inits = {}, {m: [] for m in PLOTTED_SCORES}, {}
@@ -158,8 +158,8 @@ def _draw_fields(panel: Panel, rows: list[dict], folder: Path) -> list[Path]:
             npz = folder / "runs" / same[0]["point"] / "receptive_fields.npz"
             if npz.exists():
                 label = named if v == "" else f"{named}, {x} = {v}"
-                sources[label] = npz
-                init = init_row(npz)
+                sources[label] = saved = load_fields(npz)  # read once: the trained and the init row
+                init = init_row(saved)
                 if init is not None:  # one row per distinct initial net (seed, model options)
                     inits.setdefault(init["fields"].tobytes(), {**init, "label": f"initial net of\n{label}"})
             for metric in PLOTTED_SCORES:
@@ -170,8 +170,9 @@ def _draw_fields(panel: Panel, rows: list[dict], folder: Path) -> list[Path]:
     if sources:
         out.append(draw_fields([sources, *inits.values()], folder / "fields.png", max_channels=8))
     layer = panel.analysis.get("layer", "the retina")
+    options = {p.id: p.config.get("model_options") or {} for p in panel.points()}
     for metric, (label, name) in PLOTTED_SCORES.items():
-        points[metric] += _baselines(panel, rows, f"init_{metric}")
+        points[metric] += _baselines(options, rows, f"init_{metric}")
         if points[metric]:
             out.append(draw_orientedness_vs_rank(points[metric], folder / name,
                                                  ylabel=label, xlabel=panel.figure.get("xlabel", x),
@@ -179,11 +180,11 @@ def _draw_fields(panel: Panel, rows: list[dict], folder: Path) -> list[Path]:
     return out
 
 
-def _baselines(panel: Panel, rows: list[dict], column: str) -> list[dict]:
+def _baselines(options: dict[str, dict], rows: list[dict], column: str) -> list[dict]:
     """The initial nets' score ``column`` as lines for :func:`draw_orientedness_vs_rank`: one
-    value per distinct initial net (seed x model options) among the finished runs, one line per
-    model (labelled with the model options that differ, where the series use several)."""
-    options = {p.id: p.config.get("model_options") or {} for p in panel.points()}
+    value per distinct initial net (seed x model options; ``options`` maps each point id to its
+    model options) among the finished runs, one line per model (labelled with the model options
+    that differ, where the series use several)."""
     groups: dict[str, dict] = {}
     for r in rows:
         if r.get("status") == "done" and r.get(column) not in (None, ""):
