@@ -34,17 +34,43 @@ onto the fields that are constant on every ring, so::
     radial_fraction = ||S||^2 / ||F||^2                                   in [0, 1]
 
 is the fraction of the field's energy (sum of squares, nothing removed) that a radially
-symmetric profile explains. Antagonism between centre and surround is the balance of the
-positive and negative mass of that profile, ``M+ = sum_p max(S(p), 0)``,
+symmetric profile explains. Antagonism between centre and surround is whether that profile
+has a part of the sign opposite to its dominant part (a surround of opposite sign, or, where
+the surround outweighs the centre, a centre of opposite sign), measured by the mass of the
+minority-sign part relative to the majority-sign part, with ``M+ = sum_p max(S(p), 0)`` and
 ``M- = sum_p max(-S(p), 0)``::
 
-    balance = 2 min(M+, M-) / (M+ + M-)                                   in [0, 1]
-    centre_surround_index = radial_fraction * balance
+    rho = min(M+, M-) / max(M+, M-)                                       in [0, 1]
+    surround = min(1, k rho),   k = 20                                    in [0, 1]
+    centre_surround_index = radial_fraction * surround
 
-So a balanced difference of Gaussians (DoG) scores ~1, a plain Gaussian blob (radially
-symmetric but no surround) 0, a Gabor low (most of its energy is not radially symmetric),
-white noise ~0 (a ring average keeps about (number of rings) / (number of pixels) of
-its energy). A zero field scores 0.
+``rho`` is 0 exactly for a profile of one sign (a ring average of values of one sign keeps
+that sign, so a Gaussian blob, round or elongated, scores 0) and 1 for a balanced profile.
+The surround term saturates: once the minority part carries at least ``1/k`` = 5 % of the
+majority's mass the profile counts as fully antagonistic, whichever sign dominates, and the
+index is the radial fraction, which separates a radially symmetric field from an oriented one.
+The value of ``k``: for a difference of Gaussians (DoG) ``G(s) - w G(a s)`` (unit-mass
+Gaussians: surround/centre mass ``w``, width ratio ``a``) ``rho`` depends on ``w`` and ``a``
+only; it is 1 at ``w = 1``, 0.065 at ``(w, a) = (0.2, 2)``, 0.12 at ``(0.2, 3)``, 0.16 at
+``(2, 2)``, 0.078 at ``(5, 4)``, and ``rho >= 1/20`` for ``w`` from 0.17 to 2.6 at ``a = 2``,
+0.095 to 4.4 at ``a = 3``, 0.074 to 6.0 at ``a = 4`` (a stronger surround cancels the centre,
+whose peak is gone at ``w = a^2``; a weaker one is a blob's faint skirt). A larger ``k`` would
+also credit the faint opposite-sign rings that noise leaves in a blob's profile: a Gaussian
+blob (sigma 2 pixels, 21 x 21) plus white noise of 2 % of its peak has ``rho`` about 0.013 on
+average (surround term about 0.25; about 0.65 at 5 % noise, where a blob and a weak surround
+are no longer told apart).
+
+So a DoG in that range scores its radial fraction whichever sign its centre has and whether
+its surround is weaker or stronger than its centre: ~1 for a DoG centred on a pixel, less where
+the pixel grid makes the rings coarse (0.86 or more for centre sigmas of 1.2 pixels or more,
+~0.78 for a centre sigma of 0.8 pixel off the pixel grid). A Gabor scores its radial fraction
+too (its ring average ``J0(2 pi f r) exp(-r^2 / (2 sigma^2))`` changes sign), which is low for
+a Gabor with at least about half a cycle under its envelope (at most ~0.7 for
+``f sigma >= 0.3``, 2 octaves of bandwidth or less; ~0.5 at ``f sigma = 0.375``) and 0 for an
+odd one; a Gabor with a much wider band is close to a round blob with a faint ring and
+scores like a DoG. A grating scores low (below 0.5), a plain blob 0, white noise ~0 (a ring
+average keeps about (number of rings) / (number of pixels) of its energy). A zero field
+scores 0.
 
 **Field dimensionality** (one number for a layer's set of fields, not per channel): how many
 distinct field shapes the channels have. Each live (nonzero) field is flattened and scaled to
@@ -154,18 +180,21 @@ def radial_fraction(fields) -> Tensor:
     return torch.where(total > 0, (s * s).sum(dim=(1, 2)) / total.clamp_min(1e-300), torch.zeros_like(total))
 
 
+SURROUND_GAIN = 20.0  # k: the minority-sign part counts fully from 1/k of the majority's mass
+
+
 def centre_surround_index(fields) -> Tensor:
-    r"""``radial_fraction * 2 min(M+, M-) / (M+ + M-)`` per channel, in ``[0, 1]``
-    (module docstring); ``(channels,)`` float64."""
+    r"""``radial_fraction * min(1, k min(M+, M-) / max(M+, M-))`` per channel, ``k = 20``, in
+    ``[0, 1]`` (module docstring); ``(channels,)`` float64."""
     f = _as_fields(fields)
     s, _ = radial_reconstruction(f)
     total = (f * f).sum(dim=(1, 2))
     frac = torch.where(total > 0, (s * s).sum(dim=(1, 2)) / total.clamp_min(1e-300), torch.zeros_like(total))
     pos = s.clamp_min(0).sum(dim=(1, 2))
     neg = (-s).clamp_min(0).sum(dim=(1, 2))
-    mass = pos + neg
-    balance = torch.where(mass > 0, 2 * torch.minimum(pos, neg) / mass.clamp_min(1e-300), torch.zeros_like(mass))
-    return frac * balance
+    major = torch.maximum(pos, neg)
+    rho = torch.where(major > 0, torch.minimum(pos, neg) / major.clamp_min(1e-300), torch.zeros_like(major))
+    return frac * (SURROUND_GAIN * rho).clamp(max=1.0)
 
 
 def field_dimensionality(fields) -> float:
