@@ -9,10 +9,11 @@ from raftorch.convert import ConversionReport, RaftorchConversionWarning, conver
 from raftorch.direct import DirectFeedback
 from raftorch.attention import MultiheadAttention
 from raftorch.layers import Conv1d, Conv2d, Linear
-from raftorch.rules import RULES, get_rule
+from raftorch.control import output_layer
+from raftorch.rules import CONTROL_RULES, RULES, get_rule
 from raftorch.scaling import loss_scale, sync_oja
 
 __version__ = "0.1.0"
 __all__ = ["Linear", "Conv1d", "Conv2d", "MultiheadAttention", "convert", "describe", "feed_targets",
            "metrics", "RULES", "get_rule", "ConversionReport", "RaftorchConversionWarning", "DirectFeedback",
-           "loss_scale", "sync_oja"]
+           "loss_scale", "sync_oja", "CONTROL_RULES", "output_layer"]

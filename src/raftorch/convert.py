@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from raftorch.layers import Conv1d, Conv2d, FeedbackLayer, Linear
-from raftorch.rules import DIRECT_RULES, get_rule
+from raftorch.rules import CONTROL_RULES, DIRECT_RULES, Rule, get_rule
 
 # Modules with weights that convert() cannot reach, and why.
 _UNSUPPORTED = {
@@ -39,15 +39,28 @@ class ConversionReport:
     groups); ``direct`` (target, rule, rank): the direct-feedback paths of ``dfa``/``draf``
     (their targets are listed in ``converted`` with the rank of their direct path).
     ``shared`` (name, first name): modules reached under a second name (weight sharing),
-    converted once and kept shared."""
+    converted once and kept shared. For the control ``frozen`` (no layer converted):
+    ``output`` (name, type) of the output layer, ``learning`` the names of the parameters that
+    learn (its weight and bias), ``frozen`` the names of those frozen at initialisation."""
 
     converted: list[tuple[str, str, int | None]] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     adjusted: list[tuple[str, object, int, str]] = field(default_factory=list)
     direct: list[tuple[str, str, int | None]] = field(default_factory=list)
     shared: list[tuple[str, str]] = field(default_factory=list)
+    output: tuple[str, str] | None = None
+    learning: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
+        if self.output is not None:  # the control "frozen"
+            name, kind = self.output
+            lines = [f"frozen: only the output layer {name or '<root>'} ({kind}) learns",
+                     f"learning {len(self.learning)} parameter(s):"]
+            lines += [f"  {n}" for n in self.learning]
+            lines.append(f"{len(self.frozen)} parameter(s) frozen at initialisation:")
+            lines += [f"  {n}" for n in self.frozen]
+            return "\n".join(lines)
         lines = [f"converted {len(self.converted)} layer(s)"]
         lines += [f"  {n or '<root>'} ({t}), rank={r}" for n, t, r in self.converted]
         if self.direct:
@@ -137,7 +150,12 @@ def convert(model: nn.Module, rule: str, rank=None, *, ranks: dict | None = None
     Args:
         model: any ``nn.Module`` (the root itself may be a Linear or Conv2d).
         rule: ``"bp"``, ``"fa"``, ``"kp"``, ``"fa-lowrank"``, ``"raf-q"`` or ``"raf"``; or the
-            direct rules ``"dfa"``, ``"draf"`` (with ``source=``, ``targets=``).
+            direct rules ``"dfa"``, ``"draf"`` (with ``source=``, ``targets=``); or the
+            no-feedback control ``"frozen"``: every parameter but the output layer's weight and
+            bias frozen at initialisation, no module replaced, and no rank, ranks, include,
+            exclude, source, targets or layer options (a ``ValueError``). BatchNorm running
+            statistics still update in train mode and dropout stays; see
+            :func:`raftorch.control.convert_frozen`.
         rank: feedback rank for the low-rank rules (an int or ``"full"``), clamped per layer.
         ranks: ``{module name or glob pattern: rank}``, overriding ``rank`` per layer (the
             paper's Fig. 3a limits one layer at a time). The first matching entry wins. An
@@ -174,6 +192,13 @@ def convert(model: nn.Module, rule: str, rank=None, *, ranks: dict | None = None
     Returns:
         the converted model, or ``(model, report)`` with ``report=True``.
     """
+    name = rule.name if isinstance(rule, Rule) else rule.lower() if isinstance(rule, str) else None
+    if name in CONTROL_RULES:
+        from raftorch.control import check_frozen_arguments, convert_frozen
+
+        check_frozen_arguments({"rank": rank, "ranks": ranks, "include": include, "exclude": exclude,
+                                "source": source, "targets": targets, **options})
+        return convert_frozen(model, inplace=inplace, report=report)
     if isinstance(rule, str) and rule.lower() in DIRECT_RULES:
         if ranks or include is not None or exclude or strict:
             raise ValueError(f"rule {rule!r} takes source= and targets=, not ranks/include/exclude/strict")
@@ -302,7 +327,9 @@ def _shape(t) -> str:
 def describe(model: nn.Module) -> Table:
     """One row per module that owns weights: name, type, rule, rank, weight shape and
     feedback parameters. Layers that are not raftorch layers learn with exact backprop
-    (rule ``"bp*"``) or, for norm layers, with their local exact gradient. Direct-feedback
+    (rule ``"bp*"``) or, for norm layers, with their local exact gradient; those whose own
+    parameters all have ``requires_grad=False`` do not learn (rule ``"frozen"``, as every
+    module but the output layer after ``convert(model, "frozen")``). Direct-feedback
     paths (``dfa``/``draf``) get one row each, naming their target, and each target is
     labelled by the direct rule and the rank of its path (its own error comes from that
     path, not from the layer above). An attention module gets a row (its rule and rank) and
@@ -333,8 +360,9 @@ def describe(model: nn.Module) -> Table:
         elif isinstance(m, MultiheadAttention):
             rule, rank = m.rule.name, ("-" if m.rank is None else m.rank)
             fb = "q_feedback, k_feedback, v_feedback, out_proj"
-        else:
-            rule, rank, fb = "bp*", "-", "-"
+        else:  # a plain module: exact gradient, unless frozen (the control "frozen")
+            rule = "bp*" if any(p.requires_grad for p in own.values()) else "frozen"
+            rank, fb = "-", "-"
         if name in fed:
             i, path = fed[name]
             rule, rank = path.rule.name, ("-" if path.rank is None else path.rank)

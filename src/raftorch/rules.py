@@ -23,6 +23,12 @@ The direct rules ``dfa`` (fixed random ``B_l``) and ``draf`` (``B_l = Q_l P_l``,
 target layers. They are listed in ``DIRECT_RULES`` and wired by :mod:`raftorch.direct`
 (``raftorch.convert(model, "draf", rank, source=...)`` or ``raftorch.DirectFeedback``).
 
+The control ``frozen`` (in ``CONTROL_RULES``) has no feedback at all: every hidden layer stays
+at its initialisation and only the output layer learns, so its accuracy is that of a linear
+head trained on the initial net's random features: the baseline a feedback rule has to beat.
+It is not a per-layer rule either; :mod:`raftorch.control` applies it
+(``raftorch.convert(model, "frozen")``).
+
 The arithmetic of each path lives in :mod:`raftorch.functional`; this module only names the
 rules and validates ranks.
 """
@@ -37,7 +43,8 @@ class Rule:
     """One learning rule.
 
     ``path`` is the feedback path: ``"transpose"`` (``B = W^T``), ``"full"`` (a full-rank
-    ``B``) or ``"lowrank"`` (``B = Q P``). ``learns`` names the feedback parameters that
+    ``B``), ``"lowrank"`` (``B = Q P``) or ``"none"`` (no error reaches the hidden layers: the
+    control ``frozen``). ``learns`` names the feedback parameters that
     receive a local update in ``.grad``; the others are fixed (``requires_grad=False``).
     """
 
@@ -52,7 +59,7 @@ class Rule:
 
     @property
     def feedback_names(self) -> tuple[str, ...]:
-        return {"transpose": (), "full": ("B",), "lowrank": ("Q", "P")}[self.path]
+        return {"transpose": (), "full": ("B",), "lowrank": ("Q", "P"), "none": ()}[self.path]
 
 
 RULES: dict[str, Rule] = {
@@ -76,12 +83,22 @@ DIRECT_RULES: dict[str, Rule] = {
 }
 
 
+# Controls: no feedback path; applied to a whole model by raftorch.control.convert_frozen.
+CONTROL_RULES: dict[str, Rule] = {
+    "frozen": Rule("frozen", "none", (),
+                   "no feedback: hidden layers frozen at initialisation, only the output layer learns"),
+}
+
+
 def get_rule(rule: str | Rule) -> Rule:
-    """Look a rule up by name; raise ``ValueError`` listing the valid names otherwise."""
+    """Look a rule up by name (a per-layer rule or the control ``frozen``); raise
+    ``ValueError`` listing the valid names otherwise."""
     if isinstance(rule, Rule):
         return rule
     if isinstance(rule, str) and rule.lower() in RULES:
         return RULES[rule.lower()]
+    if isinstance(rule, str) and rule.lower() in CONTROL_RULES:
+        return CONTROL_RULES[rule.lower()]
     extra = ""
     if isinstance(rule, str) and rule.lower() in DIRECT_RULES:
         extra = (
@@ -91,7 +108,9 @@ def get_rule(rule: str | Rule) -> Rule:
         )
     raise ValueError(
         f"unknown rule {rule!r}; choose one of {', '.join(repr(n) for n in RULES)}, or a direct rule "
-        f"({', '.join(repr(n) for n in DIRECT_RULES)}).{extra}"
+        f"({', '.join(repr(n) for n in DIRECT_RULES)}), or the no-feedback control "
+        f"{', '.join(repr(n) for n in CONTROL_RULES)} (hidden layers frozen, only the output layer "
+        f"learns).{extra}"
     )
 
 
@@ -100,8 +119,14 @@ def check_rank(rule: Rule, rank, limit: int, *, layer: str = "layer") -> int | N
 
     Full-rank rules take no rank (``None``); low-rank rules need a positive integer, which is
     clamped to ``limit`` (``min(in, out)`` for a Linear): a feedback path cannot carry more
-    independent directions than that. ``rank="full"`` means ``limit``.
+    independent directions than that. ``rank="full"`` means ``limit``. The control ``frozen``
+    has no layer form: a layer built with it raises here.
     """
+    if rule.path == "none":
+        raise ValueError(
+            f"rule {rule.name!r} is not a per-layer rule: it freezes every layer but the output "
+            f"layer of a whole model; use raftorch.convert(model, {rule.name!r})"
+        )
     if not rule.low_rank:
         if rank is not None:
             raise ValueError(
