@@ -33,7 +33,7 @@ from raftorch.checkpoint import write_json, write_text
 from raftorch.data import DATASETS, DataSplits, load_dataset
 from raftorch.experiments.aggregate import mean_std
 from raftorch.models import MODELS, build_model
-from raftorch.rules import DIRECT_RULES, get_rule
+from raftorch.rules import CONTROL_RULES, DIRECT_RULES, get_rule
 from raftorch.train import evaluate
 
 DEFAULT_RULES = ("bp", "fa", "fa-lowrank", "raf")
@@ -52,7 +52,14 @@ class Row:
 
 
 def _is_low_rank(rule: str) -> bool:
+    """Whether ``rule`` runs once per rank; the full-rank rules, ``bp`` and the no-feedback
+    control ``frozen`` run once."""
     return (DIRECT_RULES.get(rule) or get_rule(rule)).low_rank
+
+
+def _no_feedback(rule: str) -> bool:
+    """The control ``frozen``: no error reaches the hidden layers, so no rank to show."""
+    return rule.lower() in CONTROL_RULES
 
 
 def plan(rules, ranks) -> list[tuple[str, int | None]]:
@@ -155,7 +162,7 @@ def format_table(rows: list[Row]) -> str:
              "|---|---|---|---|---|---|"]
     for g in summarize(rows):
         rule = g["rule"] + (f" (source: {g['source']})" if g["source"] else "")
-        rank = "full" if g["rank"] is None else str(g["rank"])
+        rank = ("-" if _no_feedback(g["rule"]) else "full") if g["rank"] is None else str(g["rank"])
         lines.append(f"| {rule} | {rank} | {g['test_accuracy_mean']:.2f} ± {g['test_accuracy_std']:.2f} | "
                      f"{g['n']} | {g['train_loss_mean']:.4f} | {g['seconds_mean']:.1f} |")
     return "\n".join(lines)
@@ -184,7 +191,8 @@ def _csv(kind):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rules", type=_csv(str), default=DEFAULT_RULES,
-                   help="comma-separated rules (bp, fa, kp, fa-lowrank, raf-q, raf, dfa, draf); "
+                   help="comma-separated rules (bp, fa, kp, fa-lowrank, raf-q, raf, dfa, draf, and frozen: "
+                        "the no-feedback control, only the output layer learns); "
                         f"default {','.join(DEFAULT_RULES)}")
     p.add_argument("--ranks", type=_csv(int), default=DEFAULT_RANKS,
                    help=f"ranks for the low-rank rules; default {','.join(map(str, DEFAULT_RANKS))}")

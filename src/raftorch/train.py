@@ -93,8 +93,17 @@ def convert_model(model: nn.Module, cfg: TrainConfig, example_input: torch.Tenso
     added for the matching layers only, e.g. ``{"out": {"oja_source": "target"}}`` (the paper
     learns the output layer's ``P`` on the targets). The direct rules (``dfa``, ``draf``) get
     ``example_input`` (a few training images) to size paths into convolutions, unless
-    ``rule_options`` gives one.
+    ``rule_options`` gives one. The control ``frozen`` (only the output layer learns) is
+    converted too, and takes no ``rank``, ``ranks``, ``rule_options`` or ``layer_options``.
     """
+    if cfg.rule.lower() == "frozen":
+        for setting, flag in (("rank", "--rank"), ("ranks", "--layer-rank"),
+                              ("rule_options", "--rule-option"), ("layer_options", "--layer-option")):
+            value = getattr(cfg, setting)
+            if value is not None and value != {}:
+                raise ValueError(f"rule 'frozen' has no feedback path (only the output layer learns), so "
+                                 f"{setting} ({flag}) does not apply; got {setting}={value!r}")
+        return raftorch.convert(model, "frozen")
     if (cfg.rule == "bp" and not cfg.ranks and cfg.rank is None and not cfg.rule_options
             and not cfg.layer_options):
         return model
@@ -616,7 +625,8 @@ _FLAG_HELP = {
     "model_options": "a model option as KEY=VALUE (YAML value), repeatable: --model-option hidden=[64,64]",
     "output_init": "initialisation of the output layer: 'zero' (weight and bias 0; helps feedback rules "
                    "in nets without normalisation layers) or none (the model's own)",
-    "rule": "learning rule: bp, fa, kp, fa-lowrank, raf-q, raf, dfa, draf",
+    "rule": ("learning rule: bp, fa, kp, fa-lowrank, raf-q, raf, dfa, draf; or frozen (the no-feedback "
+             "control: hidden layers frozen at initialisation, only the output layer learns)"),
     "rank": "feedback rank of every converted layer: a number, 'full', or 'none' (full-rank rules)",
     "ranks": "rank of one layer as NAME=R (glob patterns allowed), repeatable: --layer-rank fc2=10",
     "rule_options": "a raftorch.convert option as KEY=VALUE (YAML value), repeatable",
