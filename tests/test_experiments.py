@@ -3,6 +3,7 @@ aggregation, claims, figures, report and the command line's messages."""
 from __future__ import annotations
 
 import csv
+import re
 import json
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from raftorch.cli import main as cli_main
-from raftorch.experiments import claims as C, runner, spec as S, suite
+from raftorch.experiments import runner, spec as S, suite
 from raftorch.experiments.spec import SpecError, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,7 +245,7 @@ def test_run_then_rerun_skips_finished_points_and_writes_every_result_file(tmp_p
     final = json.loads((folder / "runs" / "raf_rank-8_s0" / "final.json").read_text())
     assert float(rows[2]["test_accuracy"]) == pytest.approx(100 * final["test_accuracy"])
     claims = json.loads((folder / "claims.json").read_text())
-    assert [c["passed"] for c in claims] == [True, False] and all("measured" in c for c in claims)
+    assert [c["verdict"] for c in claims] == ["holds", "fails"] and all("measured" in c for c in claims)
     mtime = (folder / "runs" / "bp_s0" / "final.json").stat().st_mtime_ns
     assert reproduce_cli("--spec", spec, "--results", res) == 0  # nothing left to train
     assert (folder / "runs" / "bp_s0" / "final.json").stat().st_mtime_ns == mtime
@@ -380,57 +381,6 @@ def test_default_parallelism_never_oversubscribes_the_cores(monkeypatch):
         runner.parallelism(0, None, 10)
 
 
-# --------------------------------------------------------------------------- claims
-
-ROWS = ([{"series": "BP", "rank": "", "seed": s, "status": "done", "test_accuracy": a} for s, a in enumerate([80.0, 82.0])]
-        + [{"series": "RAF", "rank": r, "seed": s, "status": "done", "test_accuracy": a}
-           for r, accs in ((1, [50.0, 54.0]), (2, [70.0, 70.0]), (10, [80.0, 81.0])) for s, a in enumerate(accs)]
-        + [{"series": "RAF", "rank": 20, "seed": 0, "status": "failed", "test_accuracy": ""}])
-
-
-def claim(**kw):
-    return C.evaluate_claims([{"text": "t", **kw}], ROWS)[0]
-
-
-def test_at_least_and_at_most_compare_means_over_seeds_with_a_margin():
-    r = claim(type="at_least", a={"series": "RAF", "rank": 10}, b={"series": "BP"}, margin=-1.0)
-    assert r["passed"] is True and r["values"]["difference"] == pytest.approx(80.5 - 81.0)
-    assert "80.50 ± 0.71 (n=2)" in r["measured"] and "81.00 ± 1.41 (n=2)" in r["measured"]
-    assert claim(type="at_least", a={"series": "RAF", "rank": 10}, b={"series": "BP"}, margin=-0.4)["passed"] is False
-    assert claim(type="at_most", a={"series": "RAF", "rank": 1}, b={"series": "RAF", "rank": 10}, margin=-3)["passed"] is True
-    assert claim(type="at_most", a={"series": "RAF", "rank": 2}, b={"series": "RAF", "rank": 10}, margin=-11)["passed"] is False
-    assert claim(type="at_least", a={"series": "RAF", "rank": 2}, value=70.0)["passed"] is True
-    assert claim(type="close", a={"series": "RAF", "rank": 2}, value=71.0, tolerance=0.5)["passed"] is False
-
-
-def test_ordered_allows_each_step_to_fall_by_the_tolerance_only():
-    pts = [{"series": "RAF", "rank": r} for r in (1, 2, 10)]
-    assert claim(type="ordered", points=pts, tolerance=0.0)["passed"] is True
-    assert claim(type="ordered", points=pts[::-1], tolerance=5.0)["passed"] is False
-    assert claim(type="ordered", points=[{"series": "BP"}, pts[2]], tolerance=0.4)["passed"] is False  # 80.5 < 81 - 0.4
-    assert claim(type="ordered", points=[{"series": "BP"}, pts[2]], tolerance=0.5)["passed"] is True
-
-
-def test_min_x_grows_finds_the_minimal_rank_per_group():
-    rows = []
-    for k, accs in ((3, {1: 90, 2: 95, 3: 95}), (10, {1: 50, 2: 70, 3: 80, 10: 85})):
-        rows.append({"series": "BP", "K": k, "rank": "", "status": "done", "test_accuracy": accs[max(accs)]})
-        rows += [{"series": "RAF", "K": k, "rank": r, "status": "done", "test_accuracy": a} for r, a in accs.items()]
-    spec = {"text": "t", "type": "min_x_grows", "x": "rank", "over": "K", "curve": {"series": "RAF"},
-            "reference": {"series": "BP"}, "tolerance": 1.0}
-    r = C.evaluate_claims([spec], rows)[0]
-    assert r["passed"] is True and r["values"]["minimal"] == {"3": 2, "10": 10}
-    flat = [dict(row, test_accuracy=95) for row in rows]  # every rank matches: the minimal rank does not grow
-    assert C.evaluate_claims([spec], flat)[0]["passed"] is False
-
-
-def test_a_claim_on_missing_or_failed_points_is_not_evaluated_never_passed():
-    r = claim(type="at_least", a={"series": "RAF", "rank": 20}, value=0.0)
-    assert r["passed"] is None and "not evaluated" in r["measured"] and "not finished or failed" in r["measured"]
-    r = claim(type="at_least", a={"series": "KP"}, value=0.0)
-    assert r["passed"] is None and "no such run" in r["measured"]
-
-
 # --------------------------------------------------------------------------- the command line
 
 @pytest.mark.parametrize("args, message", [
@@ -500,7 +450,7 @@ def test_a_paper_panel_runs_end_to_end_on_fake_cifar(tmp_path, capsys):
     done = [r for r in rows if r["status"] == "done"]
     assert len(rows) == n and len(done) == 2  # shard 1 of n/2: two points
     assert {r["epochs"] for r in done} == {"1"} and all(0 <= float(r["test_accuracy"]) <= 100 for r in done)
-    assert all(c["passed"] is None for c in results[0].claims)  # the other points are missing
+    assert all(c["verdict"] == "not evaluated" for c in results[0].claims)  # the other points are missing
     assert (tmp_path / "results" / "paper" / "fig3b" / "figure.png").is_file()
 
 
@@ -519,3 +469,72 @@ def test_ctrl_c_stops_cleanly_keeps_the_checkpoint_and_says_how_to_resume(tmp_pa
     assert proc.returncode == 130, err
     assert "interrupted" in err and "run the same command again" in err and "Traceback" not in err
     assert list(runs.glob("*/checkpoint.pt"))
+
+
+# --------------------------------------------------------------------------- --decide
+
+ONE_SEED = dict(TOY, seeds=[0], claims=[{"text": "RAF r=8 within 50 points of BP", "type": "at_least",
+                                         "a": {"series": "RAF", "rank": 8}, "b": {"series": "BP"}, "margin": -50.0}])
+
+
+def run_folders(res: Path) -> set[str]:
+    return {d.name for d in (res / "quick" / "toy" / "runs").iterdir()}
+
+
+def test_decide_adds_seeds_to_exactly_the_points_an_undecided_claim_needs(tmp_path, capsys):
+    spec = write_spec(tmp_path / "specs", ONE_SEED)
+    res = tmp_path / "results"
+    assert reproduce_cli("--spec", spec, "--results", res) == 0
+    claims = json.loads((res / "quick" / "toy" / "claims.json").read_text())
+    assert claims[0]["verdict"] == "undecided" and claims[0]["seeds_needed"] == 2  # one seed: no interval
+    assert claims[0]["points"] == ["bp", "raf_rank-8"]
+    assert reproduce_cli("--spec", spec, "--results", res, "--decide", "--max-seeds", "2") == 0
+    assert "--decide round 1: 2 more run(s)" in capsys.readouterr().out
+    assert run_folders(res) == {"raf_rank-2_s0", "raf_rank-8_s0", "raf_rank-8_s1", "bp_s0", "bp_s1"}
+    claims = json.loads((res / "quick" / "toy" / "claims.json").read_text())
+    assert claims[0]["verdict"] == "holds" and claims[0]["n"] == 2 and claims[0]["method"] == "paired"
+    rows = summary(res)
+    assert len(rows) == 5
+    for extra in ([], ["--redraw"]):  # later runs and redraws count the added seeds
+        assert reproduce_cli("--spec", spec, "--results", res, *extra) == 0
+        assert summary(res) == rows
+    points = list(csv.DictReader(open(res / "quick" / "toy" / "points.csv")))
+    assert {p["series"]: p["n"] for p in points if p["series"] != "RAF" or p["rank"] == "8"} == {"RAF": "2", "BP": "2"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--decide", "--redraw"], "--decide trains extra seeds and --redraw trains nothing"),
+    (["--decide", "--max-seeds", "0"], "--max-seeds must be a positive whole number"),
+    (["--decide", "--max-seeds", "1"], "--max-seeds 1 is below the seeds the spec of toy already runs (2)"),
+    (["--max-seeds", "4"], "--max-seeds caps the seeds --decide adds; give --decide too"),
+])
+def test_decide_refuses_settings_it_cannot_honour_in_one_line(tmp_path, capsys, args, message):
+    spec = write_spec(tmp_path / "specs")
+    assert reproduce_cli("--spec", spec, "--results", tmp_path / "results", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "results" / "quick" / "toy" / "runs").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"max_seeds": 1}, "max_seeds must be a whole number at least the number of seeds (2)"),
+    ({"control": "nobody"}, "'nobody' is not one of"),
+    ({"claims": [dict(TOY["claims"][0], confidence=0.9)]}, "unknown key(s) 'confidence'"),
+    ({"claims": [dict(TOY["claims"][0], paired="yes")]}, "paired must be true"),
+    ({"claims": [dict(TOY["claims"][0], source="mine")]}, "source must be 'paper'"),
+])
+def test_bad_statistical_settings_in_a_spec_are_one_clear_error(tmp_path, change, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        load_spec(write_spec(tmp_path, dict(TOY, **change)))
+
+
+def test_seeds_wanted_grows_at_most_twofold_and_skips_claims_beyond_the_cap(tmp_path):
+    panel = load_spec(write_spec(tmp_path, TOY))
+    undecided = {"verdict": "undecided", "points": ["raf_rank-8", "bp"]}
+    want = suite._seeds_wanted(panel, [dict(undecided, seeds_needed=9)], cap=10)
+    assert want == {("RAF", (("rank", 8),)): [2, 3], ("BP", ()): [2, 3]}  # 2 seeds -> at most 4
+    assert suite._seeds_wanted(panel, [dict(undecided, seeds_needed=3)], cap=8)[("BP", ())] == [2]
+    assert suite._seeds_wanted(panel, [dict(undecided, seeds_needed=3)], cap=3)[("BP", ())] == [2]
+    assert suite._seeds_wanted(panel, [dict(undecided, seeds_needed=20)], cap=8) == {}  # beyond the cap
+    assert suite._seeds_wanted(panel, [dict(undecided, seeds_needed=None)], cap=8) == {}  # mean on the line
+    assert suite._seeds_wanted(panel, [dict(undecided, verdict="holds", seeds_needed=3)], cap=8) == {}

@@ -4,27 +4,34 @@ whose shards ran on other machines, and for ``--redraw``.
 
 ``summary.csv`` columns: ``panel, point, series``, every grid variable, ``seed, status``
 (``done``, ``failed``, ``partial`` (killed; resumable), ``missing``), ``test_accuracy`` and
-``val_accuracy`` **in percent** (the final epoch's, never the best epoch), ``test_loss,
-train_loss, epochs`` (finished), ``seconds`` (training time), ``threads, device, torch,
-error``; for a panel with ``analysis`` (receptive fields), ``orientedness`` and
+``val_accuracy`` **in percent** (the final epoch's, never the best epoch), ``chance``
+(100 / number of classes), ``test_loss, train_loss, epochs`` (finished), ``seconds``
+(training time), ``threads, device, torch, error``; for a panel with ``analysis`` (receptive fields), ``orientedness`` and
 ``centre_surround_index``: the run's mean over the channels of the analysed layer
 (``scores.json``, :func:`analyze_finished`), ``field_dimensionality`` (of the layer's
 fields), and ``init_orientedness``, ``init_centre_surround_index``,
 ``init_field_dimensionality``: the same for the run's net at initialisation (the baseline; a
 claim can use any of these as its ``metric``). Theory panels have one row per rule and method: ``rule, rank, method,
 relative_error, recovered`` (modes within 2%).
+
+``points.csv`` has, per point, ``n``, the mean ± std of the metric, ``chance`` and, in a panel
+with a no-feedback ``control`` series, ``gain_over_control`` with its 95% interval
+(``gain_lo``, ``gain_hi``; paired by seed, :mod:`raftorch.experiments.stats`): the point's
+accuracy minus the control's at the same values of the control's grid variables.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 from raftorch import checkpoint as ckpt
+from raftorch.experiments import stats
 from raftorch.experiments.spec import Panel, Point
 
 ERROR = "error.json"
@@ -33,7 +40,7 @@ SCORES_OF_FIELDS = ["orientedness", "centre_surround_index"]  # per channel: a r
 LAYER_SCORES = ["field_dimensionality"]  # one number per run
 # each score of the trained fields, then the same of the run's initial net (its baseline)
 SCORE_COLUMNS = [*SCORES_OF_FIELDS, *LAYER_SCORES, *(f"init_{c}" for c in SCORES_OF_FIELDS + LAYER_SCORES)]
-RUN_COLUMNS = ["seed", "status", "test_accuracy", "val_accuracy", "test_loss", "train_loss", "epochs",
+RUN_COLUMNS = ["seed", "status", "test_accuracy", "val_accuracy", "chance", "test_loss", "train_loss", "epochs",
                "seconds", "threads", "device", "torch", "error"]
 THEORY_COLUMNS = ["seed", "status", "rule", "rank", "method", "relative_error", "recovered", "seconds", "error"]
 
@@ -44,6 +51,34 @@ def panel_dir(root: str | Path, panel: Panel) -> Path:
 
 def run_dir(root: str | Path, panel: Panel, point: Point) -> Path:
     return panel_dir(root, panel) / "runs" / point.id
+
+
+def find_extra_seeds(root: str | Path, panel: Panel) -> dict[tuple, list[int]]:
+    """Set and return ``panel.extra_seeds``: for every point, the seeds beyond the spec's whose
+    run folders exist under ``root`` (``<point>_s<seed>``, added by ``--decide``)."""
+    runs = panel_dir(root, panel) / "runs"
+    panel.extra_seeds = {}
+    names = [d.name for d in runs.iterdir() if d.is_dir()] if runs.is_dir() else []
+    if not names:
+        return panel.extra_seeds
+    for p in panel.points():
+        if p.seed != panel.seeds[0]:
+            continue
+        pattern = re.compile(re.escape(p.id[: -len(f"_s{p.seed}")]) + r"_s(\d+)$")
+        extra = sorted(int(m.group(1)) for m in map(pattern.match, names) if m and int(m.group(1)) not in panel.seeds)
+        if extra:
+            panel.extra_seeds[p.key] = extra
+    return panel.extra_seeds
+
+
+def chance(config: dict) -> float | str:
+    """100 / the number of classes of a point's data (``""`` where it has none)."""
+    from raftorch.data import dataset_shape
+
+    try:
+        return round(100.0 / dataset_shape(config["data"])[1], 4)
+    except (KeyError, ValueError, TypeError):
+        return ""
 
 
 def run_status(folder: Path) -> str:
@@ -74,7 +109,7 @@ def collect(root: str | Path, panel: Panel, points: list[Point]) -> list[dict[st
         if panel.kind == "theory":
             rows += _theory_rows(folder, head, p, status, error)
             continue
-        row = {**head, "seed": p.seed, "status": status, "error": error}
+        row = {**head, "seed": p.seed, "status": status, "error": error, "chance": chance(p.config)}
         if status == "done":
             final = _read_json(folder / ckpt.FINAL)
             row.update(test_accuracy=round(100 * final["test_accuracy"], 4),
@@ -158,21 +193,6 @@ def to_csv(rows: list[dict], cols: list[str]) -> str:
     return buf.getvalue()
 
 
-def parse_value(text: str):
-    """CSV text back to int / float where it is one (so selectors and sorting see numbers)."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except (TypeError, ValueError):
-            pass
-    return text
-
-
-def read_csv(path: str | Path) -> list[dict[str, Any]]:
-    with open(path, newline="") as f:
-        return [{k: parse_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def done_values(rows: list[dict], metric: str) -> list[float]:
     """``metric`` of the finished runs among ``rows`` (failed, partial and missing ones left out)."""
     return [float(r[metric]) for r in rows if r.get("status") == "done" and r.get(metric) not in (None, "")]
@@ -197,7 +217,42 @@ def point_stats(rows: list[dict], panel: Panel, metric: str = "test_accuracy") -
         out.append({**dict(zip(group_cols, key)), "runs": len(members), "n": st[2] if st else 0,
                     f"{metric}_mean": round(st[0], 4) if st else "",
                     f"{metric}_std": round(st[1], 4) if st else "",
+                    "chance": members[0].get("chance", ""),
                     "seconds_mean": round(secs[0], 2) if secs else ""})
+    return out
+
+
+def _sample(rows: list[dict], metric: str) -> dict[int, float]:
+    return {int(r["seed"]): float(r[metric]) for r in rows
+            if r.get("status") == "done" and r.get(metric) not in (None, "")}
+
+
+def _group_key(panel: Panel, series: str, values: dict) -> tuple[str, ...]:
+    return (series, *(str(values.get(v, "")) for v in panel.variables))
+
+
+def control_gains(rows: list[dict], panel: Panel, metric: str = "test_accuracy") -> dict[tuple, dict]:
+    """Per point (:func:`_group_key`: series and grid values as text): its ``metric`` minus
+    the no-feedback control's at the same values of the control's grid variables
+    (:func:`raftorch.experiments.stats.difference`): ``{"gain_over_control", "gain_lo", "gain_hi", "control"}`` (the control's mean).
+    Empty for a panel without ``control``."""
+    if not panel.control or panel.kind != "train":
+        return {}
+    own = panel.series_named(panel.control).variables
+    control_rows = [r for r in rows if r["series"] == panel.control]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_group_key(panel, r["series"], r), []).append(r)
+    out = {}
+    for key, members in groups.items():
+        mine = _sample(members, metric)
+        ctrl = _sample([r for r in control_rows if all(str(r.get(v)) == str(members[0].get(v)) for v in own)], metric)
+        if mine and ctrl:
+            iv = stats.difference(mine, ctrl)
+            out[key] = {"gain_over_control": round(iv.estimate, 4),
+                        "gain_lo": round(iv.lo, 4) if iv.spread is not None else "",
+                        "gain_hi": round(iv.hi, 4) if iv.spread is not None else "",
+                        "control": round(statistics.fmean(ctrl.values()), 4)}
     return out
 
 
@@ -207,10 +262,15 @@ def write_summary(root: str | Path, panel: Panel, points: list[Point]) -> tuple[
     folder = panel_dir(root, panel)
     ckpt.write_text(folder / "summary.csv", to_csv(rows, columns(panel)))
     metric = "relative_error" if panel.kind == "theory" else "test_accuracy"
-    stats = point_stats(rows, panel, metric)
+    per_point = point_stats(rows, panel, metric)
     for score in SCORE_COLUMNS if panel.analysis else ():
-        for st, more in zip(stats, point_stats(rows, panel, score)):
+        for st, more in zip(per_point, point_stats(rows, panel, score)):
             st.update({k: v for k, v in more.items() if k.startswith(score)})
-    if stats:
-        ckpt.write_text(folder / "points.csv", to_csv(stats, list(stats[0])))
+    gains = control_gains(rows, panel)
+    if gains:
+        blank = dict.fromkeys(next(iter(gains.values())), "")
+        for st in per_point:
+            st.update(gains.get(_group_key(panel, st["series"], st), blank))
+    if per_point:
+        ckpt.write_text(folder / "points.csv", to_csv(per_point, list(per_point[0])))
     return folder / "summary.csv", rows

@@ -6,6 +6,7 @@
     raftorch reproduce fig3a --profile paper --dry-run     # the run list and its estimated cost
     raftorch reproduce fig3a --profile paper --shard 3/40  # one slice of the sweep
     raftorch reproduce fig3a --profile paper --redraw      # figure + claims from saved results
+    raftorch reproduce all --profile quick --decide        # add seeds until the claims are decided
     raftorch reproduce --spec my_panel.yaml                # a panel of your own
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from raftorch.experiments.runner import StaleRun, parse_shard
 from raftorch.experiments.spec import SpecError, available, load_panel, load_spec
-from raftorch.experiments.suite import _duration, dry_run, estimate, reproduce, verdict, write_report
+from raftorch.experiments.suite import _duration, dry_run, estimate, reproduce, summary_line, verdict, write_report
 from raftorch.train import check_writable
 
 PROG = "raftorch reproduce"
@@ -41,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the points and the estimated cost, run nothing")
     p.add_argument("--redraw", action="store_true", help="only re-aggregate, re-check claims, redraw from saved runs")
     p.add_argument("--retry-failed", action="store_true", help="run points that failed before again")
+    p.add_argument("--decide", action="store_true",
+                   help="after the spec's seeds, add seeds round by round to the points that undecided "
+                        "claims need, until each is decided or the cap is reached")
+    p.add_argument("--max-seeds", type=int, default=None, metavar="N",
+                   help="with --decide: at most N seeds per point (default: each spec's max_seeds, 8 unless it says)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="folder with the datasets for every run (else $RAFTORCH_DATA, else ~/.cache/raftorch)")
     p.add_argument("--device", default=None, help="device of every run: cpu, cuda, cuda:N (default: the spec's / auto)")
@@ -96,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         if args.list:
             print(_list(args.profile))
             return 0
+        if args.max_seeds is not None and not args.decide:
+            raise ValueError("--max-seeds caps the seeds --decide adds; give --decide too")
         panels = _panels(args)
         check_writable(args.results, "--results")  # before any work
         if args.dry_run:
@@ -105,17 +113,15 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         results = reproduce(panels, args.results, jobs=args.jobs, threads=args.threads, shard=shard,
                             redraw=args.redraw, device=args.device, retry_failed=args.retry_failed,
-                            data_dir=args.data_dir, progress=not args.no_progress)
+                            data_dir=args.data_dir, progress=not args.no_progress, decide=args.decide,
+                            max_seeds=args.max_seeds)
         wall = time.perf_counter() - start
         if "all" in args.panels or len(results) > 1:
             report = write_report(args.profile, results, args.results, wall_seconds=wall,
                                   jobs_threads=results[0].parallel, redraw=args.redraw)
             print(f"wrote {report}")
-        n_fail = sum(c["passed"] is False for r in results for c in r.claims)
-        n_na = sum(c["passed"] is None for r in results for c in r.claims)
-        n_all = sum(len(r.claims) for r in results)
-        print(f"{n_all - n_fail - n_na} of {n_all} claims pass, {n_fail} fail, {n_na} not evaluated "
-              f"({_duration(wall)}); results in {args.results / args.profile}")
+        print(f"{summary_line([c for r in results for c in r.claims])} ({_duration(wall)}); "
+              f"results in {args.results / args.profile}")
         if shard:
             print(f"shard {shard[0]}/{shard[1]} done; when every shard has finished, "
                   f"`{PROG} ... --redraw` aggregates them all")

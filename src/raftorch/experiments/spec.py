@@ -10,6 +10,10 @@ A spec (``configs/experiments/<profile>/<panel>.yaml``) says everything a panel 
     kind: train                    # train (default): raftorch train runs; theory: raftorch.theory
     base: {data: fashion-mnist, model: mlp, ...}     # TrainConfig fields shared by every point
     seeds: [0, 1, 2]
+    max_seeds: 8                   # --decide adds seeds up to this many per point (default: 8,
+                                   # or the number of seeds where that is more)
+    control: no feedback           # the series of the no-feedback control (rule frozen): a
+                                   # reference line, and every point's gain over it
     series:                        # the curves and reference lines of the figure
       - name: RAF
         set: {rule: raf}           # settings of this series (mappings merge into base's; {} clears)
@@ -41,7 +45,11 @@ mapping keys are formatted too (``ranks: {"{layer}": "{rank}"}``). A grid value 
 ``{value: V, set: {...}}``: the value names the point, ``set`` adds settings.
 
 A point is one training run: series x one combination of the grid x one seed. Its id
-(``raf_rank-10_s0``) names its run folder.
+(``raf_rank-10_s0``) names its run folder. Besides the spec's ``seeds``, a point may have
+*extra seeds* (``Panel.extra_seeds``): the seeds ``raftorch reproduce --decide`` added to the
+points an undecided claim needs, found again from their run folders
+(:func:`raftorch.experiments.aggregate.find_extra_seeds`), so every later run, redraw and
+report counts them.
 """
 from __future__ import annotations
 
@@ -57,10 +65,10 @@ import yaml
 from raftorch.config import TrainConfig, load_config_file
 
 SPEC_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"
-PROFILES = ("quick", "paper")
+DEFAULT_MAX_SEEDS = 8
 KINDS = ("train", "theory")
 SPEC_KEYS = {"panel", "title", "paper", "claim", "notes", "kind", "base", "seeds", "series", "figure",
-             "published", "claims", "cost", "theory", "threads_per_point", "analysis", "extends"}
+             "published", "claims", "cost", "theory", "threads_per_point", "analysis", "extends", "max_seeds", "control"}
 ANALYSIS_KEYS = {"layer", "method", "steps"}
 SERIES_KEYS = {"name", "set", "grid", "cost"}
 FIGURE_KEYS = {"x", "xlabel", "ylabel", "xscale", "group", "title", "curves", "lines", "xticks", "labels"}
@@ -134,6 +142,10 @@ class Panel:
     # receptive fields of every finished run (raftorch.analysis.analyze_run): {layer, method,
     # steps}; its scores become the summary columns orientedness, centre_surround_index
     analysis: dict[str, Any] = field(default_factory=dict)
+    max_seeds: int = DEFAULT_MAX_SEEDS  # the cap of --decide, seeds per point
+    control: str | None = None  # the series of the no-feedback control
+    # seeds beyond ``seeds`` of some points: point key -> seeds (added by --decide)
+    extra_seeds: dict[tuple, list[int]] = field(default_factory=dict)
 
     @property
     def variables(self) -> list[str]:
@@ -155,7 +167,8 @@ class Panel:
         seen: set[str] = set()
         for s in self.series:
             for values, extra in _combinations(s):
-                for seed in self.seeds:
+                key = (s.name, tuple(values.items()))
+                for seed in self.seeds + [x for x in self.extra_seeds.get(key, []) if x not in self.seeds]:
                     config = self._config(s, values, extra, seed)
                     p = Point(self.id, s.name, values, seed, config,
                               s.cost if s.cost is not None else self.cost.get("seconds_per_point"))
@@ -342,12 +355,20 @@ def load_spec(path: str | Path, profile: str | None = None) -> Panel:
 
     if analysis.get("method", "gradient") not in METHODS:
         bad(f"analysis: method must be one of {', '.join(METHODS)}, got {analysis.get('method')!r}")
+    max_seeds = raw.get("max_seeds", max(DEFAULT_MAX_SEEDS, len(seeds)))
+    if not isinstance(max_seeds, int) or isinstance(max_seeds, bool) or max_seeds < len(seeds):
+        bad(f"max_seeds must be a whole number at least the number of seeds ({len(seeds)}), got {max_seeds!r}")
+    control = raw.get("control")
+    if control is not None and str(control) not in [s.name for s in series]:
+        bad(f"control names the series of the no-feedback control; {control!r} is not one of "
+            f"{', '.join(repr(s.name) for s in series)}")
     panel = Panel(id=str(raw["panel"]), profile=profile or path.parent.name, path=path, title=str(raw["title"]),
                   paper=str(raw.get("paper", "")), claim=str(raw.get("claim", "")), kind=kind, base=base,
                   seeds=list(seeds), series=series, figure=figure, published=list(raw.get("published") or []),
                   claims=list(raw.get("claims") or []), cost=cost, notes=str(raw.get("notes", "")),
                   theory=dict(raw.get("theory") or {}), threads_per_point=tpp,
-                  analysis=dict(analysis))
+                  analysis=dict(analysis), max_seeds=max_seeds,
+                  control=None if control is None else str(control))
     from raftorch.experiments.claims import check_claim_specs
 
     check_claim_specs(panel)
