@@ -19,7 +19,7 @@ from raftorch.compare import format_table, plan, run_compare
 from raftorch.config import TrainConfig
 from raftorch.control import output_layer
 from raftorch.data import load_dataset
-from raftorch.direct import DirectFeedback
+from raftorch.direct import DirectFeedback, weight_layer_names
 from raftorch.models import MODELS, build_model
 
 TINY_MODELS = {
@@ -117,7 +117,7 @@ def test_frozen_on_the_repo_models_trains_only_the_last_weight_layer(name):
 def test_the_output_layer_is_the_direct_rules_source_output():
     model = mlp()
     df = DirectFeedback(raftorch.convert(model, "bp"), "dfa")
-    assert output_layer(model) == "out" == DirectFeedback._weight_names(model)[-1]
+    assert output_layer(model) == "out" == weight_layer_names(model)[-1]
     assert df.source == "output"
 
 

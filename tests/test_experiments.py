@@ -424,15 +424,30 @@ def test_list_and_dry_run_show_points_and_costs(tmp_path, capsys):
 
 def test_all_writes_one_report_with_every_claim_and_figure(tmp_path):
     specs = tmp_path / "specs"
-    a = write_spec(specs, dict(TOY, panel="a"), "a")
-    b = write_spec(specs, dict(TOY, panel="b", series=[TOY["series"][1]], claims=[TOY["claims"][1]]), "b")
+    control = {"name": "no feedback", "set": {"rule": "frozen"}}
+    a = write_spec(specs, dict(TOY, panel="a", series=TOY["series"] + [control], control="no feedback"), "a")
+    b = write_spec(specs, dict(TOY, panel="b", series=[TOY["series"][1]],
+                               claims=[dict(TOY["claims"][1], source="ours")]), "b")
     res = tmp_path / "results"
     assert reproduce_cli("--spec", a, "--spec", b, "--results", res) == 0
     report = (res / "quick" / "REPORT.md").read_text()
-    assert "| panel | claim | measured | paper | verdict |" in report
-    assert report.count("**PASS**") == 1 and report.count("**FAIL**") == 2
+    assert "| panel | claim | paper | ours: difference [95% interval] | line | n | verdict |" in report
+    assert report.count("| **holds**") == 1 and report.count("| **fails**") == 2
     assert "![a](a/figure.png)" in report and "![b](b/figure.png)" in report
-    assert "1 of 3 claims pass" in report and "1 job(s) x 1 thread(s)" in report
+    assert "**1 hold, 2 fail, 0 undecided, 0 not evaluated (of 3 claims).**" in report
+    assert "1 job(s) x 1 thread(s)" in report
+    ours = report.index("## Our own claims")
+    assert report.index("| b | BP beats 100%") > ours > report.index("| a | BP beats 100%")
+    # the control: its accuracy and chance in the report, every point's paired gain in points.csv
+    rows = summary(res, "a")
+    assert {r["chance"] for r in rows} == {"10.0"}
+    acc = {(r["series"], r["rank"], r["seed"]): float(r["test_accuracy"]) for r in rows}
+    points = {(p["series"], p["rank"]): p for p in csv.DictReader(open(res / "quick" / "a" / "points.csv"))}
+    gain = sum(acc[("RAF", "8", s)] - acc[("no feedback", "", s)] for s in "01") / 2
+    assert float(points[("RAF", "8")]["gain_over_control"]) == pytest.approx(gain, abs=1e-3)
+    assert float(points[("no feedback", "")]["gain_over_control"]) == 0.0
+    ctrl = (acc[("no feedback", "", "0")] + acc[("no feedback", "", "1")]) / 2
+    assert f"No-feedback control: {ctrl:.2f}" in report and "chance 10.0%" in report
 
 
 def test_a_paper_panel_runs_end_to_end_on_fake_cifar(tmp_path, capsys):

@@ -24,7 +24,7 @@ feedback parameters of an already converted model). So:
 The output layer is the last weight layer (``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``, a
 raftorch layer included) in ``named_modules()`` order, outside any ``nn.MultiheadAttention``:
 the same layer whose error the direct rules broadcast with ``source="output"``
-(:meth:`raftorch.direct.DirectFeedback._weight_names`, one definition for both). A parameter
+(:func:`raftorch.direct.weight_layer_names`, one definition for both). A parameter
 shared with it (a tied embedding) is the same ``Parameter`` and so learns with it; the report
 lists every name it has.
 """
@@ -44,9 +44,9 @@ def output_layer(model: nn.Module) -> str:
     """The name of ``model``'s output layer: its last ``Linear`` / ``Conv1d`` / ``Conv2d`` in
     ``named_modules()`` order, not inside an attention module (``""`` if the model itself is
     that layer). The same layer as the direct rules' ``source="output"``."""
-    from raftorch.direct import DirectFeedback  # direct builds on convert, which imports this
+    from raftorch.direct import weight_layer_names  # direct builds on convert, which imports this
 
-    names = DirectFeedback._weight_names(model)
+    names = weight_layer_names(model)
     if not names:
         raise ValueError("rule 'frozen' trains the output layer, the model's last Linear / Conv1d / "
                          "Conv2d, and the model has none")

@@ -269,6 +269,13 @@ def _named_index(model: nn.Module) -> dict[str, int]:
     return {n: i for i, (n, _) in enumerate(model.named_modules())}
 
 
+def weight_layer_names(model: nn.Module) -> list[str]:
+    """The weight layers that can be targets or the source, in ``named_modules()`` order (not
+    the projections inside an attention module, which learn by their rule from the error
+    reaching the attention); the last is the output layer (``source="output"``)."""
+    return [n for n, m in model.named_modules() if _weight_layer(m) and _attention_around(model, n) is None]
+
+
 class DirectFeedback(nn.Module):
     r"""Direct feedback from a source module to earlier target modules of ``model``.
 
@@ -347,14 +354,8 @@ class DirectFeedback(nn.Module):
             return None
         return OjaOptions(**{_OJA_KEYS[k]: v for k, v in options.items()})
 
-    @staticmethod
-    def _weight_names(model):
-        """The weight layers that can be targets or the source (not the projections inside
-        an attention module, which learn by their rule from the error reaching the attention)."""
-        return [n for n, m in model.named_modules() if _weight_layer(m) and _attention_around(model, n) is None]
-
     def _resolve_source(self, model, source):
-        weights = self._weight_names(model)
+        weights = weight_layer_names(model)
         index = _named_index(model)
         if not isinstance(source, str):
             raise ValueError(f"source must be 'output', 'penultimate' or a module name, got {source!r}")
@@ -377,7 +378,7 @@ class DirectFeedback(nn.Module):
         index = _named_index(model)
         src = "the output layer" if self.source == "output" else repr(self.source)
         if targets is None:
-            names = [n for n in self._weight_names(model) if index[injection_point(model, n)] < source_index]
+            names = [n for n in weight_layer_names(model) if index[injection_point(model, n)] < source_index]
             if not names:
                 raise ValueError(f"no Linear/Conv2d layer comes before source {src}; "
                                  "choose a later source or pass targets=")
@@ -387,7 +388,7 @@ class DirectFeedback(nn.Module):
                 raise ValueError("targets is empty; pass module names or None for every layer before the source")
             for n in names:
                 if not isinstance(n, str) or n not in index or n == "":
-                    shown = ", ".join(repr(w) for w in self._weight_names(model)[:20])
+                    shown = ", ".join(repr(w) for w in weight_layer_names(model)[:20])
                     raise ValueError(f"target {n!r} is not a module of the model; the weight layers "
                                      f"are: {shown}")
                 attn = _attention_around(model, n)
@@ -415,7 +416,7 @@ class DirectFeedback(nn.Module):
         """Per-sample sizes ``{point: n_l, None: d_s}``, from widths or a dry run."""
         sizes = {p: _static_size(model, t, p) for t, p in points}
         if self.source == "output":
-            last = model.get_submodule(self._weight_names(model)[-1])
+            last = model.get_submodule(weight_layer_names(model)[-1])
             sizes[None] = last.out_features if isinstance(last, nn.Linear) else None
         else:
             m = model.get_submodule(self.source)

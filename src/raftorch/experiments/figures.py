@@ -4,7 +4,8 @@ The layout of the paper's panels: test accuracy (mean ± std over seeds, error b
 the spec's ``figure.x`` (usually the feedback rank), one curve per series that varies ``x``
 (split by ``figure.group``, e.g. the constrained layer or the number of classes K);
 series without ``x`` (BP, a narrow BP net) are horizontal lines with their ±std band (one per
-group value where they have one). The paper's published numbers, where the spec gives them,
+group value where they have one); the no-feedback control (the spec's ``control``) is a grey
+dash-dot line, and chance (100 / classes, from ``summary.csv``'s ``chance``) a dotted one. The paper's published numbers, where the spec gives them,
 are hollow diamonds (``x`` given) or dotted lines. Theory panels redraw Figure 2 from the
 first seed's ``theory.json``. Written as ``figure.png`` and ``figure.pdf``.
 """
@@ -90,9 +91,14 @@ def draw_panel(panel: Panel, rows: list[dict], folder: str | Path) -> list[Path]
                 continue
             m, sd, _ = st
             label = s.name if g is None else f"{s.name}, {group} = {g}"
-            c = "black" if g is None and s.name.upper() == "BP" else color(color_key(s.name, g))
-            ax.axhline(m, color=c, ls="--", lw=1.2, label=f"{label} ({m:.1f})")
+            control = s.name == panel.control
+            c = ("black" if g is None and s.name.upper() == "BP" else "0.45" if control
+                 else color(color_key(s.name, g)))
+            ax.axhline(m, color=c, ls="-." if control else "--", lw=1.2, label=f"{label} ({m:.1f})")
             ax.axhspan(m - sd, m + sd, color=c, alpha=0.12, lw=0)
+    chances = sorted({float(r["chance"]) for r in rows if _num(r.get("chance")) is not None})
+    for k, level in enumerate(chances):
+        ax.axhline(level, color="0.6", ls=":", lw=1, label="chance" if k == 0 else None)
     for pub in panel.published:
         v = pub.get(x)
         if v is not None and (not numeric or _num(v) is not None):
