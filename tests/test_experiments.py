@@ -112,9 +112,10 @@ def test_a_malformed_spec_is_one_clear_error(tmp_path, change, message):
 # --------------------------------------------------------------------------- the shipped specs
 
 # panel -> points, counted by hand from each spec (series x grid x seeds); README lists them too
-QUICK_POINTS = {"fig2": 3, "fig3a": (3 * 3 + 1 + 1) * 2, "fig3b": (4 + 1 + 3 + 3) * 3, "fig3c": (3 + 4 + 5 + 3) * 2,
-                "fig3d": (3 + 3 + 1) * 3, "fig3e": (2 + 1 + 1) * 2, "fig4b": (3 + 1 + 1) * 2,
-                "fig3f": (2 + 1) * 2, "fig4cd": (4 + 4 + 1 + 1) * 3}
+# (the last 1 of each training panel: the no-feedback control)
+QUICK_POINTS = {"fig2": 3, "fig3a": (2 * 2 + 1 + 1 + 1) * 2, "fig3b": (4 + 1 + 2 + 3 + 1) * 3,
+                "fig3c": (3 + 4 + 5 + 3 + 3) * 2, "fig3d": (2 + 2 + 1 + 1) * 3, "fig3e": (2 + 1 + 1 + 1) * 2,
+                "fig4b": (3 + 1 + 1 + 1) * 2, "fig3f": (2 + 1 + 1) * 2, "fig4cd": (3 + 3 + 1 + 1 + 1) * 2}
 
 
 def test_every_quick_spec_loads_and_expands_to_its_documented_number_of_points():
@@ -123,6 +124,8 @@ def test_every_quick_spec_loads_and_expands_to_its_documented_number_of_points()
         panel = S.load_panel(name, "quick")
         assert len(panel.points()) == n, name
         assert len(panel.seeds) >= 2 and panel.claims, name
+        if panel.kind == "train":  # every training panel has the no-feedback control
+            assert panel.series_named(panel.control).set["rule"] == "frozen", name
 
 
 VARIANT_DIR = REPO / "configs" / "variants"  # panel variants run with --spec (README, "The retina")
@@ -133,7 +136,8 @@ def test_the_weight_decay_variant_of_fig4cd_is_the_quick_panel_with_adamw_and_de
     fig4cd panel point for point, with only the optimizer and the decay changed."""
     variant = load_spec(VARIANT_DIR / "fig4cd-weight-decay.yaml", "quick")
     quick = S.load_panel("fig4cd", "quick")
-    assert variant.id == "fig4cd-weight-decay"
+    assert variant.id == "fig4cd-weight-decay" and variant.seeds == [0, 1, 2] and quick.seeds == [0, 1]
+    quick.seeds = variant.seeds  # the variant runs three seeds of every point
     a, b = quick.points(), variant.points()
     assert [p.id for p in a] == [p.id for p in b]
     assert quick.claims == variant.claims

@@ -12,17 +12,18 @@ from raftorch.experiments.claims import evaluate_claims
 from raftorch.experiments.spec import available, load_panel
 from test_data import write_fake_cifar
 
-# panel -> number of points, counted by hand from the YAML: (grid points of every series) x seeds
+# panel -> number of points, counted by hand from the YAML: (grid points of every series) x seeds;
+# the last term of each training panel: the no-feedback control (one per K in fig3c)
 EXPECTED_POINTS = {
-    "fig2": 1 * 5,                      # one theory series x 5 seeds
-    "fig3a": (4 * 5 + 1) * 10,          # RAF: 4 layers x 5 ranks; BP; 10 seeds
-    "fig3b": (7 + 3 + 1 + 1) * 10,      # RAF 7 ranks, fixed low-rank FA 3, BP, BP 64 wide; 10 seeds
-    "fig3c": (5 + 6 + 7 + 3) * 5,       # RAF: K=50 5 ranks, K=75 6, K=100 7; BP per K; 5 seeds
-    "fig3d": (5 + 5 + 1) * 5,           # dRAF output 5 ranks, penultimate 5; BP; 5 seeds
-    "fig3e": (6 + 1 + 1) * 5,           # RAF block 4 at 6 ranks, RAF full rank, BP; 5 seeds
-    "fig4b": (3 + 1) * 5,               # RAF width/2, /4, /8; BP; 5 seeds
-    "fig3f": (6 + 1) * 5,               # RAF 6 ranks, BP; 5 seeds
-    "fig4cd": (6 + 6 + 1 + 1 + 1) * 5,  # RAF into the retina 6 ranks, every layer 6; dRAF bottleneck; BP; BP bottleneck 1; 5 seeds
+    "fig2": 1 * 5,                          # one theory series x 5 seeds
+    "fig3a": (4 * 5 + 1 + 1) * 10,          # RAF: 4 layers x 5 ranks; BP; 10 seeds
+    "fig3b": (7 + 3 + 1 + 1 + 1) * 10,      # RAF 7 ranks, fixed low-rank FA 3, BP, BP 64 wide; 10 seeds
+    "fig3c": (5 + 6 + 7 + 3 + 3) * 5,       # RAF: K=50 5 ranks, K=75 6, K=100 7; BP per K; 5 seeds
+    "fig3d": (5 + 5 + 1 + 1) * 5,           # dRAF output 5 ranks, penultimate 5; BP; 5 seeds
+    "fig3e": (6 + 1 + 1 + 1) * 5,           # RAF block 4 at 6 ranks, RAF full rank, BP; 5 seeds
+    "fig4b": (3 + 1 + 1) * 5,               # RAF width/2, /4, /8; BP; 5 seeds
+    "fig3f": (6 + 1 + 1) * 5,               # RAF 6 ranks, BP; 5 seeds
+    "fig4cd": (6 + 6 + 1 + 1 + 1 + 1) * 5,  # RAF into the retina 6 ranks, every layer 6; dRAF bottleneck; BP; BP bottleneck 1; 5 seeds
 }
 ORDER = ["fig2", "fig3a", "fig3b", "fig3c", "fig3d", "fig3e", "fig4b", "fig3f", "fig4cd"]
 TRAIN_PANELS = [p for p in ORDER if p != "fig2"]
@@ -40,6 +41,7 @@ def test_spec_loads_and_expands_to_the_expected_points(panel):
     assert len({pt.id for pt in points}) == len(points)
     assert p.cost.get("seconds_per_point", 0) > 0 and p.cost.get("hardware")
     if p.kind == "train":
+        assert p.series_named(p.control).set["rule"] == "frozen"
         for pt in points:
             cfg = TrainConfig.from_dict(pt.config)
             assert cfg.data.startswith(("cifar10", "cifar100"))

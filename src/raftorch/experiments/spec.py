@@ -36,7 +36,8 @@ A variant of another spec says only what differs::
 The parent may extend another spec in turn (a cycle is an error). ``base`` merges like a
 series' ``set`` (mappings one level deep, so ``model_options: {channels: 16}`` keeps the
 parent's other model options; ``{}`` clears); ``series``, ``claims``, ``figure`` and every
-other key are replaced whole.
+other key are replaced whole (a variant that gives its own ``series`` drops the parent's
+``control`` unless it names one again).
 
 Grid variables that are :class:`~raftorch.config.TrainConfig` fields (``rank``, ``lr``, ...)
 set that field; any other name is a template variable for ``set``: a string ``"{layer}"``
@@ -405,6 +406,8 @@ def _read_spec(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         if not isinstance(base, dict):
             raise SpecError(f"{path}: base must be a mapping of settings")
         merged["base"] = _merge(copy.deepcopy(merged.get("base") or {}), base)
+    if "series" in raw and "control" not in raw:  # the parent's control names one of its own series
+        merged.pop("control", None)
     merged.update(raw)
     return merged
 

@@ -179,6 +179,7 @@ def _run_missing(panels: list[Panel], root, ran: dict, *, jobs, threads, shard, 
         groups.setdefault(1 if (jobs or threads) else t.panel.threads_per_point, []).append(t)
     used = []
     for preferred, group in sorted(groups.items()):
+        group.sort(key=lambda t: -(t.point.cost or 0))  # longest first: no core idles at the end on a long point
         j, th = parallelism(jobs, threads, len(group), device, preferred)
         used.append(f"{j} job(s) x {th} thread(s)")
         echo(f"{len(group)} point(s) ({', '.join(dict.fromkeys(t.panel.id for t in group))}): {used[-1]}")
