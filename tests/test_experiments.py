@@ -133,7 +133,8 @@ VARIANT_DIR = REPO / "configs" / "variants"  # panel variants run with --spec (R
 
 def test_the_weight_decay_variant_of_fig4cd_is_the_quick_panel_with_adamw_and_decay_only():
     """configs/variants/fig4cd-weight-decay.yaml (README, "The retina") must stay the quick
-    fig4cd panel point for point, with only the optimizer and the decay changed."""
+    fig4cd panel point for point, with only the optimizer, the decay and the kernel (9 x 9, the
+    size its documented runs used) changed."""
     variant = load_spec(VARIANT_DIR / "fig4cd-weight-decay.yaml", "quick")
     quick = S.load_panel("fig4cd", "quick")
     assert variant.id == "fig4cd-weight-decay" and variant.seeds == [0, 1, 2] and quick.seeds == [0, 1]
@@ -144,7 +145,9 @@ def test_the_weight_decay_variant_of_fig4cd_is_the_quick_panel_with_adamw_and_de
     for p, q in zip(a, b):
         assert q.config["optimizer"] == "adamw" and q.config["weight_decay"] == 3.0
         assert p.config["optimizer"] == "adam" and not p.config.get("weight_decay")
-        rest = lambda c: {k: v for k, v in c.items() if k not in ("optimizer", "weight_decay", "out")}  # noqa: E731
+        assert q.config["model_options"]["kernel"] == 9 and p.config["model_options"]["kernel"] == 5
+        rest = lambda c: {**{k: v for k, v in c.items() if k not in ("optimizer", "weight_decay", "out")},  # noqa: E731
+                          "model_options": {**c["model_options"], "kernel": None}}
         assert rest(p.config) == rest(q.config)
 
 
@@ -176,7 +179,7 @@ def test_the_bottleneck_control_runs_bp_at_1_and_8_channels_and_draf_at_1():
     assert got == sorted((r, b, s) for r, b in (("bp", 1), ("bp", 8), ("draf", 1)) for s in (0, 1, 2))
     for p in points:  # the weight-decay variant's net and optimizer
         assert p.config["model_options"] == {"channels": 8, "bottleneck": p.config["model_options"]["bottleneck"],
-                                             "fc": 64}
+                                             "fc": 64, "kernel": 9}
         assert p.config["optimizer"] == "adamw" and p.config["weight_decay"] == 3.0
 
 
@@ -452,6 +455,14 @@ def test_all_writes_one_report_with_every_claim_and_figure(tmp_path):
     assert float(points[("no feedback", "")]["gain_over_control"]) == 0.0
     ctrl = (acc[("no feedback", "", "0")] + acc[("no feedback", "", "1")]) / 2
     assert f"No-feedback control: {ctrl:.2f}" in report and "chance 10.0%" in report
+    assert f"RAF (rank = 8) {gain:+.2f} [" in report  # every point's gain over the control
+    # --export copies the small files (redrawn: nothing trains), never a run folder
+    docs = tmp_path / "docs"
+    assert reproduce_cli("--spec", a, "--spec", b, "--results", res, "--redraw", "--export", docs) == 0
+    got = sorted(str(p.relative_to(docs)) for p in docs.rglob("*") if p.is_file())
+    assert got == ["REPORT.md"] + [f"{x}/{n}" for x in "ab" for n in sorted(
+        ["claims.json", "figure.png", "points.csv", "summary.csv"])]
+    assert (docs / "a" / "claims.json").read_text() == (res / "quick" / "a" / "claims.json").read_text()
 
 
 def test_a_paper_panel_runs_end_to_end_on_fake_cifar(tmp_path, capsys):

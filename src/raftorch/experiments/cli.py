@@ -18,7 +18,8 @@ from pathlib import Path
 
 from raftorch.experiments.runner import StaleRun, parse_shard
 from raftorch.experiments.spec import SpecError, available, load_panel, load_spec
-from raftorch.experiments.suite import _duration, dry_run, estimate, reproduce, summary_line, verdict, write_report
+from raftorch.experiments.suite import (_duration, dry_run, estimate, export_results, reproduce, summary_line, verdict,
+                                        write_report)
 from raftorch.train import check_writable
 
 PROG = "raftorch reproduce"
@@ -51,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder with the datasets for every run (else $RAFTORCH_DATA, else ~/.cache/raftorch)")
     p.add_argument("--device", default=None, help="device of every run: cpu, cuda, cuda:N (default: the spec's / auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a line per finished point stays)")
+    p.add_argument("--export", type=Path, default=None, metavar="DIR",
+                   help="also copy the small result files (REPORT.md, each panel's summary.csv, points.csv, "
+                        "claims.json and figures; no run folders) into DIR, e.g. docs/results/quick")
 
 
 def _error(msg: str) -> int:
@@ -106,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--max-seeds caps the seeds --decide adds; give --decide too")
         panels = _panels(args)
         check_writable(args.results, "--results")  # before any work
+        if args.export is not None:
+            check_writable(args.export, "--export")
         if args.dry_run:
             for p in panels:
                 print(dry_run(p, args.results, shard, args.jobs))
@@ -120,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
             report = write_report(args.profile, results, args.results, wall_seconds=wall,
                                   jobs_threads=results[0].parallel, redraw=args.redraw)
             print(f"wrote {report}")
+        if args.export is not None:
+            written = export_results(args.profile, results, args.results, args.export)
+            print(f"exported {len(written)} file(s) to {args.export}")
         print(f"{summary_line([c for r in results for c in r.claims])} ({_duration(wall)}); "
               f"results in {args.results / args.profile}")
         if shard:

@@ -291,14 +291,25 @@ def control_lines(r: PanelResult, rows_of) -> list[str]:
         out.append(f"- No-feedback control{' (' + where + ')' if where else ''}: "
                    f"{float(p['test_accuracy_mean']):.2f} ± {float(p['test_accuracy_std'] or 0):.2f}% "
                    f"(n = {p['n']}), chance {float(p['chance']):.1f}%.")
-    below = [p for p in points if p["series"] != r.panel.control and p.get("gain_hi") not in (None, "")
-             and float(p["gain_hi"]) < 0]
-    for p in below:
+    gains = []
+    for p in points:
+        if p["series"] == r.panel.control or p.get("gain_over_control") in (None, ""):
+            continue
         where = ", ".join(f"{v} = {p[v]}" for v in r.panel.variables if p.get(v))
-        out.append(f"- **Below the no-feedback control**: {p['series']}{' (' + where + ')' if where else ''} "
-                   f"{float(p['test_accuracy_mean']):.2f}%, gain {float(p['gain_over_control']):+.2f} "
-                   f"[{float(p['gain_lo']):+.2f}, {float(p['gain_hi']):+.2f}]: worse than not training the "
-                   f"hidden layers at all.")
+        name = f"{p['series']}{' (' + where + ')' if where else ''}"
+        interval = (f" [{float(p['gain_lo']):+.2f}, {float(p['gain_hi']):+.2f}]" if p.get("gain_lo") not in (None, "")
+                    else " (no interval)")
+        gains.append(f"{name} {float(p['gain_over_control']):+.2f}{interval}")
+        if p.get("gain_hi") not in (None, "") and float(p["gain_hi"]) < 0:
+            out.append(f"- **Below the no-feedback control**: {name} {float(p['test_accuracy_mean']):.2f}%, "
+                       f"gain {float(p['gain_over_control']):+.2f}{interval}: worse than not training the "
+                       f"hidden layers at all.")
+    if gains:
+        out.append("- Gain over the control (points, 95% interval): " + "; ".join(gains) + ".")
+    threads = sorted({t for claim in r.claims for t in claim.get("threads", [])})
+    if len(threads) > 1:
+        out.append(f"- The runs of this panel used {' and '.join(threads)} threads, whose float rounding differs; "
+                   f"the verdicts rest on seed-to-seed intervals, far wider than that difference.")
     return out
 
 
@@ -356,3 +367,28 @@ def write_report(profile: str, results: list[PanelResult], root: str | Path, *, 
     path = folder / "REPORT.md"
     ckpt.write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+EXPORTED = ("summary.csv", "points.csv", "claims.json", "figure.png", "fields.png", "orientedness.png",
+            "dimensionality.png")
+
+
+def export_results(profile: str, results: list[PanelResult], root: str | Path, dest: str | Path) -> list[Path]:
+    """Copy the small result files of ``results`` (per panel :data:`EXPORTED`; ``REPORT.md`` and
+    ``budget.json`` of the profile where they exist) from ``root`` into ``dest`` (e.g.
+    ``docs/results/quick``), laid out as under ``root/profile`` so the report's figure links
+    work there too. Run folders (checkpoints) are never copied. Returns the files written."""
+    source, dest = Path(root) / profile, Path(dest)
+    written = []
+    for name in ("REPORT.md", "budget.json"):
+        if (source / name).exists():
+            written.append(dest / name)
+    for r in results:
+        written += [dest / r.panel.id / n for n in EXPORTED if (source / r.panel.id / n).exists()]
+    for target in written:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = (source / target.relative_to(dest)).read_bytes()
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    return written
