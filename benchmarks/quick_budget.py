@@ -8,7 +8,8 @@ training seconds. This script measures the reference, then runs
 
 in a subprocess, and prints the command's wall time and each panel's point-seconds (the sum
 of its runs' training seconds, ``summary.csv``) in those units. It writes the numbers to
-``DIR/quick/budget.json``. The budget: ``reproduce all --profile quick`` (default seeds, no
+``DIR/quick/budget.json`` (``budget-decide.json`` with ``--decide``, which on a results
+folder of the default run measures what ``--decide`` adds). The budget: ``reproduce all --profile quick`` (default seeds, no
 ``--decide``) within 180 units on an idle machine.
 
     python benchmarks/quick_budget.py --results results            # the default profile
@@ -23,7 +24,6 @@ import argparse
 import csv
 import datetime
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -56,16 +56,6 @@ def panel_seconds(root: Path) -> dict[str, float]:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", type=Path, default=Path("results"))
@@ -74,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--reference-only", action="store_true", help="measure the unit and stop")
     args = p.parse_args(argv)
     import torch
+
+    from raftorch.experiments.suite import cpu_name
 
     ref = reference_seconds()
     print(f"reference (fig3b BP seed 0, 1 thread): {ref:.1f} s of training = 1 unit", flush=True)
@@ -92,7 +84,7 @@ def main(argv=None) -> int:
               "panel_point_units": {k: round(v / ref, 1) for k, v in panels.items()},
               "budget_units": BUDGET_UNITS, "cpu": cpu_name(), "torch": torch.__version__,
               "cores": len(__import__("os").sched_getaffinity(0)), "date": datetime.date.today().isoformat()}
-    out = args.results / "quick" / "budget.json"
+    out = args.results / "quick" / ("budget-decide.json" if args.decide else "budget.json")
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\n{record['command']}: {wall:.0f} s wall = {wall / ref:.1f} units "
           f"(budget {BUDGET_UNITS} for the default seeds); {record['cpu']}, {record['cores']} cores, "

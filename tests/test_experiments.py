@@ -558,13 +558,15 @@ def test_bad_statistical_settings_in_a_spec_are_one_clear_error(tmp_path, change
         load_spec(write_spec(tmp_path, dict(TOY, **change)))
 
 
-def test_seeds_wanted_grows_at_most_twofold_and_skips_claims_beyond_the_cap(tmp_path):
+def test_seeds_wanted_grows_at_most_twofold_up_to_the_cap(tmp_path):
     panel = load_spec(write_spec(tmp_path, TOY))
     undecided = {"verdict": "undecided", "points": ["raf_rank-8", "bp"]}
     want = suite._seeds_wanted(panel, [dict(undecided, seeds_needed=9)], cap=10)
     assert want == {("RAF", (("rank", 8),)): [2, 3], ("BP", ()): [2, 3]}  # 2 seeds -> at most 4
     assert suite._seeds_wanted(panel, [dict(undecided, seeds_needed=3)], cap=8)[("BP", ())] == [2]
     assert suite._seeds_wanted(panel, [dict(undecided, seeds_needed=3)], cap=3)[("BP", ())] == [2]
-    assert suite._seeds_wanted(panel, [dict(undecided, seeds_needed=20)], cap=8) == {}  # beyond the cap
-    assert suite._seeds_wanted(panel, [dict(undecided, seeds_needed=None)], cap=8) == {}  # mean on the line
+    # beyond the cap, or the mean on the line: twofold towards the cap all the same
+    assert suite._seeds_wanted(panel, [dict(undecided, seeds_needed=20)], cap=8)[("BP", ())] == [2, 3]
+    assert suite._seeds_wanted(panel, [dict(undecided, seeds_needed=None)], cap=3)[("BP", ())] == [2]
+    assert suite._seeds_wanted(panel, [dict(undecided, seeds_needed=20)], cap=2) == {}  # at the cap
     assert suite._seeds_wanted(panel, [dict(undecided, verdict="holds", seeds_needed=3)], cap=8) == {}

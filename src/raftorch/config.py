@@ -41,7 +41,7 @@ class TrainConfig:
     # feedback rule's error align before a net without normalisation layers runs away
     output_init: str | None = None
     # learning rule (raftorch.convert)
-    rule: str = "bp"  # bp | fa | kp | fa-lowrank | raf-q | raf | dfa | draf
+    rule: str = "bp"  # bp | fa | kp | fa-lowrank | raf-q | raf | dfa | draf | frozen (the control)
     rank: int | str | None = None  # feedback rank of every converted layer; "full": no limit
     ranks: dict[str, int | str] = field(default_factory=dict)  # per layer: module name / glob -> rank
     rule_options: dict[str, Any] = field(default_factory=dict)  # other convert() options, every layer

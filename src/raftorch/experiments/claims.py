@@ -238,7 +238,7 @@ def _min_x_grows(claim: dict, table: Table) -> dict:
             if verdict == HOLDS and high == math.inf:
                 high = _num(v)
         bounds.append((low, high))
-        parts.append(f"{over}={g}: minimal {x} " + (f"{_fmt(low)}" if low == high else f"in [{_fmt(low)}, {_fmt(high)}]"))
+        parts.append(f"{over}={g}: minimal {x} " + (f"{low:g}" if low == high else f"in [{low:g}, {high:g}]"))
     steps = list(zip(bounds, bounds[1:]))
     if all(hi0 <= lo1 for (_, hi0), (lo1, _) in steps) and bounds[0][1] < bounds[-1][0]:
         verdict = HOLDS

@@ -7,14 +7,15 @@ saved run folders (``redraw=True``: only that). ``write_report`` gathers every p
 claims and figure into ``results/<profile>/REPORT.md``.
 
 **Seeds until decided** (``decide=True``): after the spec's seeds, rounds of extra seeds go to
-exactly the points that undecided claims need. In each round an undecided claim whose
-observed spread says ``m`` seeds per point would decide it (``seeds_needed``,
-:func:`raftorch.experiments.stats.seeds_to_decide`) and ``m`` is within the cap asks for
-``min(m, 2 n)`` seeds on its points (``n``: the seeds its points have; at least ``n + 1``, at
-most the cap): the number grows at most twofold per round, so a claim stops soon after it is
-decided. A claim whose estimate is beyond the cap (or whose mean sits on its line) gets no
-seeds: it stays undecided, with the estimate in the report. The new seeds are the next whole
-numbers after the spec's, the same for every point of a panel, so the points stay paired.
+exactly the points that undecided claims need, until every claim is decided or its points
+reach the cap. In each round an undecided claim whose observed spread says ``m`` seeds per
+point would decide it (``seeds_needed``, :func:`raftorch.experiments.stats.seeds_to_decide`)
+asks for ``min(m, 2 n)`` seeds on its points (``n``: the seeds its points have; at least
+``n + 1``, at most the cap); one whose estimate is beyond the cap, or whose mean sits on its
+line, asks for ``2 n`` (an estimate from two or three seeds is itself noisy, so it is not a
+reason to stop early). The number grows at most twofold per round, so a claim stops soon
+after it is decided. The new seeds are the next whole numbers after the spec's, the same for
+every point of a panel, so the points stay paired.
 Stopping when decided inflates the error rate a little over the nominal 2.5% per one-sided
 decision (optional stopping); with caps of a few seeds and at most twofold rounds it stays
 modest.
@@ -209,11 +210,11 @@ def _seeds_wanted(panel: Panel, claims: list[dict], cap: int) -> dict[tuple, lis
         by_prefix.setdefault(p.id[: -len(f"_s{p.seed}")], (p.key, []))[1].append(p.seed)
     target: dict[str, int] = {}
     for c in claims:
-        need = c.get("seeds_needed")
-        if c["verdict"] != UNDECIDED or need is None or need > cap:
+        if c["verdict"] != UNDECIDED or not any(q in by_prefix for q in c["points"]):
             continue
+        need = c.get("seeds_needed")
         have = max(len(by_prefix[q][1]) for q in c["points"] if q in by_prefix)
-        want = min(cap, max(have + 1, min(need, 2 * have)))
+        want = min(cap, max(have + 1, 2 * have if need is None or need > cap else min(need, 2 * have)))
         for q in c["points"]:
             if q in by_prefix:
                 target[q] = max(target.get(q, 0), want)
@@ -313,6 +314,17 @@ def control_lines(r: PanelResult, rows_of) -> list[str]:
     return out
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else the platform's processor."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write_report(profile: str, results: list[PanelResult], root: str | Path, *, wall_seconds: float,
                  jobs_threads: str = "", redraw: bool = False) -> Path:
     """``results/<profile>/REPORT.md``: a summary line, the paper's claims and ours as tables
@@ -329,7 +341,7 @@ def write_report(profile: str, results: list[PanelResult], root: str | Path, *, 
     lines = [f"# raftorch reproduce: {profile} profile", "",
              f"**{summary_line(claims)}.**", "",
              f"Made {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} by raftorch {__version__}, torch "
-             f"{torch.__version__}, Python {platform.python_version()}, {platform.processor() or platform.machine()}, "
+             f"{torch.__version__}, Python {platform.python_version()}, {cpu_name()}, "
              f"{usable_cores()} usable cores{', ' + jobs_threads if jobs_threads else ''}; "
              + ("redrawn from the saved runs (no training). " if redraw else
                 f"this command took {_duration(wall_seconds)}"
@@ -375,12 +387,12 @@ EXPORTED = ("summary.csv", "points.csv", "claims.json", "figure.png", "fields.pn
 
 def export_results(profile: str, results: list[PanelResult], root: str | Path, dest: str | Path) -> list[Path]:
     """Copy the small result files of ``results`` (per panel :data:`EXPORTED`; ``REPORT.md`` and
-    ``budget.json`` of the profile where they exist) from ``root`` into ``dest`` (e.g.
+    the ``budget*.json`` of ``benchmarks/quick_budget.py`` where they exist) from ``root`` into ``dest`` (e.g.
     ``docs/results/quick``), laid out as under ``root/profile`` so the report's figure links
     work there too. Run folders (checkpoints) are never copied. Returns the files written."""
     source, dest = Path(root) / profile, Path(dest)
     written = []
-    for name in ("REPORT.md", "budget.json"):
+    for name in ("REPORT.md", "budget.json", "budget-decide.json"):
         if (source / name).exists():
             written.append(dest / name)
     for r in results:
