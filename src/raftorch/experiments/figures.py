@@ -63,7 +63,13 @@ def draw_panel(panel: Panel, rows: list[dict], folder: str | Path) -> list[Path]
 
     groups = sorted({r.get(group) for r in rows if group and r.get(group) not in (None, "")},
                     key=lambda g: (_num(g) if _num(g) is not None else math.inf, str(g))) if group else [None]
-    n_seeds = len(panel.seeds)
+    counts: dict[tuple, int] = {}
+    for r in rows:
+        if r.get("status") == "done":
+            key = (r["series"], *(str(r.get(v, "")) for v in panel.variables))
+            counts[key] = counts.get(key, 0) + 1
+    lo, hi = (min(counts.values()), max(counts.values())) if counts else (len(panel.seeds),) * 2
+    n_seeds = f"{lo}" if lo == hi else f"{lo}-{hi}"
     def color_key(series: str, g) -> str:  # one colour per group value when one series is split
         return f"{group}={g}" if g is not None and len(curves) <= 1 else f"{series}|{g}"
 
