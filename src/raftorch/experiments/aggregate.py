@@ -64,7 +64,7 @@ def find_extra_seeds(root: str | Path, panel: Panel) -> dict[tuple, list[int]]:
     for p in panel.points():
         if p.seed != panel.seeds[0]:
             continue
-        pattern = re.compile(re.escape(p.id[: -len(f"_s{p.seed}")]) + r"_s(\d+)$")
+        pattern = re.compile(re.escape(p.stem) + r"_s(\d+)$")
         extra = sorted(int(m.group(1)) for m in map(pattern.match, names) if m and int(m.group(1)) not in panel.seeds)
         if extra:
             panel.extra_seeds[p.key] = extra

@@ -92,7 +92,8 @@ def _matches(row: dict, sel: dict) -> bool:
 
 
 def point_prefix(point_id: str) -> str:
-    """A run's point id without its seed (``raf_rank-10_s3`` -> ``raf_rank-10``)."""
+    """A run's point id without its seed (``raf_rank-10_s3`` -> ``raf_rank-10``, the point's
+    :attr:`~raftorch.experiments.spec.Point.stem`)."""
     head, sep, seed = point_id.rpartition("_s")
     return head if sep and seed.isdigit() else point_id
 

@@ -111,9 +111,13 @@ class Point:
     cost: float | None = None
 
     @property
+    def stem(self) -> str:
+        """The id without its seed: the same for every seed of the point (``raf_rank-10``)."""
+        return "_".join([slug(self.series)] + [f"{slug(k)}-{slug(str(v))}" for k, v in self.values.items()])
+
+    @property
     def id(self) -> str:
-        parts = [slug(self.series)] + [f"{slug(k)}-{slug(str(v))}" for k, v in self.values.items()]
-        return "_".join(parts + [f"s{self.seed}"])
+        return f"{self.stem}_s{self.seed}"
 
     @property
     def key(self) -> tuple:

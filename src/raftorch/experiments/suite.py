@@ -207,7 +207,7 @@ def _seeds_wanted(panel: Panel, claims: list[dict], cap: int) -> dict[tuple, lis
     """The extra seeds this round gives each point (key -> new seeds): see the module docstring."""
     by_prefix = {}
     for p in panel.points():
-        by_prefix.setdefault(p.id[: -len(f"_s{p.seed}")], (p.key, []))[1].append(p.seed)
+        by_prefix.setdefault(p.stem, (p.key, []))[1].append(p.seed)
     target: dict[str, int] = {}
     for c in claims:
         if c["verdict"] != UNDECIDED or not any(q in by_prefix for q in c["points"]):
@@ -273,12 +273,12 @@ def claims_table(results: list[PanelResult], source: str) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def control_lines(r: PanelResult, rows_of) -> list[str]:
+def control_lines(r: PanelResult, root: str | Path) -> list[str]:
     """What the no-feedback control shows in a panel: its accuracy, chance, and the points whose
     95% interval of the gain over the control lies below 0 (worse than no feedback)."""
     import csv
 
-    path = Path(rows_of(r.panel)) / "points.csv"
+    path = panel_dir(root, r.panel) / "points.csv"
     if not r.panel.control or not path.exists():
         return []
     with open(path, newline="") as f:
@@ -358,7 +358,7 @@ def write_report(profile: str, results: list[PanelResult], root: str | Path, *, 
     if ours:
         lines += ["## Our own claims", "", "Claims of raftorch's, not the paper's (controls, field scores).", "",
                   *ours, ""]
-    controls = [(r, control_lines(r, lambda p: panel_dir(root, p))) for r in results]
+    controls = [(r, control_lines(r, root)) for r in results]
     if any(c for _, c in controls):
         lines += ["## The no-feedback control", "",
                   "The same net and settings with the hidden layers frozen at their initialisation and only "
