@@ -208,8 +208,9 @@ class _DirectFeedbackFn(Function):
         for i, shape in enumerate(ctx.shapes):
             if plan.low_rank:
                 Q, P = params[2 * i], params[2 * i + 1]
-                e2 = e.reshape(rows, -1).to(P.dtype)
-                h = hs[i].reshape(rows, -1).to(P.dtype) if need_p[2 * i] else None
+                # explicit widths: an empty batch (rows = 0) cannot infer a -1
+                e2 = e.reshape(rows, e.shape[1:].numel()).to(P.dtype)
+                h = hs[i].reshape(rows, shape[1:].numel()).to(P.dtype) if need_p[2 * i] else None
                 gh, grad_p[2 * i], grad_p[2 * i + 1], _, _ = lowrank_feedback(
                     e2, h, Q, P, plan.oja, need_h[i], need_p[2 * i], need_p[2 * i + 1],
                     scale=plan.scale, clamp=plan.clamp)
@@ -218,7 +219,7 @@ class _DirectFeedbackFn(Function):
             else:
                 B = params[i]
                 if need_h[i]:
-                    gh = e.reshape(rows, -1).to(B.dtype) @ B.t()
+                    gh = e.reshape(rows, e.shape[1:].numel()).to(B.dtype) @ B.t()
                     if plan.clamp is not None:
                         gh = gh.clamp_(-plan.clamp, plan.clamp)
                     grad_h[i] = gh.view(shape).to(e.dtype)
@@ -502,12 +503,12 @@ class DirectFeedback(nn.Module):
             if h is None:
                 raise RuntimeError(f"target {path.target!r} did not run before the source {self.source!r} "
                                    "in this forward pass; pass targets= with layers that run earlier")
-            if h.shape[0] != output.shape[0] or h[0].numel() != path.n_target:
+            if h.shape[0] != output.shape[0] or h.shape[1:].numel() != path.n_target:
                 raise RuntimeError(
                     f"target {path.target!r}: expected activity (N={output.shape[0]}, {path.n_target} "
                     f"per sample), got {tuple(h.shape)}; build DirectFeedback with example_input=")
             hs.append(h)
-        if output[0].numel() != self.paths[0].d_source:
+        if output.shape[1:].numel() != self.paths[0].d_source:
             raise RuntimeError(f"source {self.source!r}: expected {self.paths[0].d_source} values per sample, "
                                f"got {tuple(output.shape)}; build DirectFeedback with example_input=")
         self._stash.clear()

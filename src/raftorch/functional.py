@@ -248,7 +248,13 @@ def oja_grad(P: Tensor, e: Tensor, z: Tensor, opts: OjaOptions, colsum: Tensor |
     the signal centred before any product. Off the host (GPU, or ``HOST_SCALARS = False``) a
     centred signal always takes it: deciding would need a device sync, the extra pass is cheap.
     So does a ``group`` (statistics all-reduced over it, :class:`LossScale`).
+
+    An empty signal (``M = 0``: an empty batch) carries no direction: the update is exactly
+    zero (:func:`_no_rows`), never 0/0; with a ``group`` the statistics are still all-reduced
+    (the other processes wait for them) and the global rows decide.
     """
+    if e.shape[0] == 0 and group is None:
+        return _no_rows(P)
     if not _oja_fast_path_fits(opts, e.dtype, P, group):
         return oja_grad_explicit(P, e, opts, mult, group)
     rows = e.shape[0]
@@ -260,6 +266,11 @@ def oja_grad(P: Tensor, e: Tensor, z: Tensor, opts: OjaOptions, colsum: Tensor |
         return oja_grad_explicit(P, e, opts, mult)
     zt = z.t()
     return _oja_from_stats(P, zt @ e, zt.sum(1) if opts.center else None, colsum, sq, rows, opts, mult)
+
+
+def _no_rows(P: Tensor) -> Tensor:
+    """Oja's update from a signal without rows (an empty batch): exactly zero."""
+    return torch.zeros_like(P, memory_format=torch.contiguous_format)
 
 
 def _oja_from_stats(P: Tensor, A: Tensor, zsum: Tensor | None, colsum: Tensor | None,
@@ -337,6 +348,8 @@ def oja_grad_explicit(P: Tensor, e: Tensor, opts: OjaOptions, mult: float = 1.0,
         rows = int(stats[-1].item())
         mean = (stats[:n] / rows).to(work) if opts.center else None
         sq = stats[n:2 * n].to(work)
+    if rows == 0:  # no rows here (nor, with a group, anywhere): no update
+        return _no_rows(P)
     dof = max(rows - opts.ddof, 0)
     reduce = rows if opts.reduce == "mean" else 1
     if opts.center:
@@ -620,7 +633,7 @@ class Conv2dLowRankFeedback(Function):
         geom = ctx.geom
         grad_x = grad_w = grad_b = grad_Q = grad_P = None
         flat = g.is_contiguous()  # (N, C, H, W) viewable as (N, C, H W)
-        g3 = g.view(g.shape[0], g.shape[1], -1) if flat else None
+        g3 = g.view(g.shape[0], g.shape[1], g.shape[2] * g.shape[3]) if flat else None
         if need_w or need_b:
             _, grad_w, grad_b = geom.backward(g, x, weight, (False, need_w), bias=need_b)
         if need_x or need_Q or need_P:
@@ -648,8 +661,9 @@ def _conv_oja(P: Tensor, g: Tensor, z: Tensor, g3: Tensor | None, z3: Tensor | N
     statistics where :func:`oja_grad`'s fast path applies, else on the ``(N H W, C)`` copy."""
     mult = 1.0 if scale is None else scale.multiplier(oja)
     group = None if scale is None else scale.group
-    rows = g.numel() // g.shape[1]
-    if g3 is not None and _oja_fast_path_fits(oja, g.dtype, P, group):
+    rows = g.shape[0] * g.shape[2] * g.shape[3]
+    # no rows: oja_grad's guard (the statistics below would divide by them)
+    if g3 is not None and rows and _oja_fast_path_fits(oja, g.dtype, P, group):
         stats = oja.center or oja.scale != "none"
         if stats and colsum is None:
             colsum = g3.sum((0, 2))
@@ -658,6 +672,6 @@ def _conv_oja(P: Tensor, g: Tensor, z: Tensor, g3: Tensor | None, z3: Tensor | N
             A = torch.bmm(z3, g3.transpose(1, 2)).sum(0)  # z^T e, (r, C)
             zsum = z3.sum((0, 2)) if oja.center else None
             return _oja_from_stats(P, A, zsum, colsum, sq, rows, oja, mult)
-    e = g.transpose(0, 1).reshape(g.shape[1], -1).t()
-    zr = z.transpose(0, 1).reshape(z.shape[1], -1).t()
+    e = g.transpose(0, 1).reshape(g.shape[1], rows).t()
+    zr = z.transpose(0, 1).reshape(z.shape[1], rows).t()
     return oja_grad(P, e, zr, oja, colsum, mult, group)

@@ -70,10 +70,11 @@ Tensor centred_oja(const Tensor& P, const Tensor& e, double sq_mean, int64_t sca
 }
 
 // Generic path (any dtype and layout): grad_P = mult k ((A P^T) P - A) with A = z_c^T e, z = e P^T
-// given transposed as zt (r x M), colsum = e.sum(0).
+// given transposed as zt (r x M), colsum = e.sum(0). No rows (an empty batch): exactly zero.
 Tensor oja_grad(const Tensor& P, const Tensor& e, const Tensor& zt, const Tensor& colsum,
                 bool center, int64_t scale, bool reduce_mean, double mult) {
   const int64_t M = e.size(0), n = e.size(1);
+  if (M == 0) return at::zeros_like(P, at::MemoryFormat::Contiguous);
   double k = reduce_mean ? 1.0 / M : 1.0;
   if (scale != kNone || center) {
     const Tensor s = at::stack({colsum, (e * e).sum(0)}).to(at::kDouble).contiguous();
@@ -391,7 +392,9 @@ Fused fused_backward(const Tensor& g, const Tensor& x, const Tensor& Q, const Te
     for (int64_t j = 0; j < m; ++j)
       for (int64_t k = 0; k < r; ++k) q[j * r + k] = tot.gQt[k * ldq + j];
   }
-  if (oja && center && mean_dominates(M, n, tot.csum, tot.ssq)) {
+  if (oja && M == 0) {  // no rows (an empty batch): no update, never 0/0 (oja_grad)
+    out.grad_P = at::zeros({r, n}, g.options());
+  } else if (oja && center && mean_dominates(M, n, tot.csum, tot.ssq)) {
     double sq = 0.0;
     for (int64_t j = 0; j < n; ++j) sq += tot.ssq[j];
     out.grad_P = centred_oja(P, g, sq / n, scale, reduce_mean, mult);
