@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     import torch
 
     from raftorch.experiments.suite import cpu_name
+    from raftorch.train import usable_cores
 
     ref = reference_seconds()
     print(f"reference (fig3b BP seed 0, 1 thread): {ref:.1f} s of training = 1 unit", flush=True)
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
               "panel_point_seconds": {k: round(v, 1) for k, v in panels.items()},
               "panel_point_units": {k: round(v / ref, 1) for k, v in panels.items()},
               "budget_units": BUDGET_UNITS, "cpu": cpu_name(), "torch": torch.__version__,
-              "cores": len(__import__("os").sched_getaffinity(0)), "date": datetime.date.today().isoformat()}
+              "cores": usable_cores(), "date": datetime.date.today().isoformat()}
     out = args.results / "quick" / ("budget-decide.json" if args.decide else "budget.json")
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\n{record['command']}: {wall:.0f} s wall = {wall / ref:.1f} units "

@@ -198,6 +198,12 @@ def done_values(rows: list[dict], metric: str) -> list[float]:
     return [float(r[metric]) for r in rows if r.get("status") == "done" and r.get(metric) not in (None, "")]
 
 
+def seed_values(rows: list[dict], metric: str) -> dict[int, float]:
+    """``{seed: metric}`` of the finished runs among ``rows`` (a point's sample for the statistics)."""
+    return {int(r["seed"]): float(r[metric]) for r in rows
+            if r.get("status") == "done" and r.get(metric) not in (None, "")}
+
+
 def mean_std(values: list[float]) -> tuple[float, float, int] | None:
     """(mean, sample std over seeds (0 for one value), n); ``None`` for no values."""
     if not values:
@@ -222,11 +228,6 @@ def point_stats(rows: list[dict], panel: Panel, metric: str = "test_accuracy") -
     return out
 
 
-def _sample(rows: list[dict], metric: str) -> dict[int, float]:
-    return {int(r["seed"]): float(r[metric]) for r in rows
-            if r.get("status") == "done" and r.get(metric) not in (None, "")}
-
-
 def _group_key(panel: Panel, series: str, values: dict) -> tuple[str, ...]:
     return (series, *(str(values.get(v, "")) for v in panel.variables))
 
@@ -245,8 +246,8 @@ def control_gains(rows: list[dict], panel: Panel, metric: str = "test_accuracy")
         groups.setdefault(_group_key(panel, r["series"], r), []).append(r)
     out = {}
     for key, members in groups.items():
-        mine = _sample(members, metric)
-        ctrl = _sample([r for r in control_rows if all(str(r.get(v)) == str(members[0].get(v)) for v in own)], metric)
+        mine = seed_values(members, metric)
+        ctrl = seed_values([r for r in control_rows if all(str(r.get(v)) == str(members[0].get(v)) for v in own)], metric)
         if mine and ctrl:
             iv = stats.difference(mine, ctrl)
             out[key] = {"gain_over_control": round(iv.estimate, 4),

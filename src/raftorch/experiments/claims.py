@@ -56,6 +56,7 @@ import statistics
 from typing import Any
 
 from raftorch.experiments import stats
+from raftorch.experiments.aggregate import seed_values
 from raftorch.experiments.stats import Interval
 
 TYPES = {"at_least": {"a", "b", "value", "margin"}, "at_most": {"a", "b", "value", "margin"},
@@ -76,7 +77,8 @@ def _fmt(v: float) -> str:
     return f"{v:.2f}" if abs(v) >= 0.1 or v == 0 else f"{v:.4f}"
 
 
-def _signed(v: float) -> str:
+def signed(v: float) -> str:
+    """A difference for the report: its sign and two decimals (four below 0.1)."""
     if not math.isfinite(v):
         return "+inf" if v > 0 else "-inf"
     return f"{v:+.2f}" if abs(v) >= 0.1 or v == 0 else f"{v:+.4f}"
@@ -108,8 +110,7 @@ class Table:
     def sample(self, sel: dict) -> dict[int, float]:
         """``{seed: metric}`` of the finished runs ``sel`` picks; :class:`MissingPoints` if none."""
         known = [r for r in self.all_rows if _matches(r, sel)]
-        got = {int(r["seed"]): float(r[self.metric]) for r in known
-               if r.get("status") == "done" and r.get(self.metric) not in (None, "")}
+        got = seed_values(known, self.metric)
         if not got:
             why = (f"{len(known)} run(s) not finished or failed" if known else "no such run")
             raise MissingPoints(f"{_label(sel)}: {why}")
@@ -150,8 +151,8 @@ def _gap(iv: Interval, kind: str, line: float) -> float:
 
 def _interval_text(iv: Interval) -> str:
     if iv.spread is None:
-        return f"{_signed(iv.estimate)} (n={iv.n}: no interval)"
-    return f"{_signed(iv.estimate)} [{_signed(iv.lo)}, {_signed(iv.hi)}] ({iv.method}, n={iv.n})"
+        return f"{signed(iv.estimate)} (n={iv.n}: no interval)"
+    return f"{signed(iv.estimate)} [{signed(iv.lo)}, {signed(iv.hi)}] ({iv.method}, n={iv.n})"
 
 
 def _compare(claim: dict, table: Table) -> dict:
@@ -170,7 +171,7 @@ def _compare(claim: dict, table: Table) -> dict:
     else:
         line = float(claim.get("margin", 0.0))
         side = "ge" if kind == "at_least" else "le"
-        verdict, rule = one_sided(iv, line, side), f"a - b {'>=' if side == 'ge' else '<='} {_signed(line)}"
+        verdict, rule = one_sided(iv, line, side), f"a - b {'>=' if side == 'ge' else '<='} {signed(line)}"
     measured = f"{table.describe(claim['a'])} vs {ref}: a - b = {_interval_text(iv)}; claim: {rule}"
     needed = stats.seeds_to_decide(iv, _gap(iv, kind, line)) if verdict == UNDECIDED else None
     values = {"a": statistics.fmean(a.values()), "b": statistics.fmean(b.values()) if b else float(claim["value"]),
@@ -202,7 +203,7 @@ def _ordered(claim: dict, table: Table) -> dict:
     means = [statistics.fmean(s.values()) for s in samples]
     worst = min(steps, key=lambda s: s["interval"][0])
     points = set().union(*(table.points(sel) for sel in sels))
-    return {"verdict": verdict, "measured": f"{text} (each step must be >= {_signed(-tol)})",
+    return {"verdict": verdict, "measured": f"{text} (each step must be >= {signed(-tol)})",
             "values": {"means": means, "steps": steps}, "n": min(s["n"] for s in steps),
             "estimate": worst["difference"], "lo": worst["interval"][0], "hi": worst["interval"][1], "line": -tol,
             "method": worst["method"], "seeds_needed": _max_needed(needed), "points": points}
@@ -270,8 +271,10 @@ def evaluate_claims(claims: list[dict], rows: list[dict]) -> list[dict[str, Any]
     (the numbers, in words), ``estimate``, ``lo``, ``hi`` (the 95% interval of the difference
     or, for ``ordered``, of its weakest step), ``line``, ``n``, ``method``, ``seeds_needed``
     (undecided claims), ``points`` (the point ids, without seed, an undecided claim needs
-    more seeds of), ``values``, ``paper``, ``source``, ``threads`` (the thread counts of the
+    more seeds of), ``values``, ``paper``, ``source``, ``threads`` (the thread counts of the panel's
     runs read)."""
+    threads = sorted({str(r.get("threads")) for r in rows if r.get("status") == "done"
+                      and r.get("threads") not in (None, "")})
     results = []
     for claim in claims:
         table = Table(rows, claim.get("metric", "test_accuracy"))
@@ -289,8 +292,7 @@ def evaluate_claims(claims: list[dict], rows: list[dict]) -> list[dict[str, Any]
         for key in ("lo", "hi", "estimate"):
             if isinstance(out.get(key), float) and not math.isfinite(out[key]):
                 out[key] = None
-        out["threads"] = sorted({str(r.get("threads")) for r in rows if r.get("status") == "done"
-                                 and r.get("threads") not in (None, "")})
+        out["threads"] = threads
         results.append(out)
     return results
 

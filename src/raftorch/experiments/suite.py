@@ -30,7 +30,7 @@ from pathlib import Path
 
 from raftorch import checkpoint as ckpt
 from raftorch.experiments.aggregate import analyze_finished, find_extra_seeds, panel_dir, write_summary
-from raftorch.experiments.claims import HOLDS, NOT_EVALUATED, UNDECIDED, VERDICTS, evaluate_claims
+from raftorch.experiments.claims import NOT_EVALUATED, UNDECIDED, VERDICTS, evaluate_claims, signed
 from raftorch.experiments.figures import draw_panel
 from raftorch.experiments.runner import parallelism, plan, reuse_finished, run_tasks, select_shard, unique_todo
 from raftorch.experiments.spec import Panel
@@ -236,16 +236,12 @@ def _cell(s) -> str:
 
 
 def _number(v) -> str:
-    if v is None:
-        return "–"
-    return f"{v:+.2f}" if abs(v) >= 0.1 or v == 0 else f"{v:+.4f}"
+    return "–" if v is None else signed(v)
 
 
 def claim_row(panel_id: str, c: dict) -> str:
     """One row of the report's claims table."""
-    if c["verdict"] == NOT_EVALUATED:
-        ours = c["measured"]
-    elif c["type"] == "min_x_grows":
+    if c["verdict"] == NOT_EVALUATED or c["type"] == "min_x_grows":
         ours = c["measured"]
     else:
         interval = (f"[{_number(c['lo'])}, {_number(c['hi'])}]" if c.get("lo") is not None else "no interval")
