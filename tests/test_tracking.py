@@ -403,3 +403,18 @@ def test_plot_bad_input_is_one_line_and_exit_2(two_runs, tmp_path, capsys, args,
     assert cli_main(["plot", *[a.format(**paths) for a in args]]) == 2
     err = capsys.readouterr().err
     assert err.startswith("raftorch plot: error: ") and err.count("\n") == 1 and fragment in err
+
+
+def test_error_alignment_tracking_logs_the_metric_of_the_trained_model_and_changes_nothing(tmp_path):
+    plain = T.train(dict(TINY, out=str(tmp_path / "plain")), progress=False)
+    tracked = T.train(dict(TINY, track=["error_alignment"], out=str(tmp_path / "tracked")), progress=False)
+    assert {k: v for k, v in plain.items() if "seconds" not in k} == \
+        {k: v for k, v in tracked.items() if "seconds" not in k}
+    records = [json.loads(line) for line in (tmp_path / "tracked" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(set(r["error_alignment"]) == {"fc1", "fc2", "out"} for r in records)
+    # the last record is raftorch.metrics.error_alignment of the final model on the held-out batch
+    run = T.setup(T.TrainConfig.from_dict(dict(TINY, out=str(tmp_path / "tracked"), epochs=2)), resume=True)
+    expected = raftorch.metrics.error_alignment(run.model, *T.held_out_batch(run.data))
+    assert records[-1]["error_alignment"] == pytest.approx(expected, abs=1e-9)
+    assert records[-1]["error_alignment"]["out"] == pytest.approx(0.0, abs=1e-3)
+    assert 0 < records[-1]["error_alignment"]["fc1"] < 90

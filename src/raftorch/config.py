@@ -15,7 +15,8 @@ import yaml
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 OUTPUT_INITS = (None, "zero")  # TrainConfig.output_init
-TRACKERS = ("subspace",)  # representation metrics train can log per epoch (TrainConfig.track)
+TRACKERS = ("subspace", "error_alignment")
+FEEDBACK_INITS = ("random", "svd")  # TrainConfig.feedback_init  # representation metrics train can log per epoch (TrainConfig.track)
 
 
 @dataclass
@@ -55,6 +56,11 @@ class TrainConfig:
     lr_decay: float = 1.0  # the learning rate is multiplied by this after every epoch
     feedback_lr: float | None = None  # learning rate of feedback parameters (B, Q, P); None: lr
     feedback_weight_decay: float | None = None  # None: weight_decay
+    # the feedback weights' start (raftorch.feedback_init): B and Q times feedback_init_scale;
+    # feedback_init "svd" sets B = W^T and Q P = the truncated SVD of W^T (weight transport at
+    # initialisation, not the paper's random start: an ablation, never a default)
+    feedback_init: str = "random"  # random | svd
+    feedback_init_scale: float = 1.0
     batch_size: int = 32  # global batch: split over the processes of a distributed run
     # gradient accumulation: one optimizer step per `accumulate` batches of batch_size (the
     # micro-batch), so the effective batch is accumulate x batch_size (train.train_epoch)
@@ -194,6 +200,12 @@ class TrainConfig:
         if not 0 < self.lr_decay <= 1:
             bad(f"lr_decay is the per-epoch factor on the learning rate and must be in (0, 1], "
                 f"got {self.lr_decay!r} (e.g. 0.975)")
+        if self.feedback_init not in FEEDBACK_INITS:
+            bad(f"feedback_init must be one of {', '.join(FEEDBACK_INITS)}, got {self.feedback_init!r}")
+        if (isinstance(self.feedback_init_scale, bool) or not isinstance(self.feedback_init_scale, (int, float))
+                or not math.isfinite(self.feedback_init_scale) or self.feedback_init_scale < 0):
+            bad(f"feedback_init_scale multiplies the initial B and Q and must be a number >= 0, "
+                f"got {self.feedback_init_scale!r}")
         if not 0 <= self.val_fraction < 1:
             bad(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.track is not None:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 import raftorch
 from raftorch import checkpoint as ckpt
-from raftorch.config import TrainConfig, dump_config, load_config_file
+from raftorch.config import FEEDBACK_INITS, TrainConfig, dump_config, load_config_file
 from raftorch.data import (Augmentation, CorruptDatasetError, DatasetNotFoundError, batch_indices,
                            load_dataset, shard)
 from raftorch.models import build_model, zero_output_layer_
@@ -103,9 +103,12 @@ def convert_model(model: nn.Module, cfg: TrainConfig, example_input: torch.Tenso
             if value is not None and value != {}:
                 raise ValueError(f"rule 'frozen' has no feedback path (only the output layer learns), so "
                                  f"{setting} ({flag}) does not apply; got {setting}={value!r}")
-        return raftorch.convert(model, "frozen")
+        converted = raftorch.convert(model, "frozen")
+        init_feedback(converted, cfg)
+        return converted
     if (cfg.rule == "bp" and not cfg.ranks and cfg.rank is None and not cfg.rule_options
             and not cfg.layer_options):
+        init_feedback(model, cfg)
         return model
     special = list(cfg.layer_options)
     ranks = cfg.ranks or None
@@ -116,7 +119,25 @@ def convert_model(model: nn.Module, cfg: TrainConfig, example_input: torch.Tenso
     for pattern, options in cfg.layer_options.items():
         raftorch.convert(converted, cfg.rule, cfg.rank, ranks=ranks, include=[pattern], inplace=True,
                          **{**cfg.rule_options, **options})
+    init_feedback(converted, cfg)
     return converted
+
+
+def init_feedback(model: nn.Module, cfg: TrainConfig) -> None:
+    """Apply ``feedback_init`` and ``feedback_init_scale`` (:mod:`raftorch.feedback_init`) to
+    the converted ``model``; a setting that has no layer-wise feedback path to act on is an error."""
+    from raftorch.feedback_init import feedback_paths, scale_feedback_, svd_feedback_
+
+    if cfg.feedback_init == "random" and cfg.feedback_init_scale == 1:
+        return
+    if cfg.rule in DIRECT_RULES or not feedback_paths(model):
+        raise ValueError(f"feedback_init={cfg.feedback_init!r} / feedback_init_scale={cfg.feedback_init_scale!r} "
+                         f"set the layer-wise feedback weights, which rule {cfg.rule!r} does not have; "
+                         "use fa, kp, fa-lowrank, raf-q or raf, or drop the setting")
+    if cfg.feedback_init == "svd":
+        svd_feedback_(model)
+    if cfg.feedback_init_scale != 1:
+        scale_feedback_(model, cfg.feedback_init_scale)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -540,8 +561,11 @@ def track_run(run: Run) -> dict[str, Any]:
     """The representation metrics ``run.cfg.track`` asks for, on :func:`held_out_batch`
     (rank 0 only; ``{}`` elsewhere). ``"subspace"``: the mappings ``subspace``, ``error_dim``
     and ``error_dim_received`` (layer name -> float) of
-    :func:`raftorch.analysis.subspace.track_subspace`, and ``track_seconds``. Measured in eval
-    mode in float32 (no autocast); the training is unchanged, bit for bit (tested)."""
+    :func:`raftorch.analysis.subspace.track_subspace`; ``"error_alignment"``: the mapping
+    ``error_alignment`` (layer name -> degrees) of :func:`raftorch.metrics.error_alignment`,
+    the angle between the error each layer receives and backprop's; and ``track_seconds``.
+    Measured in eval mode in float32 (no autocast); the training is unchanged, bit for bit
+    (tested)."""
     if not run.lead or not run.cfg.track:
         return {}
     from raftorch.analysis.subspace import track_subspace
@@ -551,6 +575,9 @@ def track_run(run: Run) -> dict[str, Any]:
     if "subspace" in run.cfg.track:
         x, y = run.track_batch
         record.update(track_subspace(run.model, x, y))
+    if "error_alignment" in run.cfg.track:
+        x, y = run.track_batch
+        record["error_alignment"] = raftorch.metrics.error_alignment(run.model, x, y)
     record["track_seconds"] = time.perf_counter() - t0
     return record
 
@@ -660,7 +687,8 @@ _FLAG_HELP = {
     "out": "run folder (default: runs/MODEL-DATA-RULE[-rRANK]-sSEED)",
     "track": ("log representation metrics every epoch on a fixed held-out batch, repeatable or a comma "
               "list: subspace (P's overlap with the error's principal subspace, the error's "
-              "effective dimensionality); default: none"),
+              "effective dimensionality), error_alignment (angle between the error each layer "
+              "receives and backprop's); default: none"),
 }
 
 
@@ -689,10 +717,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag.rstrip("s") if name != "ranks" else "--layer-rank", action="append",
                                 metavar="KEY=VALUE", **kw)
         elif name in ("lr", "weight_decay", "momentum", "lr_decay", "val_fraction",
-                      "feedback_lr", "feedback_weight_decay"):
+                      "feedback_lr", "feedback_weight_decay", "feedback_init_scale"):
             parser.add_argument(flag, type=float, **kw)
         elif name == "rank":
             parser.add_argument(flag, type=_rank, **kw)
+        elif name == "feedback_init":
+            parser.add_argument(flag, choices=FEEDBACK_INITS, **kw)
         elif name == "output_init":
             parser.add_argument(flag, type=lambda t: None if t.lower() in ("none", "null") else t,
                                 choices=[None, "zero"], metavar="{zero,none}", **kw)

@@ -7,6 +7,9 @@ Panels (``--metrics``, default: every panel that some run logged, in this order)
 ``loss``       train (solid), validation (dotted) and test (dashed) cross-entropy
 ``accuracy``   train, validation and test accuracy, same styles
 ``alignment``  angle between each layer's feedback matrix and ``W^T``, degrees (converted runs)
+``error_alignment``
+               angle between the error each layer receives and backprop's, degrees
+               (``--track error_alignment``; 0 = backprop's error)
 ``subspace``   overlap of each layer's ``P`` with the top-``r`` principal subspace of the error
                it receives (``--track subspace``; 1 = aligned)
 ``error_dim``  participation ratio of each layer's backprop error (solid) and of the error it
@@ -38,12 +41,13 @@ from raftorch import checkpoint as ckpt
 
 __all__ = ["RunCurves", "load_run", "plot_curves", "PANELS", "add_arguments", "run"]
 
-PANELS = ("loss", "accuracy", "alignment", "subspace", "error_dim")
+PANELS = ("loss", "accuracy", "alignment", "error_alignment", "subspace", "error_dim")
 _SPLITS = (("train", "-"), ("val", ":"), ("test", "--"))
 _LAYER_STYLES = [(ls, mk) for mk in ("", "o", "s", "^", "v", "D") for ls in ("-", "--", ":", "-.")]
 _MARKERS = "osv^D<>pP*"
 _TITLES = {"loss": "loss (cross-entropy)", "accuracy": "accuracy",
            "alignment": "alignment angle B vs W^T (degrees)",
+           "error_alignment": "angle of the received error to backprop's (degrees)",
            "subspace": "subspace overlap of P (1 = aligned)",
            "error_dim": "error dimensionality (participation ratio)"}
 _FORMATS = (".png", ".pdf", ".svg")
