@@ -69,9 +69,12 @@ def run(conv, x, g, freeze_weight=False):
 @pytest.mark.parametrize("oja", OJA, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("freeze_weight", [False, True], ids=["W learns", "W frozen"])
-def test_conv_lowrank_backward_equals_its_definitions(geom, oja, layout, freeze_weight):
+@pytest.mark.parametrize("rank", [2, 6], ids=["r=2: z = P g", "r=6 (full): kernel P^T Q and Gram"])
+def test_conv_lowrank_backward_equals_its_definitions(geom, oja, layout, freeze_weight, rank):
     torch.manual_seed(0)
-    conv = raftorch.Conv2d(4, 6, 3, rule="raf", rank=2, **geom, **oja)
+    conv = raftorch.Conv2d(4, 6, 3, rule="raf", rank=rank, **geom, **oja)
+    with torch.no_grad():  # P off orthonormal, as during training: at full rank an orthogonal
+        conv.P.add_(0.3 * torch.randn_like(conv.P))  # P has Oja's update exactly zero
     x = torch.randn(3, 4, 9, 8)
     y = conv(x)
     # channels with different scales and a mean, so centring and the scales matter
@@ -101,11 +104,24 @@ def test_off_host_scalars_give_the_same_conv_update(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_a_dominating_mean_takes_the_explicit_path_and_stays_accurate():
+def test_which_backward_a_conv_takes_follows_its_multiply_adds():
+    """The kernel P^T Q and the Gram matrix take over exactly where they cost less."""
+    def combined(c_in, c_out, k, r, need_P=True):
+        return RF._combine_kernel(torch.empty(r, c_in, k, k), torch.empty(r, c_out), need_P)
+    # 3x3, 64 -> 64: factored r(576 + 64 + 64) vs 64 * 576 + 64^2 = 40960: r = 58 is the edge
+    assert not combined(64, 64, 3, 58) and combined(64, 64, 3, 59) and combined(64, 64, 3, 64)
+    assert not combined(64, 64, 3, 10) and not combined(1, 16, 3, 9)  # first conv: 9 <= 9 channels
+    assert combined(64, 64, 3, 58, need_P=False) and not combined(64, 64, 3, 57, need_P=False)
+
+
+@pytest.mark.parametrize("rank", [2, 4], ids=["factored", "full rank: Gram"])
+def test_a_dominating_mean_takes_the_explicit_path_and_stays_accurate(rank):
     """mean / std = 50 per channel: the rank-one centring would cancel digits; the result
     still matches the float64 hand formula."""
     torch.manual_seed(2)
-    conv = raftorch.Conv2d(3, 4, 3, padding=1, rule="raf", rank=2)
+    conv = raftorch.Conv2d(3, 4, 3, padding=1, rule="raf", rank=rank)
+    with torch.no_grad():
+        conv.P.add_(0.3 * torch.randn_like(conv.P))
     x = torch.randn(4, 3, 16, 16)
     g = torch.randn(4, 4, 16, 16) + 50.0
     got = run(conv, x, g)
@@ -160,3 +176,10 @@ def test_linear_Q_grad_is_x_T_z_whether_or_not_W_learns(monkeypatch, path, freez
         assert lin.weight.grad is None
     else:
         torch.testing.assert_close(lin.weight.grad.double(), g64.t() @ x64, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 9), (3, 9, 5)], ids=["long maps: per-sample", "short maps: one product"])
+def test_the_gram_matrix_of_an_error_map(shape):
+    g3 = torch.randn(*shape)
+    want = sum(g.double() @ g.double().t() for g in g3)
+    torch.testing.assert_close(RF._gram(g3).double(), want, rtol=1e-5, atol=1e-5)
