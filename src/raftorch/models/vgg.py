@@ -22,6 +22,8 @@ class VGG(nn.Module):
             net with blocks 16-32-64-128. Widths are rounded, never below 1.
         fc: width of the hidden fully connected layer (paper: 256).
         dropout: dropout probability in the classifier (the paper's value is not given; 0.5).
+        bn_before_relu: ``Conv2d -> BatchNorm2d -> ReLU`` instead of the table's order (the
+            common VGG-BN order; an ablation of where the normalisation sits).
 
     Shape:
         Input ``(N, C, H, W)`` with ``H, W >= 8`` (three 2x2 pools), output ``(N, num_classes)``.
@@ -32,7 +34,7 @@ class VGG(nn.Module):
 
     def __init__(self, input_shape: Sequence[int], num_classes: int,
                  widths: Sequence[int] = (64, 128, 256, 512), width_mult: float = 1.0,
-                 fc: int = 256, dropout: float = 0.5):
+                 fc: int = 256, dropout: float = 0.5, bn_before_relu: bool = False):
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(f"vgg needs image inputs (C, H, W), got input shape {tuple(input_shape)}")
@@ -44,8 +46,12 @@ class VGG(nn.Module):
             layers: OrderedDict[str, nn.Module] = OrderedDict()
             for i in (1, 2):
                 layers[f"conv{i}"] = nn.Conv2d(c_in, w, kernel_size=3, padding=1)
-                layers[f"relu{i}"] = nn.ReLU()
-                layers[f"bn{i}"] = nn.BatchNorm2d(w)
+                if bn_before_relu:
+                    layers[f"bn{i}"] = nn.BatchNorm2d(w)
+                    layers[f"relu{i}"] = nn.ReLU()
+                else:
+                    layers[f"relu{i}"] = nn.ReLU()
+                    layers[f"bn{i}"] = nn.BatchNorm2d(w)
                 c_in = w
             if b < len(self.widths):
                 layers["pool"] = nn.MaxPool2d(2)
