@@ -115,3 +115,16 @@ def test_bad_model_names_and_options_are_value_errors():
     with pytest.raises(ValueError, match="image inputs"):
         build_model("vgg", (64,), 10)
     assert model_options("retina")["bottleneck"] == 32
+
+
+def test_vgg_bn_before_relu_swaps_only_the_order_in_every_block():
+    from raftorch.models import build_model
+    torch.manual_seed(0)
+    table = build_model("vgg", (1, 16, 16), 10, width_mult=0.25)
+    torch.manual_seed(0)
+    first = build_model("vgg", (1, 16, 16), 10, width_mult=0.25, bn_before_relu=True)
+    block = [n for n, _ in first.features.block1.named_children()]
+    assert block == ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "pool"]
+    assert [n for n, _ in table.features.block1.named_children()] == ["conv1", "relu1", "bn1", "conv2", "relu2", "bn2", "pool"]
+    a, b = table.state_dict(), first.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same parameters, same draw

@@ -72,7 +72,8 @@ SPEC_KEYS = {"panel", "title", "paper", "claim", "notes", "kind", "base", "seeds
              "published", "claims", "cost", "theory", "threads_per_point", "analysis", "extends", "max_seeds", "control"}
 ANALYSIS_KEYS = {"layer", "method", "steps"}
 SERIES_KEYS = {"name", "set", "grid", "cost"}
-FIGURE_KEYS = {"x", "xlabel", "ylabel", "xscale", "group", "title", "curves", "lines", "xticks", "labels"}
+FIGURE_KEYS = {"x", "xlabel", "ylabel", "xscale", "group", "title", "curves", "lines", "xticks", "labels",
+               "history", "table"}  # history, table: raftorch.experiments.study
 COST_KEYS = {"seconds_per_point", "hardware"}
 
 
@@ -256,6 +257,29 @@ def _combinations(s: Series):
 
 # --------------------------------------------------------------------------- loading
 
+def _check_study(figure: dict, names: set[str], bad) -> None:
+    """``figure.history`` / ``figure.table`` (:mod:`raftorch.experiments.study`) name series
+    that exist."""
+    history, table = figure.get("history"), figure.get("table")
+    if history is not None:
+        pairs = history.get("gaps", []) if isinstance(history, dict) else None
+        if (pairs is None or set(history) - {"gaps"} or not isinstance(pairs, list)
+                or not all(isinstance(p, list) and len(p) == 2 for p in pairs)):
+            bad(f"figure.history must be a mapping {{gaps: [[series A, series B], ...]}}, got {history!r}")
+        unknown = sorted({n for p in pairs for n in p} - names)
+        if unknown:
+            bad(f"figure.history.gaps names no series {', '.join(map(repr, unknown))}; series: {', '.join(sorted(names))}")
+    if table is not None:
+        against = table.get("against") if isinstance(table, dict) else None
+        if (against is None or set(table) - {"against"} or not isinstance(against, list)
+                or not all(isinstance(a, dict) and "series" in a for a in against)):
+            bad(f"figure.table must be a mapping {{against: [{{series: NAME, <grid variable>: value}}, ...]}}, "
+                f"got {table!r}")
+        unknown = sorted({a["series"] for a in against} - names)
+        if unknown:
+            bad(f"figure.table.against names no series {', '.join(map(repr, unknown))}; series: {', '.join(sorted(names))}")
+
+
 def spec_path(panel: str, profile: str, spec_dir: Path | None = None) -> Path:
     return Path(spec_dir or SPEC_DIR) / profile / f"{panel}.yaml"
 
@@ -345,6 +369,7 @@ def load_spec(path: str | Path, profile: str | None = None) -> Panel:
     unknown = sorted(set(figure) - FIGURE_KEYS)
     if unknown:
         bad(f"figure: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(FIGURE_KEYS))}")
+    _check_study(figure, {s.name for s in series}, bad)
     tpp = raw.get("threads_per_point", 1)
     if not isinstance(tpp, int) or isinstance(tpp, bool) or tpp < 1:
         bad(f"threads_per_point must be a positive whole number, got {tpp!r}")

@@ -32,6 +32,7 @@ from raftorch import checkpoint as ckpt
 from raftorch.experiments.aggregate import analyze_finished, find_extra_seeds, panel_dir, write_summary
 from raftorch.experiments.claims import NOT_EVALUATED, UNDECIDED, VERDICTS, evaluate_claims, signed
 from raftorch.experiments.figures import draw_panel
+from raftorch.experiments.study import STUDY_FILES, write_study
 from raftorch.experiments.runner import parallelism, plan, reuse_finished, run_tasks, select_shard, unique_todo
 from raftorch.experiments.spec import Panel
 
@@ -147,7 +148,7 @@ def reproduce(panels: list[Panel], root: str | Path = "results", *, jobs: int | 
     for panel in panels:
         rows, claims = evaluated[panel.path]
         folder = panel_dir(root, panel)
-        figures = draw_panel(panel, rows, folder)
+        figures = draw_panel(panel, rows, folder) + write_study(root, panel, panel.points())
         echo(f"== {panel.id} ({panel.profile}): {panel.title}")
         for c in claims:
             echo(f"  {verdict(c):13s} {c['claim']}: {c['measured']}")
@@ -378,7 +379,7 @@ def write_report(profile: str, results: list[PanelResult], root: str | Path, *, 
 
 
 EXPORTED = ("summary.csv", "points.csv", "claims.json", "figure.png", "fields.png", "orientedness.png",
-            "dimensionality.png")
+            "dimensionality.png", *STUDY_FILES)
 
 
 def export_results(profile: str, results: list[PanelResult], root: str | Path, dest: str | Path) -> list[Path]:
