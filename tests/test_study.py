@@ -90,3 +90,14 @@ def test_bad_study_keys_are_one_clear_spec_error(tmp_path, figure, message):
     spec = {**SPEC, "figure": {"x": "train_size", **figure}}
     with pytest.raises(SpecError, match=message):
         make(tmp_path, spec)
+
+
+def test_the_report_lines_show_the_gap_per_epoch_and_the_differences(tmp_path):
+    from raftorch.experiments.study import study_lines
+    panel, root = make(tmp_path)
+    write_study(root, panel, panel.points())
+    text = "\n".join(study_lines(panel, root / "toy" / panel.id))
+    assert "![toy-study history](toy-study/history.png)" in text
+    assert "| A - B | train_size | epoch 2 | epoch 4 |" in text
+    assert "| A - B | 100 | -4.00 [" in text  # epoch 2, 100 images: differences -5, -4, -3
+    assert "| A | 200 | 3 | 81.00 ± 1.00 | -3.00 [" in text and "| 40.0 |" in text

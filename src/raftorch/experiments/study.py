@@ -34,7 +34,7 @@ from raftorch.experiments import stats
 from raftorch.experiments.aggregate import panel_dir, run_dir, run_status, to_csv
 from raftorch.experiments.spec import Panel, Point
 
-__all__ = ["histories", "gap_rows", "difference_rows", "draw_history", "write_study", "STUDY_FILES"]
+__all__ = ["histories", "gap_rows", "difference_rows", "draw_history", "write_study", "study_lines", "STUDY_FILES"]
 
 STUDY_FILES = ("history.png", "gaps.csv", "differences.csv")
 
@@ -243,3 +243,56 @@ def write_study(root: str | Path, panel: Panel, points: list[Point]) -> list[Pat
         ckpt.write_text(folder / "differences.csv", to_csv(rows, cols))
         written.append(folder / "differences.csv")
     return written
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _iv(d: str, lo: str, hi: str) -> str:
+    return f"{float(d):+.2f}" + (f" [{float(lo):+.2f}, {float(hi):+.2f}]" if lo != "" and hi != "" else "")
+
+
+def study_lines(panel: Panel, folder: str | Path) -> list[str]:
+    """Markdown for the report from the study files in ``folder``: ``history.png``; the gaps as
+    one row per pair and value of ``x``, one column per scored epoch (``A - B`` in points and
+    its 95% interval); the differences table."""
+    folder, lines = Path(folder), []
+    if (folder / "history.png").exists():
+        lines += [f"![{panel.id} history]({panel.id}/history.png)", ""]
+    if (folder / "gaps.csv").exists():
+        rows = _read_csv(folder / "gaps.csv")
+        x = panel.figure.get("x")
+        epochs = sorted({int(r["epoch"]) for r in rows})
+        groups: dict[tuple, dict[int, str]] = {}
+        for r in rows:
+            groups.setdefault((r["a"], r["b"], r.get(x, "")), {})[int(r["epoch"])] = _iv(r["difference"], r["lo"], r["hi"])
+        if groups:
+            lines += ["Test accuracy difference A - B (points, 95% interval, paired by seed) at each scored epoch:", "",
+                      f"| A - B | {x} | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+                      "|---|---|" + "---|" * len(epochs)]
+            lines += [f"| {a} - {b} | {xv} | " + " | ".join(cells.get(e, "") for e in epochs) + " |"
+                      for (a, b, xv), cells in groups.items()]
+            lines.append("")
+    if (folder / "differences.csv").exists():
+        rows = _read_csv(folder / "differences.csv")
+        refs = [k[len("minus "):] for k in (rows[0] if rows else {}) if k.startswith("minus ") and not k.endswith((" lo", " hi"))]
+        variables = [v for v in panel.variables if rows and v in rows[0]]
+        lines += ["Final test accuracy (mean ± std over seeds) and its difference from each reference (points, "
+                  "95% interval, paired by seed); `B vs W^T`: the final angle between each layer's feedback "
+                  "matrix and W^T, mean over layers (degrees):", "",
+                  "| series | " + "".join(f"{v} | " for v in variables) + "n | accuracy | "
+                  + "".join(f"- {ref} | " for ref in refs) + "B vs W^T |",
+                  "|---|" + "---|" * (len(variables) + 2 + len(refs) + 1)]
+        for r in rows:
+            std = f" ± {float(r['test_accuracy_std']):.2f}" if r["test_accuracy_std"] else ""
+            cells = [_iv(r[f"minus {ref}"], r[f"minus {ref} lo"], r[f"minus {ref} hi"]) if r.get(f"minus {ref}") else ""
+                     for ref in refs]
+            lines.append(f"| {r['series']} | " + "".join(f"{r[v]} | " for v in variables)
+                         + f"{r['n']} | {float(r['test_accuracy_mean']):.2f}{std} | " + "".join(f"{c} | " for c in cells)
+                         + (f"{float(r['alignment_deg']):.1f}" if r["alignment_deg"] else "") + " |")
+        lines.append("")
+    return lines

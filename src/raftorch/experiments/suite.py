@@ -32,7 +32,7 @@ from raftorch import checkpoint as ckpt
 from raftorch.experiments.aggregate import analyze_finished, find_extra_seeds, panel_dir, write_summary
 from raftorch.experiments.claims import NOT_EVALUATED, UNDECIDED, VERDICTS, evaluate_claims, signed
 from raftorch.experiments.figures import draw_panel
-from raftorch.experiments.study import STUDY_FILES, write_study
+from raftorch.experiments.study import STUDY_FILES, study_lines, write_study
 from raftorch.experiments.runner import parallelism, plan, reuse_finished, run_tasks, select_shard, unique_todo
 from raftorch.experiments.spec import Panel
 
@@ -373,6 +373,7 @@ def write_report(profile: str, results: list[PanelResult], root: str | Path, *, 
         png = folder / r.panel.id / "figure.png"
         if png.exists():
             lines += [f"![{r.panel.id}]({r.panel.id}/figure.png)", ""]
+        lines += study_lines(r.panel, folder / r.panel.id)
     path = folder / "REPORT.md"
     ckpt.write_text(path, "\n".join(lines) + "\n")
     return path
