@@ -101,3 +101,15 @@ def test_the_report_lines_show_the_gap_per_epoch_and_the_differences(tmp_path):
     assert "| A - B | train_size | epoch 2 | epoch 4 |" in text
     assert "| A - B | 100 | -4.00 [" in text  # epoch 2, 100 images: differences -5, -4, -3
     assert "| A | 200 | 3 | 81.00 ± 1.00 | -3.00 [" in text and "| 40.0 |" in text
+
+
+def test_the_gap_profile_specs_load_and_every_point_is_a_valid_run():
+    from raftorch.config import TrainConfig
+    from raftorch.experiments import spec as S
+    names = S.available("gap")
+    assert names == ["vgg-ablations", "vgg-convergence", "vit-convergence"]
+    for name in names:
+        panel = S.load_panel(name, "gap")
+        assert panel.control == "no feedback" and (panel.figure.get("history") or panel.figure.get("table"))
+        for p in panel.points():
+            TrainConfig.from_dict(p.config)
