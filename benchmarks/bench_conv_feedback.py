@@ -34,7 +34,7 @@ SETTINGS = {"16px-b64": ((1, 16, 16), 64), "28px-b128": ((1, 28, 28), 128)}
 @contextmanager
 def factored():
     real = RF._combine_kernel
-    RF._combine_kernel = lambda Q, P, need_P: False
+    RF._combine_kernel = lambda *args: False
     try:
         yield
     finally:

@@ -104,11 +104,11 @@ def test_off_host_scalars_give_the_same_conv_update(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_which_backward_a_conv_takes_follows_its_multiply_adds():
-    """The kernel P^T Q and the Gram matrix take over exactly where they cost less."""
+def test_which_backward_a_conv_takes_follows_its_multiply_adds_per_pixel():
+    """The kernel P^T Q and the Gram matrix take over exactly where they cost less per pixel."""
     def combined(c_in, c_out, k, r, need_P=True):
         return RF._combine_kernel(torch.empty(r, c_in, k, k), torch.empty(r, c_out), need_P)
-    # 3x3, 64 -> 64: factored r(576 + 64 + 64) vs 64 * 576 + 64^2 = 40960: r = 58 is the edge
+    # 3x3, 64 -> 64: factored r(576 + 64 + 64) vs 64 * 576 + 64^2 = 40960: r = 59 is the edge
     assert not combined(64, 64, 3, 58) and combined(64, 64, 3, 59) and combined(64, 64, 3, 64)
     assert not combined(64, 64, 3, 10) and not combined(1, 16, 3, 9)  # first conv: 9 <= 9 channels
     assert combined(64, 64, 3, 58, need_P=False) and not combined(64, 64, 3, 57, need_P=False)
@@ -179,7 +179,9 @@ def test_linear_Q_grad_is_x_T_z_whether_or_not_W_learns(monkeypatch, path, freez
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 9), (3, 9, 5)], ids=["long maps: per-sample", "short maps: one product"])
-def test_the_gram_matrix_of_an_error_map(shape):
-    g3 = torch.randn(*shape)
-    want = sum(g.double() @ g.double().t() for g in g3)
-    torch.testing.assert_close(RF._gram(g3).double(), want, rtol=1e-5, atol=1e-5)
+def test_sums_of_per_sample_products_of_maps(shape):
+    g3, z3 = torch.randn(*shape), torch.randn(shape[0], 4, shape[2])
+    gram = sum(g.double() @ g.double().t() for g in g3)
+    cross = sum(z.double() @ g.double().t() for z, g in zip(z3, g3))
+    torch.testing.assert_close(RF._cross(g3, g3).double(), gram, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(RF._cross(z3, g3).double(), cross, rtol=1e-5, atol=1e-5)

@@ -615,8 +615,8 @@ class Conv2dLowRankFeedback(Function):
       batched product), per-channel sums and sums of squares over ``(N, H, W)``: no
       ``(N H W, C)`` copies (:func:`_oja_from_stats`). The explicit path (``scale="std"``, low
       precision, a :func:`raftorch.sync_oja` group, a dominating mean) still takes the copies.
-    * Near full rank (where it costs fewer multiply-adds, :func:`_combine_kernel`; ``groups ==
-      1``, contiguous error): ``grad_input = conv_transpose(g, P^T Q)`` with the kernel
+    * Near full rank (where it costs fewer multiply-adds per pixel, :func:`_combine_kernel`;
+      ``groups == 1``, contiguous error): ``grad_input = conv_transpose(g, P^T Q)`` with the kernel
       ``P^T Q`` formed once (``(C_out, C_in, kH, kW)``, no batch dimension), computed with the
       weight gradient in one ``convolution_backward`` as the full-rank rules do, and Oja's
       ``z^T e = P S`` from the error's Gram matrix ``S = sum_n g_n g_n^T`` (``C_out x C_out``;
@@ -671,10 +671,14 @@ class Conv2dLowRankFeedback(Function):
 
 
 def _combine_kernel(Q: Tensor, P: Tensor, need_P: bool) -> bool:
-    """Whether the backward of a low-rank convolution costs fewer multiply-adds per output
-    pixel through the kernel ``P^T Q`` and the Gram matrix of the error
-    (``C_out C_in k + C_out^2`` for Oja) than through ``z = P g`` (``r C_out``), its transposed
-    convolution (``r C_in k``) and ``z^T e`` (``r C_out``), ``k`` the kernel's size."""
+    """Whether the backward of a low-rank convolution costs fewer multiply-adds per output pixel
+    through the kernel ``P^T Q`` (its transposed convolution, ``C_out C_in k``) and the Gram
+    matrix of the error (``C_out^2``, for Oja) than through ``z = P g`` (``r C_out``), ``z``'s
+    transposed convolution (``r C_in k``) and ``z^T e`` (``r C_out``, for Oja); ``k`` is the
+    kernel's size. Forming the kernel (``C_out r C_in k`` once per step) is left out: on small
+    maps it costs more than ``z``, but the kernel path still ran faster at every full-rank layer
+    of the quick VGG (``benchmarks/bench_conv_feedback.py``), ``convolution_backward`` with the
+    weight gradient being faster than a separate transposed convolution of ``z``."""
     r, c_out = P.shape
     c_in_k = Q[0].numel()
     combined = c_out * c_in_k + (c_out * c_out if need_P else 0)
@@ -682,14 +686,16 @@ def _combine_kernel(Q: Tensor, P: Tensor, need_P: bool) -> bool:
     return combined < factored
 
 
-def _gram(g3: Tensor) -> Tensor:
-    """``sum_n g_n g_n^T`` ``(C, C)`` of an ``(N, C, L)`` map: per-sample products summed where
-    the maps are long, one product on the ``(C, N L)`` copy where they are short (small maps
-    make many thin products: 4x faster at ``L = 4``, ``C = 128`` on one CPU thread)."""
-    if g3.shape[2] >= g3.shape[1]:
-        return torch.bmm(g3, g3.transpose(1, 2)).sum(0)
-    e = g3.transpose(0, 1).reshape(g3.shape[1], -1)
-    return e @ e.t()
+def _cross(a3: Tensor, b3: Tensor) -> Tensor:
+    """``sum_n a_n b_n^T`` ``(A, B)`` of ``(N, A, L)`` and ``(N, B, L)`` maps: per-sample
+    products summed where the maps are long, one product of the ``(A, N L)`` and ``(B, N L)``
+    copies where they are short (small maps make many thin products: 4x faster at ``L = 4``,
+    ``A = B = 128`` on one CPU thread). ``_cross(g3, g3)`` is the error's Gram matrix."""
+    if a3.shape[2] >= max(a3.shape[1], b3.shape[1]):
+        return torch.bmm(a3, b3.transpose(1, 2)).sum(0)
+    a = a3.transpose(0, 1).reshape(a3.shape[1], -1)
+    b = a if b3 is a3 else b3.transpose(0, 1).reshape(b3.shape[1], -1)
+    return a @ b.t()
 
 
 def _conv_oja_gram(P: Tensor, g: Tensor, g3: Tensor, colsum: Tensor | None, oja: OjaOptions,
@@ -704,7 +710,7 @@ def _conv_oja_gram(P: Tensor, g: Tensor, g3: Tensor, colsum: Tensor | None, oja:
     if rows and _oja_fast_path_fits(oja, g.dtype, P, group):
         if colsum is None:
             colsum = g3.sum((0, 2))
-        S = _gram(g3)
+        S = _cross(g3, g3)
         sq = S.diagonal().clone()
         if not (oja.center and _mean_dominates(colsum, sq, rows)):
             zsum = P @ colsum if oja.center else None
@@ -728,7 +734,7 @@ def _conv_oja(P: Tensor, g: Tensor, z: Tensor, g3: Tensor | None, z3: Tensor | N
             colsum = g3.sum((0, 2))
         sq = (g3 * g3).sum((0, 2)) if stats else None
         if not (oja.center and _mean_dominates(colsum, sq, rows)):
-            A = torch.bmm(z3, g3.transpose(1, 2)).sum(0)  # z^T e, (r, C)
+            A = _cross(z3, g3)  # z^T e, (r, C)
             zsum = z3.sum((0, 2)) if oja.center else None
             return _oja_from_stats(P, A, zsum, colsum, sq, rows, oja, mult)
     e = g.transpose(0, 1).reshape(g.shape[1], rows).t()
