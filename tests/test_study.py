@@ -107,7 +107,7 @@ def test_the_gap_profile_specs_load_and_every_point_is_a_valid_run():
     from raftorch.config import TrainConfig
     from raftorch.experiments import spec as S
     names = S.available("gap")
-    assert names == ["vgg-ablations", "vgg-convergence", "vit-convergence"]
+    assert names == ["vgg-ablations", "vit-ablations", "vgg-convergence", "vit-convergence"]
     for name in names:
         panel = S.load_panel(name, "gap")
         assert panel.control == "no feedback" and (panel.figure.get("history") or panel.figure.get("table"))
