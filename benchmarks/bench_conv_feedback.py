@@ -15,7 +15,8 @@ The goal it checks: a full-rank RAF step costs at most 1.10x a KP step.
 from __future__ import annotations
 
 import argparse
-import platform
+import datetime
+import os
 import statistics
 import time
 from contextlib import contextmanager
@@ -78,8 +79,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
-    print(f"quick VGG (width 1/4), {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s), median of {args.rounds} rounds x {args.steps} steps, interleaved\n")
+    from raftorch.experiments.suite import cpu_name
+    print(f"`python benchmarks/bench_conv_feedback.py --rounds {args.rounds} --steps {args.steps} --threads "
+          f"{args.threads}`, {datetime.date.today()}: quick VGG (width 1/4), {cpu_name()} "
+          f"({os.cpu_count()} cores), torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of "
+          f"{args.rounds} rounds x {args.steps} steps, interleaved\n")
     print("| input, batch | BP (ms) | KP (ms) | RAF full rank (ms) | RAF / KP | RAF / BP | RAF factored / KP |")
     print("|---|---|---|---|---|---|---|")
     for name in args.settings.split(","):

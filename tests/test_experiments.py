@@ -392,7 +392,7 @@ def test_default_parallelism_never_oversubscribes_the_cores(monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["fig9"], "unknown panel 'fig9' in profile 'quick'; choose one of fig2, fig3a"),
-    (["fig3b", "--profile", "huge"], "unknown profile 'huge'; choose one of paper, quick"),
+    (["fig3b", "--profile", "huge"], "unknown profile 'huge'; choose one of gap, paper, quick"),
     (["fig3b", "--shard", "3"], "--shard must be I/N"),
     (["fig3b", "--shard", "5/4"], "--shard must be I/N"),
     ([], "name a panel"),

@@ -12,6 +12,7 @@ first seed's ``theory.json``. Written as ``figure.png`` and ``figure.pdf``.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 from raftorch.experiments.aggregate import done_values, mean_std
@@ -127,10 +128,13 @@ def draw_panel(panel: Panel, rows: list[dict], folder: str | Path) -> list[Path]
         ax.minorticks_off()
     else:
         ax.set_xticks(range(len(order)))
-        ax.set_xticklabels(fig_spec.get("labels", order))
+        labels = fig_spec.get("labels", order)
+        crowded = sum(len(str(t)) for t in labels) > 60  # e.g. an ablation's variant names
+        ax.set_xticklabels(labels, rotation=35 if crowded else 0, ha="right" if crowded else "center",
+                           fontsize=8 if crowded else None)
     ax.set_xlabel(fig_spec.get("xlabel", x))
     ax.set_ylabel(fig_spec.get("ylabel", "test accuracy (%), final epoch"))
-    ax.set_title(f"{panel.paper or panel.id}: {fig_spec.get('title', panel.title)}\n"
+    ax.set_title(textwrap.fill(f"{panel.paper or panel.id}: {fig_spec.get('title', panel.title)}", 80) + "\n"
                  f"{panel.profile} profile, mean ± std over {n_seeds} seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="best", framealpha=0.85)

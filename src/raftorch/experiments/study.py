@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +185,7 @@ def draw_history(panel: Panel, hist: dict, path: str | Path) -> Path:
         ax.set_ylim(0, 90)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-    fig.suptitle(f"{panel.id}: {panel.title}", fontsize=11)
+    fig.suptitle(textwrap.fill(f"{panel.id}: {panel.title}", 60 * (1 + len(tracked))), fontsize=10)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
