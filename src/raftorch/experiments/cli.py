@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="panel ids (fig2, fig3a, ... as the paper labels them) or 'all'")
     p.add_argument("--profile", default="quick",
                    help="quick (minutes on a CPU, Fashion-MNIST), paper (the paper's settings, GPUs) or gap "
-                        "(why RAF trails BP on the quick VGG and ViT: convergence and ablations, ~2 h on "
+                        "(why RAF trails BP on the quick VGG and ViT: convergence and ablations, ~70 min on "
                         "2 CPU cores) (default quick)")
     p.add_argument("--list", action="store_true", help="list the panels of the profile: claims, runs, cost")
     p.add_argument("--spec", type=Path, metavar="YAML", action="append", help="run a panel spec file of your own (repeatable)")
