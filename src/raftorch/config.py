@@ -15,8 +15,8 @@ import yaml
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 OUTPUT_INITS = (None, "zero")  # TrainConfig.output_init
-TRACKERS = ("subspace", "error_alignment")
-FEEDBACK_INITS = ("random", "svd")  # TrainConfig.feedback_init  # representation metrics train can log per epoch (TrainConfig.track)
+TRACKERS = ("subspace", "error_alignment")  # representation metrics train can log per epoch (TrainConfig.track)
+FEEDBACK_INITS = ("random", "svd")  # TrainConfig.feedback_init
 
 
 @dataclass

@@ -621,7 +621,7 @@ class Conv2dLowRankFeedback(Function):
       weight gradient in one ``convolution_backward`` as the full-rank rules do, and Oja's
       ``z^T e = P S`` from the error's Gram matrix ``S = sum_n g_n g_n^T`` (``C_out x C_out``;
       its diagonal is the sums of squares), so ``z`` is never formed: a full-rank RAF
-      convolution costs a Kolen-Pollack one plus ``S``.
+      convolution costs a Kolen-Pollack one plus ``S``, the kernel and ``grad_Q = P grad_W``.
     """
 
     @staticmethod
@@ -676,9 +676,9 @@ def _combine_kernel(Q: Tensor, P: Tensor, need_P: bool) -> bool:
     matrix of the error (``C_out^2``, for Oja) than through ``z = P g`` (``r C_out``), ``z``'s
     transposed convolution (``r C_in k``) and ``z^T e`` (``r C_out``, for Oja); ``k`` is the
     kernel's size. Forming the kernel (``C_out r C_in k`` once per step) is left out: on small
-    maps it costs more than ``z``, but the kernel path still ran faster at every full-rank layer
-    of the quick VGG (``benchmarks/bench_conv_feedback.py``), ``convolution_backward`` with the
-    weight gradient being faster than a separate transposed convolution of ``z``."""
+    maps it costs more than ``z``, yet the kernel path, one ``convolution_backward`` for the input
+    and weight gradients, timed faster than a separate transposed convolution of ``z`` at every
+    full-rank layer of the quick VGG (``docs/results/bench_conv_feedback.md``)."""
     r, c_out = P.shape
     c_in_k = Q[0].numel()
     combined = c_out * c_in_k + (c_out * c_out if need_P else 0)
@@ -689,8 +689,8 @@ def _combine_kernel(Q: Tensor, P: Tensor, need_P: bool) -> bool:
 def _cross(a3: Tensor, b3: Tensor) -> Tensor:
     """``sum_n a_n b_n^T`` ``(A, B)`` of ``(N, A, L)`` and ``(N, B, L)`` maps: per-sample
     products summed where the maps are long, one product of the ``(A, N L)`` and ``(B, N L)``
-    copies where they are short (small maps make many thin products: 4x faster at ``L = 4``,
-    ``A = B = 128`` on one CPU thread). ``_cross(g3, g3)`` is the error's Gram matrix."""
+    copies where they are short (there the per-sample products are many thin ones, which run
+    far below the matrix unit's speed). ``_cross(g3, g3)`` is the error's Gram matrix."""
     if a3.shape[2] >= max(a3.shape[1], b3.shape[1]):
         return torch.bmm(a3, b3.transpose(1, 2)).sum(0)
     a = a3.transpose(0, 1).reshape(a3.shape[1], -1)

@@ -572,11 +572,10 @@ def track_run(run: Run) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     record: dict[str, Any] = {}
+    x, y = run.track_batch
     if "subspace" in run.cfg.track:
-        x, y = run.track_batch
         record.update(track_subspace(run.model, x, y))
     if "error_alignment" in run.cfg.track:
-        x, y = run.track_batch
         record["error_alignment"] = raftorch.metrics.error_alignment(run.model, x, y)
     record["track_seconds"] = time.perf_counter() - t0
     return record
