@@ -45,6 +45,18 @@ def _records(folder: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def _key(panel: Panel, p: Point) -> tuple:
+    """A point without its seed: ``(series, *grid values as text)``."""
+    return (p.series, *(str(p.values.get(v, "")) for v in panel.variables))
+
+
+def _find(hist: dict, panel: Panel, series: str, x: str | None, xv: str) -> tuple | None:
+    """The key of ``series`` at ``x = xv`` in ``hist`` (any key of the series when the panel
+    has no ``x`` variable)."""
+    at = 1 + panel.variables.index(x) if x in panel.variables else None
+    return next((k for k in hist if k[0] == series and (at is None or k[at] == xv)), None)
+
+
 def histories(root: str | Path, panel: Panel, points: list[Point]) -> dict[tuple, dict[int, list[dict]]]:
     """``{(series, *grid values as text): {seed: [epoch records]}}`` of the finished runs."""
     out: dict[tuple, dict[int, list[dict]]] = {}
@@ -52,8 +64,7 @@ def histories(root: str | Path, panel: Panel, points: list[Point]) -> dict[tuple
         folder = run_dir(root, panel, p)
         if run_status(folder) != "done":
             continue
-        key = (p.series, *(str(p.values.get(v, "")) for v in panel.variables))
-        out.setdefault(key, {})[p.seed] = _records(folder)
+        out.setdefault(_key(panel, p), {})[p.seed] = _records(folder)
     return out
 
 
@@ -102,7 +113,7 @@ def difference_rows(root: str | Path, panel: Panel, points: list[Point], against
         if run_status(folder) != "done":
             continue
         final = _final(folder)
-        key = (p.series, *(str(p.values.get(v, "")) for v in panel.variables))
+        key = _key(panel, p)
         acc.setdefault(key, {})[p.seed] = 100 * float(final["test_accuracy"])
         layers = [v for v in (final.get("alignment") or {}).values() if v is not None and math.isfinite(v)]
         if layers:
@@ -146,8 +157,7 @@ def draw_history(panel: Panel, hist: dict, path: str | Path) -> Path:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, s in enumerate(series):
         for v in xs:
-            key = next((k for k in hist if k[0] == s and (x not in panel.variables
-                                                          or k[1 + panel.variables.index(x)] == v)), None)
+            key = _find(hist, panel, s, x, v)
             if key is None:
                 continue
             by_epoch: dict[int, list[float]] = {}
@@ -206,8 +216,7 @@ def _is_number(v) -> bool:
 def _angles(hist: dict, series: str, xv: str, x: str | None, panel: Panel):
     """(layers in network order, {layer: {epoch: [angle per seed]}}) of ``error_alignment``
     for ``series`` at ``x = xv``; ``None`` when not tracked or all zero (backprop)."""
-    key = next((k for k in hist if k[0] == series and (x not in panel.variables
-                                                       or k[1 + panel.variables.index(x)] == xv)), None)
+    key = _find(hist, panel, series, x, xv)
     if key is None:
         return None
     curves: dict[str, dict[int, list[float]]] = {}
