@@ -33,6 +33,7 @@ from typing import Any
 from raftorch import checkpoint as ckpt
 from raftorch.experiments import stats
 from raftorch.experiments.aggregate import panel_dir, run_dir, run_status, to_csv
+from raftorch.experiments.claims import signed
 from raftorch.experiments.spec import Panel, Point
 
 __all__ = ["histories", "gap_rows", "difference_rows", "draw_history", "write_study", "study_lines", "STUDY_FILES"]
@@ -263,7 +264,8 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def _iv(d: str, lo: str, hi: str) -> str:
-    return f"{float(d):+.2f}" + (f" [{float(lo):+.2f}, {float(hi):+.2f}]" if lo != "" and hi != "" else "")
+    """A difference and its interval as the claims table writes them (:func:`claims.signed`)."""
+    return signed(float(d)) + (f" [{signed(float(lo))}, {signed(float(hi))}]" if lo != "" and hi != "" else "")
 
 
 def study_lines(panel: Panel, folder: str | Path) -> list[str]:
