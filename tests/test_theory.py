@@ -13,7 +13,7 @@ import pytest
 
 from raftorch.theory import (
     Figure2Config, LinearTask, Weights, draw_figure, init_weights, integrate, load_results,
-    oja_flow, oja_projector, run_figure2, save_results, saxe_mode_strength, simulate,
+    fixed_feedback_plateau, oja_flow, oja_projector, run_figure2, save_results, saxe_mode_strength, simulate,
 )
 
 DEFAULT = dict(n_in=30, n_hidden=60, n_out=30, strengths=[8.0, 6.0, 4.5, 3.0, 2.0], n_samples=1000, noise=0.5)
@@ -212,6 +212,33 @@ def test_raf_fixed_point_is_sigma_yx_seen_through_P(fig2):
     assert np.allclose(w.P @ w.P.T, np.eye(3), atol=1e-6)
     expected = w.P.T @ w.P @ task.sigma_yx
     assert np.linalg.norm(w.W2 @ w.W1 - expected) < 0.01 * np.linalg.norm(expected)
+
+
+def test_fixed_feedback_plateau_is_A_without_noise_and_off_A_with_it():
+    # Sec. 3.1: with r >= d a fixed B = Q P converges to the unique solution W2 W1 = A. In closed
+    # form that holds for noise-free targets; noisy targets tilt the row space of P Sigma_yx.
+    clean = LinearTask(**{**DEFAULT, "noise": 0.0}, seed=0)
+    P = init_weights(clean, "fa-lowrank", 5, seed=0).P
+    assert np.allclose(fixed_feedback_plateau(clean.sigma_yx, P), clean.A, atol=1e-9)
+    noisy = LinearTask(**DEFAULT, seed=0)
+    P = init_weights(noisy, "fa-lowrank", 5, seed=0).P
+    plateau = fixed_feedback_plateau(noisy.sigma_yx, P)
+    assert np.linalg.norm(P @ (noisy.sigma_yx - plateau)) < 1e-9  # P E = 0 there
+    assert np.linalg.norm(plateau - noisy.A) > 0.2 * np.linalg.norm(noisy.A)
+
+
+def test_fixed_rank_d_feedback_converges_to_its_plateau_not_to_A():
+    # the flow reaches the closed-form plateau by t = 10 (not slow), and the plateau is off A
+    task = LinearTask(**DEFAULT, seed=0)
+    _, results = run_figure2(Figure2Config(methods=("ode",), rank_high=5))
+    by = {(r.rule, r.rank): r for r in results}
+    fixed, bp = by[("fa-lowrank", 5)], by[("bp", None)]
+    w = fixed.weights
+    assert fixed.plateau_distance == pytest.approx(
+        np.linalg.norm(w.W2 @ w.W1 - fixed_feedback_plateau(task.sigma_yx, w.P)) / np.linalg.norm(task.A))
+    assert fixed.plateau_distance < 0.01
+    assert fixed.relative_error > bp.relative_error + 0.2
+    assert by[("raf", 5)].plateau_distance is None and by[("raf-q", 3)].plateau_distance < 0.01
 
 
 # --- bad parameters ---------------------------------------------------------------------------

@@ -12,7 +12,8 @@ whose shards ran on other machines, and for ``--redraw``.
 fields), and ``init_orientedness``, ``init_centre_surround_index``,
 ``init_field_dimensionality``: the same for the run's net at initialisation (the baseline; a
 claim can use any of these as its ``metric``). Theory panels have one row per rule and method: ``rule, rank, method,
-relative_error, recovered`` (modes within 2%).
+relative_error, recovered`` (modes within 2%) and ``plateau_distance`` (rules with a fixed ``P``:
+the final product's distance from its closed-form plateau, :mod:`raftorch.theory.result`).
 
 ``points.csv`` has, per point, ``n``, the mean ± std of the metric, ``chance`` and, in a panel
 with a no-feedback ``control`` series, ``gain_over_control`` with its 95% interval
@@ -42,7 +43,8 @@ LAYER_SCORES = ["field_dimensionality"]  # one number per run
 SCORE_COLUMNS = [*SCORES_OF_FIELDS, *LAYER_SCORES, *(f"init_{c}" for c in SCORES_OF_FIELDS + LAYER_SCORES)]
 RUN_COLUMNS = ["seed", "status", "test_accuracy", "val_accuracy", "chance", "test_loss", "train_loss", "epochs",
                "seconds", "threads", "device", "torch", "error"]
-THEORY_COLUMNS = ["seed", "status", "rule", "rank", "method", "relative_error", "recovered", "seconds", "error"]
+THEORY_COLUMNS = ["seed", "status", "rule", "rank", "method", "relative_error", "recovered", "plateau_distance",
+                  "seconds", "error"]
 
 
 def panel_dir(root: str | Path, panel: Panel) -> Path:
@@ -142,6 +144,7 @@ def _theory_rows(folder: Path, head: dict, p: Point, status: str, error: str) ->
     return [{**head, "series": r.rule, "seed": p.seed, "status": "done", "rule": r.rule,
              "rank": "full" if r.rank is None else r.rank, "method": r.method,
              "relative_error": round(r.relative_error, 6), "recovered": len(r.recovered(tol)),
+             "plateau_distance": "" if r.plateau_distance is None else round(r.plateau_distance, 6),
              "seconds": round(final.get("seconds_total", 0.0), 2), "error": ""} for r in results]
 
 

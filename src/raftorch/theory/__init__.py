@@ -13,7 +13,7 @@ Example::
     res = integrate(task, "raf", rank=3, t_end=10)
     res.mode_strengths, res.relative_error   # (5,), float; trajectories in res.*_trajectory
 """
-from raftorch.theory.exact import oja_projector, saxe_mode_strength
+from raftorch.theory.exact import fixed_feedback_plateau, oja_projector, saxe_mode_strength
 from raftorch.theory.experiments import Figure2Config, format_table, run_figure2
 from raftorch.theory.figure import draw_figure
 from raftorch.theory.ode import integrate, oja_flow
@@ -24,6 +24,6 @@ from raftorch.theory.task import LinearTask
 
 __all__ = [
     "LinearTask", "simulate", "integrate", "TheoryResult", "Weights", "RULES", "init_weights",
-    "oja_flow", "saxe_mode_strength", "oja_projector", "Figure2Config", "run_figure2",
+    "oja_flow", "saxe_mode_strength", "oja_projector", "fixed_feedback_plateau", "Figure2Config", "run_figure2",
     "format_table", "save_results", "load_results", "draw_figure",
 ]

@@ -8,6 +8,15 @@
   ALGORITHM.md): with ``W0 = P0^T``, ``Z = e^{Ct} W0`` and ``M = I - W0^T W0 + Z^T Z``,
   ``P^T P(t) = Z M^{-1} Z^T``. (Check: ``K = P^T P`` obeys ``dK/dt = CK + KC - 2KCK``, and so
   does ``Z M^{-1} Z^T`` since ``dZ/dt = CZ``, ``dM/dt = 2 Z^T C Z``.)
+- The plateau of a fixed feedback ``B = Q P`` (``fa-lowrank``; ``raf-q``, whose ``P`` is fixed
+  too), from a small start: ``W1`` grows only inside ``span(Q)`` with ``dW1/dt = Q P E``, so
+  its rows stay in the row space of ``P Sigma_yx`` (to ``O(init_scale)``), and ``W1``'s flow
+  stops at ``P E = 0``, ``W2``'s at ``E W1^T = 0``. With ``Pi`` the orthogonal projector on
+  the row space of ``P Sigma_yx`` this gives ``W2 W1 = Sigma_yx Pi`` (unique: ``E = Sigma_yx
+  (I - Pi)`` satisfies both). For noise-free targets and ``r >= d`` that row space is the
+  teacher's input modes and the plateau is ``A`` (Sec. 3.1's "unique solution"); noise in the
+  targets gives ``Sigma_yx`` small singular values in every direction, and ``P`` mixes them
+  into the row space, so the plateau is off ``A`` at any ``r``.
 """
 from __future__ import annotations
 
@@ -27,3 +36,10 @@ def oja_projector(t: float, C: np.ndarray, P0: np.ndarray) -> np.ndarray:
     Z = expm(C * t) @ W0
     M = np.eye(W0.shape[1]) - W0.T @ W0 + Z.T @ Z
     return Z @ np.linalg.solve(M, Z.T)
+
+
+def fixed_feedback_plateau(sigma_yx: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """``Sigma_yx Pi`` ``(n_out, n_in)``: the ``W2 W1`` at which the flow with a fixed feedback
+    ``B = Q P`` (``P (r, n_out)``, task basis) stops from a small start (module docstring)."""
+    M = P @ sigma_yx
+    return sigma_yx @ (M.T @ np.linalg.solve(M @ M.T, M))

@@ -10,13 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raftorch.theory.ode import integrate
-from raftorch.theory.result import TheoryResult
+from raftorch.theory.result import TheoryResult, plateau_distance
 from raftorch.theory.simulate import simulate
 from raftorch.theory.task import LinearTask
 
 # the setting of ALGORITHM.md's check
 DEFAULT_TASK = {"n_in": 30, "n_hidden": 60, "n_out": 30, "strengths": [8.0, 6.0, 4.5, 3.0, 2.0],
                 "n_samples": 1000, "noise": 0.5}
+
+
+FIXED_P_RULES = ("fa-lowrank", "raf-q")  # the rules with a closed-form plateau (exact.fixed_feedback_plateau)
 
 
 @dataclass
@@ -72,12 +75,18 @@ def run_figure2(config: Figure2Config) -> tuple[LinearTask, list[TheoryResult]]:
         if "sim" in config.methods:
             results.append(simulate(task, rule, rank, steps=steps, lr=config.lr,
                                     batch_size=config.batch_size, **common))
+    for r in results:
+        if r.rule in FIXED_P_RULES:
+            w = r.weights
+            r.plateau_distance = plateau_distance(task, w.W1, w.W2, w.P)
     return task, results
 
 
 def format_table(results: list[TheoryResult], tol: float = 0.02) -> str:
-    """Plain-text table: method, rule, r, d, final relative error, recovered modes, strengths."""
-    header = ["method", "rule", "r", "d", "rel. error", f"recovered (within {tol:.0%})", "final mode strengths"]
+    """Plain-text table: method, rule, r, d, final relative error, recovered modes, distance to
+    the closed-form plateau (fixed-``P`` rules), strengths."""
+    header = ["method", "rule", "r", "d", "rel. error", f"recovered (within {tol:.0%})", "to plateau",
+              "final mode strengths"]
     rows = []
     for r in results:
         rec = r.recovered(tol)
@@ -85,9 +94,10 @@ def format_table(results: list[TheoryResult], tol: float = 0.02) -> str:
         rows.append([r.method, r.rule, "full" if r.rank is None else str(r.rank), str(d),
                      f"{r.relative_error:.4f}",
                      f"{len(rec)}/{d}" + (f" ({','.join(str(i + 1) for i in rec)})" if rec else ""),
+                     "" if r.plateau_distance is None else f"{r.plateau_distance:.4f}",
                      " ".join(f"{m:.3f}" for m in r.mode_strengths)])
     if results:
-        rows.append(["", "target", "", "", "", "", " ".join(f"{s:.3f}" for s in results[0].strengths)])
+        rows.append(["", "target", "", "", "", "", "", " ".join(f"{s:.3f}" for s in results[0].strengths)])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
              "  ".join("-" * w for w in widths)]

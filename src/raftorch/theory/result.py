@@ -8,6 +8,9 @@ Measurements of weights ``W`` on a task with modes ``(s_i, u_i, v_i)``, ``i < d`
   ``Sigma_yy``, largest first): ``a_i = |Pi_P p_i|^2``, ``Pi_P`` the orthogonal projector on the
   row space of ``P``. ``a_i = 1``: ``P`` sees direction ``i`` fully; ``0``: not at all.
   Reported for ``i < d``; ``None`` for rules without ``P``.
+- plateau distance (rules with a fixed ``P``: ``fa-lowrank``, ``raf-q``):
+  ``||W2 W1 - Sigma_yx Pi||_F / ||A||_F``, the distance of the final product from the closed-form
+  plateau of :func:`raftorch.theory.exact.fixed_feedback_plateau`; ``None`` for other rules.
 
 Results are saved as one JSON file per command (``save_results``), written atomically
 (temporary file + ``os.replace``), and read back by ``load_results``; the figure is drawn
@@ -35,6 +38,13 @@ def mode_strengths(task: LinearTask, W1: np.ndarray, W2: np.ndarray) -> np.ndarr
 def relative_error(task: LinearTask, W1: np.ndarray, W2: np.ndarray) -> float:
     """``||W2 W1 - A||_F / ||A||_F``."""
     return float(np.linalg.norm(W2 @ W1 - task.A) / np.linalg.norm(task.A))
+
+
+def plateau_distance(task: LinearTask, W1: np.ndarray, W2: np.ndarray, P: np.ndarray) -> float:
+    """``||W2 W1 - Sigma_yx Pi||_F / ||A||_F`` for a fixed ``P`` (module docstring)."""
+    from raftorch.theory.exact import fixed_feedback_plateau
+
+    return float(np.linalg.norm(W2 @ W1 - fixed_feedback_plateau(task.sigma_yx, P)) / np.linalg.norm(task.A))
 
 
 def p_alignment(task: LinearTask, P: np.ndarray | None) -> np.ndarray | None:
@@ -67,6 +77,7 @@ class TheoryResult:
     task: dict = field(default_factory=dict)
     wall_s: float = 0.0
     weights: Weights | None = field(default=None, repr=False, compare=False)
+    plateau_distance: float | None = None
 
     @property
     def mode_strengths(self) -> np.ndarray:
@@ -113,6 +124,7 @@ class TheoryResult:
             "relative_error_trajectory": arr(self.relative_error_trajectory),
             "alignment_trajectory": arr(self.alignment_trajectory),
             "settings": self.settings, "task": self.task, "wall_s": self.wall_s,
+            "plateau_distance": self.plateau_distance,
         }
 
     @classmethod
@@ -126,6 +138,7 @@ class TheoryResult:
             relative_error_trajectory=arr(d["relative_error_trajectory"]),
             alignment_trajectory=arr(d["alignment_trajectory"]),
             settings=d.get("settings", {}), task=d.get("task", {}), wall_s=d.get("wall_s", 0.0),
+            plateau_distance=d.get("plateau_distance"),
         )
 
 
