@@ -85,8 +85,10 @@ def test_rank_limits_land_on_the_intended_layers():
     assert ranks["features.block4.conv1"] == ranks["features.block4.conv2"] == 5
     assert ranks["features.block3.conv2"] == 256 and ranks["classifier.fc1"] == 256
     ranks = _layer_ranks(_point("fig4b", "RAF", divisor=8))
+    # the error into a layer of width w has rank w / 8: each conv's rank is its input width / 8
     assert [ranks[f"features.block{b}.conv2"] for b in (1, 2, 3, 4)] == [8, 16, 32, 64]
-    assert ranks["classifier.fc1"] == 32 and ranks["classifier.fc2"] == 10
+    assert [ranks[f"features.block{b}.conv1"] for b in (1, 2, 3, 4)] == [8, 8, 16, 32]
+    assert ranks["classifier.fc1"] == 64 and ranks["classifier.fc2"] == 10
     ranks = _layer_ranks(_point("fig4cd", "RAF, into the retina", r=4))
     assert ranks["vvs.conv1"] == 4 and ranks["vvs.conv2"] == 32 and ranks["retina.conv2"] == 32
     ranks = _layer_ranks(_point("fig3f", "RAF", rank=16))
@@ -131,7 +133,9 @@ def test_first_point_of_each_series_trains_one_step(panel, series, fake_data):
 
 # --------------------------------------------------------------------------- the theory panel
 
-def test_fig2_runs_and_none_of_its_claims_fails_over_three_seeds():
+def test_fig2_claims_over_three_seeds_fail_only_where_the_paper_disagrees_with_the_theory():
+    # the one failure is the paper's r = d claim for fixed feedback: on a noisy task the flow
+    # stops at the closed-form plateau Sigma_yx Pi, not at A (raftorch.theory.exact)
     from raftorch.theory.experiments import Figure2Config, run_figure2
 
     panel = load_panel("fig2", "paper")
@@ -140,8 +144,12 @@ def test_fig2_runs_and_none_of_its_claims_fails_over_three_seeds():
         _, results = run_figure2(Figure2Config(**panel.theory, seed=seed))
         rows += [{"point": f"theory_s{seed}", "seed": seed, "series": r.rule, "status": "done",
                   "rank": "full" if r.rank is None else r.rank, "method": r.method,
-                  "relative_error": r.relative_error, "recovered": len(r.recovered(0.02))} for r in results]
+                  "relative_error": r.relative_error, "recovered": len(r.recovered(0.02)),
+                  "plateau_distance": "" if r.plateau_distance is None else r.plateau_distance}
+                 for r in results]
     outcome = evaluate_claims(panel.claims, rows)
     assert all(o["verdict"] != "not evaluated" for o in outcome), [o["measured"] for o in outcome]
-    failed = [(o["claim"], o["measured"]) for o in outcome if o["verdict"] == "fails"]
-    assert not failed, failed
+    failed = [o["claim"] for o in outcome if o["verdict"] == "fails"]
+    assert failed == ["with r = d a fixed B = QP converges to W2 W1 = A, as BP does (relative error within 0.01 of BP's)"]
+    plateau = next(o for o in outcome if o["claim"].startswith("fixed rank-d feedback ends at its closed-form plateau"))
+    assert plateau["verdict"] in ("holds", "undecided")  # 3 seeds here; the panel runs 5
