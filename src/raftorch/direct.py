@@ -20,6 +20,12 @@ Math (``ALGORITHM.md``, "Direct variants"; row convention, a batch of ``N`` samp
   from ``h_l`` to the source, the matrix backprop would use; with ``r = d_s`` and
   ``B_l`` equal to it, ``delta_l`` *is* backprop's error (tested).
 
+Convolutional paths (``path="auto"``, the default, wherever the source's output and the
+target's activity are both ``(N, C, H, W)`` maps; ``path="conv"`` / ``"dense"`` to choose):
+``P`` ``(r, C_s)`` and ``Q`` ``(C_t, r)`` act on channels at every pixel, with a fixed area
+resampling between the two grids, instead of a dense ``(C_t H_t W_t) x (C_s H_s W_s)``
+``B_l``; equations in :class:`raftorch.direct_conv.ConvDirectPath`.
+
 Where the error lands (the injection point)
 -------------------------------------------
 DFA delivers ``B e`` to a hidden layer's units and multiplies by ``f'(a_l)``. Here the error
@@ -67,6 +73,7 @@ One forward at a time per model instance (not thread-safe), as with BatchNorm st
 """
 from __future__ import annotations
 
+import math
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +94,7 @@ _ELEMENTWISE = _ACTIVATIONS + (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, n
                                nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
           nn.AdaptiveMaxPool2d)
+_PATH_FORMS = ("auto", "conv", "dense")  # DirectFeedback(path=...): per-pixel or flattened paths
 _OJA_KEYS = {"oja_center": "center", "oja_scale": "scale", "oja_reduce": "reduce", "oja_ddof": "ddof"}
 
 
@@ -126,6 +134,26 @@ def injection_point(model: nn.Module, target: str) -> str:
     return f"{parent_name}.{point}" if parent_name else point
 
 
+def _static_map(model: nn.Module, target: str, point: str) -> tuple | None:
+    """``(C, None, None)``: ``point``'s output is a map with a ``Conv2d``'s ``C`` channels (the
+    modules from ``target`` to ``point`` keep the channels), of a size known only at run time."""
+    module = model.get_submodule(target)
+    if not isinstance(module, nn.Conv2d):
+        return None
+    if point != target:
+        parent = model.get_submodule(target.rpartition(".")[0])
+        names = list(parent._modules)
+        run = names[names.index(target.rpartition(".")[2]) + 1: names.index(point.rpartition(".")[2]) + 1]
+        if not all(isinstance(parent._modules[n], _ELEMENTWISE + _POOLS) for n in run):
+            return None
+    return (module.out_channels, None, None)
+
+
+def _shape_text(shape) -> str:
+    inner = ", ".join("?" if d is None else str(d) for d in shape)
+    return f"({inner},)" if len(shape) == 1 else f"({inner})"
+
+
 def _static_size(model: nn.Module, target: str, point: str) -> int | None:
     """Per-sample size of ``point``'s output when it follows from a Linear's width alone."""
     module = model.get_submodule(target)
@@ -148,7 +176,12 @@ class DirectPath(nn.Module):
     Initialisation, as for a layer-wise feedback path whose virtual forward map goes from
     the target's ``n_target`` units to the source's ``d_source`` (fan-in ``n_target``):
     :func:`raftorch.layers.init_feedback_`.
+
+    The activity and the error are flattened per sample (for convolutional ends see
+    :class:`raftorch.direct_conv.ConvDirectPath`, the per-pixel form).
     """
+
+    conv = False  # the dense form: B over the flattened per-sample activity
 
     def __init__(self, target: str, point: str, rule: Rule, rank, n_target: int, d_source: int,
                  *, device=None, dtype=None):
@@ -176,6 +209,16 @@ class DirectPath(nn.Module):
     def feedback_matrix(self) -> Tensor:
         """The effective ``B_l`` ``(n_target, d_source)``: ``B`` or ``Q P``."""
         return self.Q @ self.P if self.rule.low_rank else self.B.detach().clone()
+
+    def check_activity(self, h: Tensor, source: Tensor, source_name: str) -> None:
+        """A ``RuntimeError`` unless ``h`` and ``source`` have the sizes this path was built for."""
+        if h.shape[0] != source.shape[0] or h.shape[1:].numel() != self.n_target:
+            raise RuntimeError(
+                f"target {self.target!r}: expected activity (N={source.shape[0]}, {self.n_target} "
+                f"per sample), got {tuple(h.shape)}; build DirectFeedback with example_input=")
+        if source.shape[1:].numel() != self.d_source:
+            raise RuntimeError(f"source {source_name!r}: expected {self.d_source} values per sample, "
+                               f"got {tuple(source.shape)}; build DirectFeedback with example_input=")
 
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{k}={tuple(s)}" for k, s in self.feedback_shapes().items())
@@ -206,7 +249,17 @@ class _DirectFeedbackFn(Function):
         rows = e.shape[0]
         grad_h, grad_p = [None] * k, [None] * len(params)
         for i, shape in enumerate(ctx.shapes):
-            if plan.low_rank:
+            if plan.conv[i]:  # per-pixel path: raftorch.direct_conv
+                j = 2 * i if plan.low_rank else i
+                n = 2 if plan.low_rank else 1
+                h = hs[i] if plan.learns_q and need_p[j] else None
+                out = plan.conv_backward(
+                    e, h, shape, params[j:j + n], plan.low_rank, plan.oja, need_h[i], need_p[j],
+                    need_p[j + 1] if plan.low_rank else False, scale=plan.scale, clamp=plan.clamp)
+                grad_h[i] = out[0]
+                if plan.low_rank:
+                    grad_p[j], grad_p[j + 1] = out[1], out[2]
+            elif plan.low_rank:
                 Q, P = params[2 * i], params[2 * i + 1]
                 # explicit widths: an empty batch (rows = 0) cannot infer a -1
                 e2 = e.reshape(rows, e.shape[1:].numel()).to(P.dtype)
@@ -229,8 +282,13 @@ class _DirectFeedbackFn(Function):
 class _Plan:
     """What the Function needs to know, fixed at construction."""
 
-    def __init__(self, paths, rule: Rule, oja, clamp=None):
+    def __init__(self, paths, rule: Rule, oja, clamp=None, conv=None):
         self.paths = paths
+        self.conv = list(conv or [False] * len(paths))  # per path: per-pixel (direct_conv) or dense
+        if any(self.conv):
+            from raftorch.direct_conv import conv_direct_backward
+
+            self.conv_backward = conv_direct_backward
         self.clamp = clamp  # error_clamp: delta_l clamped to [-c, c]
         self.scale = LossScale()  # set by raftorch.loss_scale
         self.low_rank = rule.low_rank
@@ -289,7 +347,8 @@ class DirectFeedback(nn.Module):
     Args:
         model: the network (its weight layers may be ``nn`` or raftorch layers).
         rule: ``"draf"`` (``B_l = Q_l P_l``, learned) or ``"dfa"`` (fixed random ``B_l``).
-        rank: ``r`` for ``draf`` (an int, clamped to ``min(n_l, d_s)``, or ``"full"``);
+        rank: ``r`` for ``draf`` (an int, clamped to ``min(n_l, d_s)`` on a dense path and to
+            the source's channels ``C_s`` on a convolutional one, or ``"full"``: that limit);
             ``None`` for ``dfa``.
         source: ``"output"`` (default: the model's output), ``"penultimate"`` (the
             second-to-last weight layer in registration order) or a module name; the source
@@ -299,8 +358,17 @@ class DirectFeedback(nn.Module):
             source in ``model.named_modules()`` order (with ``"output"``: every weight layer
             but the last).
         example_input: a sample batch; needed when sizes do not follow from ``Linear``
-            widths (convolutional targets or sources, token inputs). It is run once under
-            ``no_grad`` in eval mode (training flags are restored).
+            widths or, for convolutional paths, from ``Conv2d`` channels (dense paths from or
+            into convolutions, token inputs). It is run once under ``no_grad`` in eval mode
+            (training flags are restored).
+        path: the form of each path. ``"auto"`` (default): convolutional
+            (:class:`raftorch.direct_conv.ConvDirectPath`: ``P`` ``(r, C_s)``, ``Q``
+            ``(C_t, r)`` per pixel, area resampling between the grids) where the source's
+            output and the target's activity are both ``(N, C, H, W)`` maps, dense
+            (:class:`DirectPath`, over the flattened activity) elsewhere; ``"conv"``: every
+            path convolutional (a ``ValueError`` if an end is not a map); ``"dense"``: every
+            path dense. A ``Conv2d`` source (by name) and ``Conv2d`` targets need no
+            ``example_input`` for convolutional paths.
         **options: Oja options for ``draf``: ``oja_center``, ``oja_scale``, ``oja_reduce``,
             ``oja_ddof`` (see :class:`raftorch.functional.OjaOptions`); and, for both rules,
             ``error_clamp=c``: every ``delta_l`` a path delivers is clamped to ``[-c, c]``.
@@ -310,8 +378,10 @@ class DirectFeedback(nn.Module):
     """
 
     def __init__(self, model: nn.Module, rule: str = "draf", rank=None, *, source: str = "output",
-                 targets=None, example_input=None, **options):
+                 targets=None, example_input=None, path: str = "auto", **options):
         super().__init__()
+        if path not in _PATH_FORMS:
+            raise ValueError(f"path must be one of {list(_PATH_FORMS)}, got {path!r}")
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(rule, str) or rule.lower() not in DIRECT_RULES:
@@ -329,14 +399,13 @@ class DirectFeedback(nn.Module):
         self.source, self._source_point, source_index = self._resolve_source(model, source)
         points = self._resolve_targets(model, targets, source_index)
 
-        sizes = self._sizes(model, points, example_input)
+        shapes = self._shapes(model, points, example_input, path)
         ref = next(iter(model.parameters()), None)
         factory = {"device": None if ref is None else ref.device,
                    "dtype": None if ref is None else ref.dtype}
-        self.paths = nn.ModuleList(
-            DirectPath(t, p, self.rule, rank, sizes[p], sizes[None], **factory) for t, p in points
-        )
-        self._plan = _Plan(list(range(len(self.paths))), self.rule, self.oja, self.error_clamp)
+        self.paths = nn.ModuleList(self._build_path(t, p, rank, shapes, path, factory) for t, p in points)
+        self._plan = _Plan(list(range(len(self.paths))), self.rule, self.oja, self.error_clamp,
+                           conv=[p.conv for p in self.paths])
         self._stash: dict[str, Tensor] = {}
         self._attach(model)
 
@@ -413,22 +482,41 @@ class DirectFeedback(nn.Module):
             points.append((n, p))
         return points
 
-    def _sizes(self, model, points, example_input):
-        """Per-sample sizes ``{point: n_l, None: d_s}``, from widths or a dry run."""
-        sizes = {p: _static_size(model, t, p) for t, p in points}
+    def _shapes(self, model, points, example_input, form):
+        """Per-sample output shapes ``{point: shape, None: the source's}``: ``(n,)`` from a
+        ``Linear``'s width, ``(C, None, None)`` (a map of unknown size) from a ``Conv2d``'s
+        channels where a convolutional path may use them, else from a dry run on
+        ``example_input``. A ``ValueError`` names what needs ``example_input``."""
+        shapes = {}
+        for t, p in points:
+            n = _static_size(model, t, p)
+            shapes[p] = (n,) if n is not None else _static_map(model, t, p) if form != "dense" else None
         if self.source == "output":
             last = model.get_submodule(weight_layer_names(model)[-1])
-            sizes[None] = last.out_features if isinstance(last, nn.Linear) else None
+            shapes[None] = (last.out_features,) if isinstance(last, nn.Linear) else None
         else:
             m = model.get_submodule(self.source)
-            sizes[None] = m.out_features if isinstance(m, nn.Linear) else None
+            shapes[None] = ((m.out_features,) if isinstance(m, nn.Linear) else
+                            (m.out_channels, None, None) if isinstance(m, nn.Conv2d) and form != "dense"
+                            else None)
         if example_input is None:
-            missing = [p for p, s in sizes.items() if s is None]
+            # a dense path needs every size; a convolutional one only the channels of two maps
+            src, missing, need_source = shapes[None], [], shapes[None] is None
+            for t, p in points:
+                sp = shapes[p]
+                if sp is not None and src is not None and len(sp) == len(src) == 3 and form != "dense":
+                    continue  # a convolutional path
+                if form == "conv" and sp is not None and src is not None:
+                    self._not_maps(t, p, sp, src)
+                if sp is None or None in sp:
+                    missing.append(p)
+                need_source = need_source or None in src
+            missing += [None] if need_source else []
             if missing:
                 what = ", ".join("the source" if p is None else repr(p) for p in missing)
                 raise ValueError(f"the size of {what} does not follow from Linear widths (a convolution "
                                  "or a reshaping module); pass example_input=<a sample batch>")
-            return sizes
+            return shapes
         seen = {}
 
         def record(key):
@@ -436,7 +524,7 @@ class DirectFeedback(nn.Module):
                 if not isinstance(output, Tensor):
                     raise ValueError(f"{key or 'the model'!r} returns {type(output).__name__}, not a "
                                      "tensor; direct feedback needs a tensor there")
-                seen[key] = output[0].numel()
+                seen[key] = tuple(output.shape[1:])
             return hook
 
         handles = [model.get_submodule(p).register_forward_hook(record(p)) for _, p in points]
@@ -451,10 +539,30 @@ class DirectFeedback(nn.Module):
                 h.remove()
             for m, t in flags.items():
                 m.training = t
-        for p in sizes:
+        for p in shapes:
             if p not in seen:
                 raise ValueError(f"{'the source' if p is None else repr(p)} did not run on example_input")
         return seen
+
+    def _not_maps(self, target, point, ht, src):
+        where = (f"the source {self.source!r} gives {_shape_text(src)}" if len(src) != 3 else
+                 f"target {target!r} (at {point!r}) gives {_shape_text(ht)}")
+        raise ValueError(f"path='conv' needs (N, C, H, W) maps at the source and every target, but "
+                         f"{where} per sample; use path='dense' or 'auto' (dense where an end is "
+                         "not a map)")
+
+    def _build_path(self, target, point, rank, shapes, form, factory):
+        """A :class:`raftorch.direct_conv.ConvDirectPath` where ``form`` and the two ends'
+        shapes (``(C, H, W)`` maps) say so, else a dense :class:`DirectPath`."""
+        ht, src = shapes[point], shapes[None]
+        maps = len(ht) == 3 and len(src) == 3
+        if form == "conv" and not maps:
+            self._not_maps(target, point, ht, src)
+        if maps and form != "dense":
+            from raftorch.direct_conv import ConvDirectPath  # it builds on this module
+
+            return ConvDirectPath(target, point, self.rule, rank, ht[0], src[0], **factory)
+        return DirectPath(target, point, self.rule, rank, math.prod(ht), math.prod(src), **factory)
 
     def _attach(self, model):
         model.register_forward_pre_hook(_ResetHook(self))
@@ -503,14 +611,8 @@ class DirectFeedback(nn.Module):
             if h is None:
                 raise RuntimeError(f"target {path.target!r} did not run before the source {self.source!r} "
                                    "in this forward pass; pass targets= with layers that run earlier")
-            if h.shape[0] != output.shape[0] or h.shape[1:].numel() != path.n_target:
-                raise RuntimeError(
-                    f"target {path.target!r}: expected activity (N={output.shape[0]}, {path.n_target} "
-                    f"per sample), got {tuple(h.shape)}; build DirectFeedback with example_input=")
+            path.check_activity(h, output, self.source)
             hs.append(h)
-        if output.shape[1:].numel() != self.paths[0].d_source:
-            raise RuntimeError(f"source {self.source!r}: expected {self.paths[0].d_source} values per sample, "
-                               f"got {tuple(output.shape)}; build DirectFeedback with example_input=")
         self._stash.clear()
         params = [p for path in self.paths for p in path.parameters()]
         return _DirectFeedbackFn.apply(self._plan, output, *hs, *params)
@@ -527,8 +629,8 @@ class DirectFeedback(nn.Module):
 
 
 def convert_direct(model: nn.Module, rule: str, rank=None, *, source: str = "output", targets=None,
-                   rest_rule: str = "bp", rest_rank=None, example_input=None, inplace: bool = False,
-                   report: bool = False, **options):
+                   rest_rule: str = "bp", rest_rank=None, example_input=None, path: str = "auto",
+                   inplace: bool = False, report: bool = False, **options):
     """``raftorch.convert(model, "dfa" | "draf", ...)``: convert every weight layer to
     ``rest_rule`` (default ``bp``; it only matters for layers after the source and for
     non-target layers before a target, since the targets' own weight update is exact) and
@@ -542,5 +644,5 @@ def convert_direct(model: nn.Module, rule: str, rank=None, *, source: str = "out
     out = convert(model, rest_rule, rest_rank, inplace=inplace, report=report)
     model, result = out if report else (out, None)
     DirectFeedback(model, rule, rank, source=source, targets=targets,
-                   example_input=example_input, **options)
+                   example_input=example_input, path=path, **options)
     return (model, result) if report else model

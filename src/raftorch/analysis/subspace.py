@@ -322,7 +322,9 @@ def track_subspace(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable | N
       with ``oja_source="target"`` learns ``P`` on the targets, not the error; its overlap is
       still measured against the error. For ``draf``, one entry per direct path, named by
       the path's module (``"direct_feedback.paths.0"``): its ``P`` ``(r, d_s)`` against the
-      source error ``e_s`` flattened per sample, the signal its Oja rule sees.
+      source error ``e_s`` flattened per sample, the signal its Oja rule sees (a
+      convolutional path, :mod:`raftorch.direct_conv`: ``P`` ``(r, C_s)`` against the source
+      map's pixels, channels as features).
     * ``"error_dim"``: for every ``Linear`` / ``Conv2d``, the :func:`participation_ratio`
       (centred) of the **backprop** error at its output, from plain autograd on
       :func:`plain_copy` (the model itself when it learns by exact backprop).
@@ -354,10 +356,11 @@ def track_subspace(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable | N
                 m.P, errors=received[name], center=center, feature_dim=1 if isinstance(m, nn.Conv2d) else -1)
     if source is not None and source in received:
         e = received[source]
-        e = e.reshape(e.shape[0], -1)
         for i, path in enumerate(direct.paths):
+            conv = getattr(path, "conv", False)  # a convolutional path: Oja per pixel, channels as features
             result["subspace"][f"direct_feedback.paths.{i}"] = subspace_overlap(
-                path.P, errors=e, center=direct.oja.center)
+                path.P, errors=e if conv else e.reshape(e.shape[0], -1), center=direct.oja.center,
+                feature_dim=1 if conv else -1)
     for name, m in layers:
         fd = 1 if isinstance(m, nn.Conv2d) else -1
         if name in bp:
