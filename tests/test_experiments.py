@@ -113,9 +113,9 @@ def test_a_malformed_spec_is_one_clear_error(tmp_path, change, message):
 
 # panel -> points, counted by hand from each spec (series x grid x seeds); README lists them too
 # (the last 1 of each training panel: the no-feedback control)
-QUICK_POINTS = {"fig2": 3, "fig3a": (2 * 2 + 1 + 1 + 1) * 2, "fig3b": (4 + 1 + 2 + 3 + 1) * 3,
+QUICK_POINTS = {"fig2": 5, "fig3a": (2 * 2 + 1 + 1 + 1) * 2, "fig3b": (4 + 1 + 2 + 3 + 1) * 3,
                 "fig3c": (3 + 4 + 5 + 3 + 3) * 2, "fig3d": (2 + 2 + 1 + 1) * 3, "fig3e": (2 + 1 + 1 + 1) * 2,
-                "fig4b": (3 + 1 + 1 + 1) * 2, "fig3f": (2 + 1 + 1) * 2, "fig4cd": (3 + 3 + 1 + 1 + 1) * 2}
+                "fig4b": (3 + 1 + 1 + 1) * 2, "fig3f": (2 + 1 + 1) * 2, "fig4cd": (3 + 3 + 3 + 1 + 1) * 2}
 
 
 def test_every_quick_spec_loads_and_expands_to_its_documented_number_of_points():

@@ -555,6 +555,47 @@ def dataset_shape(name: str, *, grayscale: bool = False,
     return (c, h, w), (subset if subset is not None else _NUM_CLASSES[base])
 
 
+_TRAIN_PER_CLASS = {"fashion-mnist": 6000, "cifar10": 5000, "cifar100": 500}  # as distributed
+
+
+def train_images(name: str, *, val_fraction: float = 0.0, train_size: int | None = None) -> int:
+    """How many training images :func:`load_dataset` keeps for ``name`` with these settings
+    (the validation split rounds per class, then ``train_size`` caps), without loading the
+    images (``digits``: its labels, from scikit-learn)."""
+    base, subset = parse_dataset_name(name)
+    if base == "digits":
+        from sklearn.datasets import load_digits as _sk_load_digits
+
+        labels = torch.as_tensor(_sk_load_digits().target)
+        counts = [int((labels == c).sum()) for c in range(subset or 10)]
+        counts = [n - int(round(0.2 * n)) for n in counts]  # load_digits' fixed 20% test split
+    else:
+        counts = [_TRAIN_PER_CLASS[base]] * (subset or _NUM_CLASSES[base])
+    n = sum(c - int(round(val_fraction * c)) for c in counts)
+    return n if train_size is None else min(n, train_size)
+
+
+def synthetic_like(name: str, *, n_train: int, n_test: int, grayscale: bool = False,
+                   image_size: int | None = None, seed: int = 0) -> DataSplits:
+    """Random stand-in data of the shape and number of classes ``load_dataset(name, ...)``
+    gives (:func:`dataset_shape`): standard normal images (as after standardisation) and
+    labels cycling through the classes in a random order, named ``synthetic:<name>``.
+
+    Not a dataset: nothing can be learned from it. Only ``raftorch reproduce --smoke`` uses it,
+    where the named dataset is missing and the run is for timing and device checks, and it
+    says so; :func:`load_dataset` never falls back to it."""
+    shape, k = dataset_shape(name, grayscale=grayscale, image_size=image_size)
+    g = torch.Generator().manual_seed(seed)
+
+    def part(n: int) -> tuple[Tensor, Tensor]:
+        labels = (torch.arange(n) % k)[torch.randperm(n, generator=g)]
+        return torch.randn(n, *shape, generator=g), labels
+
+    (x_train, y_train), (x_test, y_test) = part(n_train), part(n_test)
+    return DataSplits(f"synthetic:{name}", x_train, y_train, x_test, y_test, k,
+                      mean=torch.zeros(shape[0]), std=torch.ones(shape[0]))
+
+
 # --------------------------------------------------------------------------- batches and augmentation
 
 @dataclass(frozen=True)

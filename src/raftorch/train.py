@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 import raftorch
 from raftorch import checkpoint as ckpt
 from raftorch.config import FEEDBACK_INITS, TrainConfig, dump_config, load_config_file
-from raftorch.data import (Augmentation, CorruptDatasetError, DatasetNotFoundError, batch_indices,
+from raftorch.data import (Augmentation, CorruptDatasetError, DatasetNotFoundError, DataSplits, batch_indices,
                            load_dataset, shard)
 from raftorch.models import build_model, zero_output_layer_
 from raftorch.rules import DIRECT_RULES
@@ -346,9 +346,13 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = False, progres
         torch.set_num_threads(threads)
 
 
-def setup(cfg: TrainConfig, *, resume: bool = False) -> Run:
+def setup(cfg: TrainConfig, *, resume: bool = False, data: DataSplits | None = None) -> Run:
     """Data in memory, the model built and converted to the rule, optimizer and schedule;
     the run folder checked (and the checkpoint loaded when resuming); ``config.yaml`` written.
+
+    ``data``: the splits already in memory (``raftorch reproduce --smoke`` passes its
+    synthetic stand-in where a dataset is missing); ``None``: ``load_dataset`` of ``cfg``'s
+    data settings.
 
     ``cfg.threads`` set to ``None`` is resolved here (:func:`auto_threads`, CPU runs) and
     written back into ``cfg``, so ``config.yaml`` and ``final.json`` say what was used.
@@ -377,9 +381,11 @@ def setup(cfg: TrainConfig, *, resume: bool = False) -> Run:
     # data: in memory, on the device
     if world > 1 and not lead:
         dist.barrier()  # rank 0 downloads, if it has to, before the others look
-    data = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download and lead,
-                        grayscale=cfg.grayscale, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                        train_size=cfg.train_size, image_size=cfg.image_size).to(device)
+    if data is None:
+        data = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download and lead,
+                            grayscale=cfg.grayscale, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                            train_size=cfg.train_size, image_size=cfg.image_size)
+    data = data.to(device)
     if world > 1 and lead:
         dist.barrier()
 

@@ -8,6 +8,10 @@
     raftorch reproduce fig3a --profile paper --redraw      # figure + claims from saved results
     raftorch reproduce all --profile quick --decide        # add seeds until the claims are decided
     raftorch reproduce --spec my_panel.yaml                # a panel of your own
+    raftorch reproduce all --profile paper --smoke         # first command on a new cluster: device
+                                                           # checks, one short point per panel, a
+                                                           # table of step times and projected
+                                                           # device-hours (raftorch.experiments.smoke)
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from raftorch.experiments import smoke
 from raftorch.experiments.runner import StaleRun, parse_shard
 from raftorch.experiments.spec import SpecError, available, load_panel, load_spec
 from raftorch.experiments.suite import (_duration, dry_run, estimate, export_results, reproduce, summary_line, verdict,
@@ -54,6 +59,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder with the datasets for every run (else $RAFTORCH_DATA, else ~/.cache/raftorch)")
     p.add_argument("--device", default=None, help="device of every run: cpu, cuda, cuda:N (default: the spec's / auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a line per finished point stays)")
+    p.add_argument("--smoke", action="store_true",
+                   help="first command on a new cluster: the device checks (raftorch.devicecheck), then each "
+                        "panel's first point for a few optimizer steps with its real model, batch, optimizer and "
+                        "rule (synthetic data of the dataset's shape where the dataset is missing, said per "
+                        "panel), then a table of seconds per step and the projected device-hours of every "
+                        "panel; writes no files; exit status 1 if a check or a point fails")
+    p.add_argument("--smoke-steps", type=int, default=None, metavar="N",
+                   help=f"with --smoke: timed optimizer steps per point, after {smoke.WARMUP} warm-up steps "
+                        f"(default {smoke.DEFAULT_STEPS})")
+    p.add_argument("--smoke-scale", choices=smoke.SCALES, default=None,
+                   help="with --smoke: full (the spec's models and batches; default) or tiny (models shrunk, "
+                        f"batches <= {smoke.TINY_BATCH}, images <= {smoke.TINY_IMAGE}x{smoke.TINY_IMAGE}: for a CPU "
+                        "in CI; the times are not the paper's)")
     p.add_argument("--export", type=Path, default=None, metavar="DIR",
                    help="also copy the small result files (REPORT.md, each panel's summary.csv, points.csv, "
                         "claims.json and figures; no run folders) into DIR, e.g. docs/results/quick")
@@ -102,6 +120,26 @@ def _list(profile: str) -> str:
     return "\n".join(out)
 
 
+SMOKE_EXCLUDES = ("dry_run", "redraw", "retry_failed", "decide", "max_seeds", "shard", "jobs", "export")
+
+
+def _smoke(args: argparse.Namespace) -> int:
+    """``--smoke`` (:mod:`raftorch.experiments.smoke`); its exit status."""
+    given = [f"--{k.replace('_', '-')}" for k in SMOKE_EXCLUDES if getattr(args, k) not in (None, False)]
+    if given:
+        one = len(given) == 1
+        raise ValueError(f"--smoke runs one short point per panel in this process and writes nothing, so "
+                         f"{', '.join(given)} {'does' if one else 'do'} not apply; drop {'it' if one else 'them'}")
+    panels = _panels(args)
+    try:
+        return smoke.smoke(panels, device=args.device,
+                           steps=smoke.DEFAULT_STEPS if args.smoke_steps is None else args.smoke_steps,
+                           scale=args.smoke_scale or "full", data_dir=args.data_dir, threads=args.threads)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted; --smoke writes nothing, so there is nothing to resume", file=sys.stderr)
+        return 130
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         shard = parse_shard(args.shard)
@@ -110,6 +148,10 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.max_seeds is not None and not args.decide:
             raise ValueError("--max-seeds caps the seeds --decide adds; give --decide too")
+        if args.smoke:
+            return _smoke(args)
+        if args.smoke_steps is not None or args.smoke_scale is not None:
+            raise ValueError("--smoke-steps and --smoke-scale set the --smoke run; give --smoke too")
         panels = _panels(args)
         check_writable(args.results, "--results")  # before any work
         if args.export is not None:

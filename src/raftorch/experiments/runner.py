@@ -257,15 +257,23 @@ def execute(kind: str, config: dict, theory: dict, folder: str, resume: bool) ->
         return {"status": "failed", "error": message, "seconds": time.perf_counter() - start}
 
 
-def _run_theory(theory: dict, config: dict, folder: Path) -> dict:
-    from raftorch.theory.experiments import Figure2Config, run_figure2
-    from raftorch.theory.result import save_results
+def figure2_config(theory: dict, config: dict):
+    """The :class:`~raftorch.theory.experiments.Figure2Config` of a theory point: the spec's
+    ``theory`` settings updated by the point's (its seed)."""
+    from raftorch.theory.experiments import Figure2Config
 
-    start = time.perf_counter()
     settings = {k: v for k, v in {**theory, **config}.items() if k not in ("tol",)}
     if "methods" in settings:
         settings["methods"] = tuple(settings["methods"])
-    fig_cfg = Figure2Config(**settings)
+    return Figure2Config(**settings)
+
+
+def _run_theory(theory: dict, config: dict, folder: Path) -> dict:
+    from raftorch.theory.experiments import run_figure2
+    from raftorch.theory.result import save_results
+
+    start = time.perf_counter()
+    fig_cfg = figure2_config(theory, config)
     task, results = run_figure2(fig_cfg)
     ckpt.write_text(folder / ckpt.CONFIG, json.dumps(config, indent=2) + "\n")
     meta = {"task": task.config(), "panels": fig_cfg.panels(),
