@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from raftorch import data as D
+from raftorch.config import TrainConfig
 from raftorch.data import (Augmentation, CorruptDatasetError, DatasetNotFoundError, batch_indices,
                            load_dataset, shard)
 
@@ -84,6 +85,35 @@ def test_cifar100_subset_keeps_the_first_k_classes(tmp_path):
     assert s.num_classes == 50
     assert s.y_train.max().item() == 49 and s.y_test.max().item() == 49
     assert len(s.y_train) == 150  # labels cycle 0..99 three times: half of them kept
+
+
+def test_cifar100_random_subset_draws_k_classes_with_the_seed_and_relabels_them(tmp_path):
+    folder = write_fake_cifar(tmp_path, "cifar100", per_batch=300)
+    with open(folder / "train", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    images = torch.tensor(raw[b"data"], dtype=torch.float32).view(-1, 3, 32, 32)
+    labels = torch.tensor(raw[b"fine_labels"])
+    kept = D.class_subset(100, 50, "random", seed=3)
+    assert kept.tolist() == sorted(set(kept.tolist())) and len(kept) == 50 and kept.max() < 100
+    assert kept.tolist() != list(range(50))  # not the first 50
+    assert torch.equal(kept, D.class_subset(100, 50, "random", seed=3))
+    assert not torch.equal(kept, D.class_subset(100, 50, "random", seed=4))
+    s = load_dataset("cifar100:50", data_dir=tmp_path, class_sample="random", seed=3)
+    assert s.num_classes == 50 and len(s.y_train) == 150
+    # sample i of the kept data is the i-th training image whose label is kept, relabelled to
+    # that label's place in the sorted subset; the standardisation is per channel, so compare
+    # the order of the pixel values (a monotone map of the raw ones)
+    rows = torch.nonzero(torch.isin(labels, kept)).flatten()
+    assert torch.equal(s.y_train, torch.searchsorted(kept, labels[rows]))
+    raw0, got0 = images[rows[0]].flatten(), s.x_train[0].flatten()
+    assert torch.equal(torch.argsort(raw0[:1024], stable=True), torch.argsort(got0[:1024], stable=True))
+
+
+def test_class_sample_random_needs_a_class_subset_and_a_known_value():
+    with pytest.raises(ValueError, match="picks the K classes of a 'name:K' dataset"):
+        TrainConfig(data="digits", class_sample="random").validate()
+    with pytest.raises(ValueError, match="class_sample must be one of first, random"):
+        TrainConfig(data="digits:3", class_sample="some").validate()
 
 
 def test_grayscale_is_the_bt601_luma_of_the_colour_image(tmp_path):

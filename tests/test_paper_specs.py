@@ -1,11 +1,12 @@
 """The ``paper`` profile's panel specs: each loads, expands to the number of runs worked out by
 hand from its YAML, and the first run of every series trains one step on fake CIFAR data
-(the full-size paper models, a small batch). The theory panel runs once and its claims hold."""
+(the full-size paper models, a small batch). The theory panel runs once and only the paper's claim that the theory contradicts fails."""
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
 from raftorch.config import TrainConfig
 from raftorch.experiments.claims import evaluate_claims
@@ -23,7 +24,7 @@ EXPECTED_POINTS = {
     "fig3e": (6 + 1 + 1 + 1) * 5,           # RAF block 4 at 6 ranks, RAF full rank, BP; 5 seeds
     "fig4b": (3 + 1 + 1) * 5,               # RAF width/2, /4, /8; BP; 5 seeds
     "fig3f": (6 + 1 + 1) * 5,               # RAF 6 ranks, BP; 5 seeds
-    "fig4cd": (6 + 6 + 1 + 1 + 1 + 1) * 5,  # RAF into the retina 6 ranks, every layer 6; dRAF bottleneck; BP; BP bottleneck 1; 5 seeds
+    "fig4cd": (6 + 6 + 6 + 1 + 1 + 1) * 5,  # RAF into the retina 6 ranks, every layer 6, dRAF from the VVS 6; BP; no feedback; BP bottleneck 1; 5 seeds
 }
 ORDER = ["fig2", "fig3a", "fig3b", "fig3c", "fig3d", "fig3e", "fig4b", "fig3f", "fig4cd"]
 TRAIN_PANELS = [p for p in ORDER if p != "fig2"]
@@ -93,6 +94,20 @@ def test_rank_limits_land_on_the_intended_layers():
     assert ranks["vvs.conv1"] == 4 and ranks["vvs.conv2"] == 32 and ranks["retina.conv2"] == 32
     ranks = _layer_ranks(_point("fig3f", "RAF", rank=16))
     assert ranks["blocks.6.attn.q"] == ranks["blocks.0.mlp.fc2"] == 16 and ranks["head"] == 10
+
+
+def test_fig4cd_draf_sends_the_last_vvs_convs_error_map_into_the_retina_per_pixel():
+    from raftorch.direct_conv import ConvDirectPath
+    from raftorch.models import build_model
+    from raftorch.train import convert_model
+
+    point = _point("fig4cd", "dRAF from the VVS into the retina, bottleneck 4", r=4)
+    cfg = TrainConfig.from_dict(point.config)
+    model = convert_model(build_model(cfg.model, (1, 32, 32), 10, **cfg.model_options), cfg, torch.zeros(2, 1, 32, 32))
+    direct = model.direct_feedback
+    assert direct.source == "vvs.conv3"
+    assert [(p.target, type(p), tuple(p.P.shape), tuple(p.Q.shape)) for p in direct.paths] == [
+        ("retina.conv1", ConvDirectPath, (4, 32), (32, 4)), ("retina.conv2", ConvDirectPath, (4, 32), (4, 4))]
 
 
 # --------------------------------------------------------------------------- one training step

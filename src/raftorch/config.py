@@ -17,6 +17,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 OUTPUT_INITS = (None, "zero")  # TrainConfig.output_init
 TRACKERS = ("subspace", "error_alignment")  # representation metrics train can log per epoch (TrainConfig.track)
 FEEDBACK_INITS = ("random", "svd")  # TrainConfig.feedback_init
+CLASS_SAMPLES = ("first", "random")  # TrainConfig.class_sample
 
 
 @dataclass
@@ -25,6 +26,9 @@ class TrainConfig:
 
     # data
     data: str = "digits"  # digits | fashion-mnist | cifar10 | cifar100 | cifar100:K
+    # which K classes a "name:K" dataset keeps: "first" (labels 0..K-1) or "random" (K drawn with
+    # the run's seed, relabelled 0..K-1 in label order: the paper's "sampling" of Fig. 3c)
+    class_sample: str = "first"
     data_dir: str | None = None  # else $RAFTORCH_DATA, else ~/.cache/raftorch
     download: bool = False  # fetch a missing dataset (needs a network)
     grayscale: bool = False  # one luma channel (paper Fig. 4)
@@ -200,6 +204,11 @@ class TrainConfig:
         if not 0 < self.lr_decay <= 1:
             bad(f"lr_decay is the per-epoch factor on the learning rate and must be in (0, 1], "
                 f"got {self.lr_decay!r} (e.g. 0.975)")
+        if self.class_sample not in CLASS_SAMPLES:
+            bad(f"class_sample must be one of {', '.join(CLASS_SAMPLES)}, got {self.class_sample!r}")
+        if self.class_sample != "first" and ":" not in str(self.data):
+            bad(f"class_sample={self.class_sample!r} picks the K classes of a 'name:K' dataset, but data is "
+                f"{self.data!r}; use e.g. data: cifar100:50, or leave class_sample at 'first'")
         if self.feedback_init not in FEEDBACK_INITS:
             bad(f"feedback_init must be one of {', '.join(FEEDBACK_INITS)}, got {self.feedback_init!r}")
         if (isinstance(self.feedback_init_scale, bool) or not isinstance(self.feedback_init_scale, (int, float))

@@ -413,17 +413,41 @@ def resize_images(x: Tensor, size: int | None) -> Tensor:
     return F.interpolate(x, size=(size, size), mode="area")
 
 
+def class_subset(num_classes: int, k: int, how: str = "first", seed: int = 0) -> Tensor:
+    """The sorted labels of the ``k`` classes a ``"name:K"`` dataset keeps: ``0..k-1``
+    (``how="first"``) or ``k`` of the ``num_classes`` drawn without replacement with ``seed``
+    (``"random"``; the same seed, the same classes). They are relabelled ``0..k-1`` in this order."""
+    if how == "first":
+        return torch.arange(k)
+    if how != "random":
+        raise ValueError(f"class_sample must be 'first' or 'random', got {how!r}")
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(num_classes, generator=g)[:k].sort().values
+
+
+def _keep_classes(x: Tensor | None, y: Tensor | None, kept: Tensor):
+    """The samples of the classes ``kept`` (sorted labels), relabelled ``0..len(kept)-1``."""
+    if x is None:
+        return None, None
+    new = torch.full((int(max(int(y.max()) if y.numel() else 0, int(kept.max())) + 1),), -1, dtype=torch.long)
+    new[kept] = torch.arange(len(kept))
+    mapped = new[y.long()]
+    m = mapped >= 0
+    return x[m], mapped[m].to(y.dtype)
+
+
 def _prepare(name: str, x_train, y_train, x_test, y_test, num_classes: int, *, classes=None,
              subset: int | None, grayscale: bool, val_fraction: float, seed: int,
-             train_size: int | None = None, image_size: int | None = None) -> DataSplits:
+             train_size: int | None = None, image_size: int | None = None,
+             class_sample: str = "first") -> DataSplits:
     """uint8 images -> float in [0, 1] -> optional grayscale, class subset, resize, validation
     split, training subset -> per-channel standardisation with the training part's mean and
     standard deviation."""
     if subset is not None:
-        keep_tr, keep_te = y_train < subset, y_test < subset
-        x_train, y_train, x_test, y_test = x_train[keep_tr], y_train[keep_tr], x_test[keep_te], y_test[keep_te]
+        kept = class_subset(num_classes, subset, class_sample, seed)
+        (x_train, y_train), (x_test, y_test) = _keep_classes(x_train, y_train, kept), _keep_classes(x_test, y_test, kept)
         num_classes = subset
-        classes = None if classes is None else tuple(classes[:subset])
+        classes = None if classes is None else tuple(classes[int(c)] for c in kept)
     x_train = resize_images(x_train.to(torch.float32).div_(255.0), image_size)
     x_test = resize_images(x_test.to(torch.float32).div_(255.0), image_size)
     if grayscale:
@@ -461,9 +485,10 @@ def parse_dataset_name(name: str) -> tuple[str, int | None]:
 def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = False,
                  grayscale: bool = False, check_md5: bool = False, val_fraction: float = 0.0,
                  seed: int = 0, train_size: int | None = None, image_size: int | None = None,
-                 **kwargs) -> DataSplits:
-    """Load a dataset by name into memory. Known names: see ``DATASETS``; ``"name:K"`` keeps the
-    first ``K`` classes (e.g. ``"cifar100:50"``, paper Fig. 3c).
+                 class_sample: str = "first", **kwargs) -> DataSplits:
+    """Load a dataset by name into memory. Known names: see ``DATASETS``; ``"name:K"`` keeps
+    ``K`` classes (e.g. ``"cifar100:50"``, paper Fig. 3c): the first ``K``, or ``K`` drawn with
+    ``seed`` (``class_sample="random"``, :func:`class_subset`), relabelled ``0..K-1``.
 
     Args:
         data_dir: folder to look in (else ``$RAFTORCH_DATA``, else ``~/.cache/raftorch``).
@@ -472,7 +497,7 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
         check_md5: verify the CIFAR files against their published MD5 checksums.
         val_fraction: hold out this stratified fraction of the training set as a validation
             split (chosen with ``seed``), so results are not picked on the test set.
-        seed: seed of the validation split and of the training subset.
+        seed: seed of the validation split, of the training subset and of a random class subset.
         train_size: keep a stratified random subset of this many training images (after the
             validation split), for runs that must be short; ``None``: all of them.
         image_size: resize images to ``image_size x image_size`` by area averaging (before
@@ -496,7 +521,7 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
             raise ValueError(f"digits: unknown option(s) {sorted(kwargs.keys() - {'test_fraction'})}")
         splits = load_digits(seed=seed, val_fraction=val_fraction, **kwargs)
         if subset is not None:
-            splits = _take_classes(splits, subset, name)
+            splits = _take_classes(splits, class_subset(10, subset, class_sample, seed), name)
         if image_size is not None:
             splits.x_train, splits.x_test = resize_images(splits.x_train, image_size), resize_images(splits.x_test, image_size)
             splits.x_val = None if splits.x_val is None else resize_images(splits.x_val, image_size)
@@ -518,20 +543,15 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
         classes = CIFAR10_CLASSES if base == "cifar10" else None
     return _prepare(name, *arrays, _NUM_CLASSES[base], classes=classes, subset=subset,
                     grayscale=grayscale, val_fraction=val_fraction, seed=seed,
-                    train_size=train_size, image_size=image_size)
+                    train_size=train_size, image_size=image_size, class_sample=class_sample)
 
 
-def _take_classes(splits: DataSplits, k: int, name: str) -> DataSplits:
-    def keep(x, y):
-        if x is None:
-            return None, None
-        m = y < k
-        return x[m], y[m]
-    x_tr, y_tr = keep(splits.x_train, splits.y_train)
-    x_te, y_te = keep(splits.x_test, splits.y_test)
-    x_va, y_va = keep(splits.x_val, splits.y_val)
-    classes = None if splits.classes is None else splits.classes[:k]
-    return DataSplits(name, x_tr, y_tr, x_te, y_te, k, x_va, y_va, splits.mean, splits.std, classes)
+def _take_classes(splits: DataSplits, kept: Tensor, name: str) -> DataSplits:
+    """``splits`` restricted to the classes ``kept`` (sorted labels), relabelled ``0..K-1``."""
+    (x_tr, y_tr), (x_te, y_te) = _keep_classes(splits.x_train, splits.y_train, kept), _keep_classes(splits.x_test, splits.y_test, kept)
+    x_va, y_va = _keep_classes(splits.x_val, splits.y_val, kept)
+    classes = None if splits.classes is None else tuple(splits.classes[int(c)] for c in kept)
+    return DataSplits(name, x_tr, y_tr, x_te, y_te, len(kept), x_va, y_va, splits.mean, splits.std, classes)
 
 
 _NUM_CLASSES = {"digits": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 import raftorch
 from raftorch import checkpoint as ckpt
-from raftorch.config import FEEDBACK_INITS, TrainConfig, dump_config, load_config_file
+from raftorch.config import CLASS_SAMPLES, FEEDBACK_INITS, TrainConfig, dump_config, load_config_file
 from raftorch.data import (Augmentation, CorruptDatasetError, DatasetNotFoundError, DataSplits, batch_indices,
                            load_dataset, shard)
 from raftorch.models import build_model, zero_output_layer_
@@ -384,7 +384,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False, data: DataSplits | None = N
     if data is None:
         data = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download and lead,
                             grayscale=cfg.grayscale, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                            train_size=cfg.train_size, image_size=cfg.image_size)
+                            train_size=cfg.train_size, image_size=cfg.image_size,
+                            class_sample=cfg.class_sample)
     data = data.to(device)
     if world > 1 and lead:
         dist.barrier()
@@ -645,7 +646,8 @@ def finish(run: Run) -> dict[str, Any]:
 # --------------------------------------------------------------------------- command line
 
 _FLAG_HELP = {
-    "data": "dataset: digits, fashion-mnist, cifar10, cifar100, cifar100:K (first K classes)",
+    "data": "dataset: digits, fashion-mnist, cifar10, cifar100, cifar100:K (K classes, see --class-sample)",
+    "class_sample": "which K classes a name:K dataset keeps: first (labels 0..K-1) or random (drawn with the seed)",
     "data_dir": "folder with the datasets (else $RAFTORCH_DATA, else ~/.cache/raftorch)",
     "download": "download a missing dataset (needs a network)",
     "grayscale": "convert images to one grayscale channel",
@@ -728,6 +730,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=_rank, **kw)
         elif name == "feedback_init":
             parser.add_argument(flag, choices=FEEDBACK_INITS, **kw)
+        elif name == "class_sample":
+            parser.add_argument(flag, choices=CLASS_SAMPLES, **kw)
         elif name == "output_init":
             parser.add_argument(flag, type=lambda t: None if t.lower() in ("none", "null") else t,
                                 choices=[None, "zero"], metavar="{zero,none}", **kw)

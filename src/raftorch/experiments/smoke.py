@@ -146,13 +146,15 @@ def tiny_config(config: dict) -> dict:
 def _data(cfg: TrainConfig, n_train: int, cache: dict):
     """(splits, "real" | "synthetic", one line saying which) for ``cfg``'s dataset; ``n_train``:
     the synthetic stand-in's training images (its test set: a fifth of that, as CIFAR's)."""
-    key = (cfg.data, cfg.data_dir, cfg.grayscale, cfg.val_fraction, cfg.seed, cfg.train_size, cfg.image_size, n_train)
+    key = (cfg.data, cfg.class_sample, cfg.data_dir, cfg.grayscale, cfg.val_fraction, cfg.seed, cfg.train_size,
+           cfg.image_size, n_train)
     if key in cache:
         return cache[key]
     where = data_root(cfg.data_dir)
     try:
         data = load_dataset(cfg.data, data_dir=cfg.data_dir, grayscale=cfg.grayscale, val_fraction=cfg.val_fraction,
-                            seed=cfg.seed, train_size=cfg.train_size, image_size=cfg.image_size)
+                            seed=cfg.seed, train_size=cfg.train_size, image_size=cfg.image_size,
+                            class_sample=cfg.class_sample)
         cache[key] = data, "real", f"{cfg.data} found under {where}: real data"
     except DatasetNotFoundError:
         shape, classes = dataset_shape(cfg.data, grayscale=cfg.grayscale, image_size=cfg.image_size)
