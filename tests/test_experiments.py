@@ -427,6 +427,13 @@ def test_list_and_dry_run_show_points_and_costs(tmp_path, capsys):
     assert cli_main(["reproduce", "fig3a", "--dry-run", "--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"{QUICK_POINTS['fig3a']} points" in out and "new    raf_layer-fc2_r-1_s0" in out and "estimated cost" in out
+    # the settings the points share, then each series' own: a paper spec's corrected settings show
+    assert cli_main(["reproduce", "fig4cd", "--profile", "paper", "--dry-run", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    shared = next(line for line in out.splitlines() if line.startswith("  settings of every point: "))
+    for item in ("optimizer=rmsprop", "weight_decay=0.0", "batch_size=64", "crop_padding=3", "flip=True"):
+        assert item in shared.split(": ", 1)[1].split(", "), item
+    assert "series 'dRAF from the VVS into the retina, bottleneck 4': rule=draf, rank={r}" in out
 
 
 def test_all_writes_one_report_with_every_claim_and_figure(tmp_path):

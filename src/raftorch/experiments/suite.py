@@ -81,6 +81,21 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def settings_lines(panel: Panel) -> list[str]:
+    """The training settings the dry run lists: those every point shares (the seed aside), then
+    what each series sets on top; a theory panel's keyword arguments."""
+    def show(d: dict) -> str:
+        return ", ".join(f"{k}={v}" for k, v in d.items())
+
+    if panel.kind == "theory":
+        return [f"  settings: {show(panel.theory)}"]
+    configs = [p.config for p in panel.points()]
+    shared = {k: v for k, v in configs[0].items() if k != "seed" and all(c.get(k, object()) == v for c in configs)}
+    lines = [f"  settings of every point: {show(shared)}"]
+    lines += [f"  series {s.name!r}: {show(s.set)}" for s in panel.series if s.set]
+    return lines
+
+
 def dry_run(panel: Panel, root: str | Path, shard=None, jobs: int | None = None) -> str:
     """The points (with their state) and the estimated cost, as text."""
     find_extra_seeds(root, panel)
@@ -90,6 +105,7 @@ def dry_run(panel: Panel, root: str | Path, shard=None, jobs: int | None = None)
     lines = [f"{panel.id} ({panel.profile}): {len(points)} points"
              + (f" in shard {shard[0]}/{shard[1]}" if shard else "")
              + f", {len(todo)} to run, {len(points) - len(todo)} done"]
+    lines += settings_lines(panel)
     for t in tasks:
         lines.append(f"  {t.action:6s} {t.point.id}")
     est = estimate(panel, [t.point for t in todo])
