@@ -135,3 +135,16 @@ def test_bad_convert_arguments_name_the_problem():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing skipped: no warning
         raftorch.convert(net, "fa")
+
+
+@pytest.mark.parametrize("rule", ["raf", "fa", "draf", "frozen"])
+def test_convert_of_something_that_is_not_a_module_is_a_clear_value_error(rule):
+    with pytest.raises(ValueError, match="convert needs the model to convert \\(an nn.Module\\), got str 'hello'"):
+        raftorch.convert("hello", rule, rank=2 if rule in ("raf", "draf") else None)
+
+
+def test_convert_names_a_zero_width_layer_it_cannot_give_a_feedback_rule():
+    net = nn.Sequential(nn.Linear(4, 0), nn.Linear(0, 2))
+    with pytest.raises(ValueError, match=r"cannot convert '0' \(Linear\): .*out_features must be at least 1"):
+        raftorch.convert(net, "fa")
+    assert raftorch.convert(net, "bp")(torch.randn(3, 4)).shape == (3, 2)

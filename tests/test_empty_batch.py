@@ -3,6 +3,7 @@ zero feedback updates on every path: the forward returns PyTorch's empty output,
 gives an empty input gradient, the weight and bias gradients of plain PyTorch (zeros), every
 feedback gradient exactly zero (no NaN, no error), and an Adam step changes nothing."""
 import contextlib
+import copy
 import itertools
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 
 import raftorch
 from raftorch import _ext
+from raftorch import functional as RF
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +38,9 @@ def path_of(path):
         with _ext.disabled():
             yield
         return
-    assert _ext.get() is not None, "the C++ fast path is off or did not build"
+    if _ext.setting() == "0":
+        pytest.skip("RAFTORCH_EXTENSION=0: the C++ fast path is turned off (the python cases run)")
+    assert _ext.get() is not None, "the C++ fast path is on but did not build"
     yield
 
 
@@ -49,12 +53,12 @@ def check_empty_batch(plain: nn.Module, ours: nn.Module, x: torch.Tensor, target
     """``ours`` (a converted copy of ``plain``) on the empty batch ``x``: exact checks against
     ``plain`` and zero feedback gradients, then an Adam step that leaves every parameter as it
     was (its gradients are all zero)."""
-    assert x.shape[0] == 0
     before = {n: p.detach().clone() for n, p in ours.named_parameters()}
     xr = x.clone().requires_grad_(True)
     xo = x.clone().requires_grad_(True)
     y_ref = _call(plain, xr)
     y = _call(ours, xo)
+    assert y.numel() == 0  # no rows, or (attention without queries) no error for any row
     assert y.shape == y_ref.shape and torch.equal(y, y_ref)
     if targets is not None:
         raftorch.feed_targets(ours, targets)
@@ -90,7 +94,7 @@ def convert(plain, rule, rank, **options):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("shape", [(0, 6), (0, 3, 6)], ids=["rows", "tokens"])
+@pytest.mark.parametrize("shape", [(0, 6), (0, 3, 6), (3, 0, 6)], ids=["rows", "tokens", "no-tokens"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rule", RULES)
 def test_linear_rules(rule, bias, shape, path):
@@ -101,7 +105,7 @@ def test_linear_rules(rule, bias, shape, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("shape", [(0, 6), (0, 3, 6)], ids=["rows", "tokens"])
+@pytest.mark.parametrize("shape", [(0, 6), (0, 3, 6), (3, 0, 6)], ids=["rows", "tokens", "no-tokens"])
 @pytest.mark.parametrize("options", OJA_ALL, ids=OJA_IDS)
 def test_linear_oja_options(options, shape, path):
     torch.manual_seed(0)
@@ -243,3 +247,278 @@ def test_direct(rule, options, model, path):
     with path_of(path):
         n = check_empty_batch(plain, ours, torch.randn(0, *shape))
     assert n == (0 if rule == "dfa" else 2 * len(ours.direct_feedback.paths))
+
+
+# --------------------------------------------------------------------------- both conv backwards
+
+# (C_in, C_out, kernel, rank) taking each backward of functional.Conv2dLowRankFeedback: through
+# z = P g ("factored") or through the combined kernel P^T Q ("kernel", functional._combine_kernel)
+CONV_BACKWARDS = {"factored": (3, 6, 3, 2), "kernel": (3, 4, 1, 4)}
+
+
+def _conv_pair(which, conv_type=nn.Conv2d):
+    c_in, c_out, k, r = CONV_BACKWARDS[which]
+    torch.manual_seed(0)
+    return conv_type(c_in, c_out, k, padding=k // 2), r
+
+
+@pytest.mark.parametrize("which", list(CONV_BACKWARDS))
+@pytest.mark.parametrize("rule,options", RULE_CASES, ids=RULE_IDS)
+def test_conv2d_both_backwards_every_rule(rule, options, which):
+    plain, r = _conv_pair(which)
+    ours = convert(plain, rule, r, **options)
+    if ours.rule.low_rank:
+        assert RF._combine_kernel(ours.Q, ours.P, ours.P.requires_grad) == (which == "kernel")
+    check_empty_batch(plain, ours, torch.randn(0, plain.in_channels, 5, 5))
+
+
+@pytest.mark.parametrize("which", list(CONV_BACKWARDS))
+@pytest.mark.parametrize("options", OJA_ALL, ids=OJA_IDS)
+def test_conv2d_and_conv1d_both_backwards_every_oja_option(options, which):
+    plain, r = _conv_pair(which)
+    ours = convert(plain, "raf", r, **options)
+    assert RF._combine_kernel(ours.Q, ours.P, True) == (which == "kernel")
+    assert check_empty_batch(plain, ours, torch.randn(0, plain.in_channels, 5, 5)) == 2
+    plain, r = _conv_pair(which, nn.Conv1d)
+    x = torch.randn(0, plain.in_channels, 7)
+    assert check_empty_batch(plain, convert(plain, "raf", r, **options), x) == 2
+
+
+# --------------------------------------------------------------------------- cross-attention
+
+
+class _Cross(nn.Module):
+    """Calls an attention module on a query, key and value built from one input ``x``
+    ``(N, T, E)`` (so the check above can compare ``x``'s gradient): ``"kv"``: a longer key
+    that is also the value; ``"k-v"``: a longer key and a different value tensor; ``"kdim"``:
+    key and value of other widths (the module has ``kdim=6``, ``vdim=5``); ``"no-queries"``:
+    the query has no tokens while key and value have some (a batch with rows but no error)."""
+
+    def __init__(self, inner, mode):
+        super().__init__()
+        self.inner, self.mode = inner, mode
+
+    def forward(self, x):
+        longer = torch.cat([x, x[:, :2]], 1)
+        if self.mode == "kv":
+            return self.inner(x, longer, longer)[0]
+        if self.mode == "k-v":
+            return self.inner(x, longer, 2 * longer)[0]
+        if self.mode == "kdim":
+            return self.inner(x, longer[..., :6], longer[..., 1:6])[0]
+        return self.inner(x[:, :0], x, 2 * x)[0]  # no-queries
+
+
+CROSS_MODES = ["kv", "k-v", "kdim", "no-queries"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode", CROSS_MODES)
+@pytest.mark.parametrize("rule,options", RULE_CASES, ids=RULE_IDS)
+def test_cross_attention(rule, options, mode, path):
+    torch.manual_seed(0)
+    kw = dict(kdim=6, vdim=5) if mode == "kdim" else {}
+    plain = _Cross(nn.MultiheadAttention(8, 2, batch_first=True, **kw), mode)
+    ours = _Cross(convert(plain.inner, rule, 2, **options), mode)
+    x = torch.randn(3, 4, 8) if mode == "no-queries" else torch.randn(0, 4, 8)
+    with path_of(path):
+        n = check_empty_batch(plain, ours, x)
+    assert n == {"fa": 0, "kp": 4, "fa-lowrank": 0, "raf-q": 4}.get(rule, 8)
+
+
+# --------------------------------------------------------------------------- one row, ddof=1
+
+
+def _one_row_models():
+    torch.manual_seed(0)
+    conv = {w: _conv_pair(w) for w in CONV_BACKWARDS}
+    return {  # name: (plain model, rank, an input with one row of the Oja signal)
+        "linear": (nn.Linear(6, 5), 3, torch.randn(1, 6)),
+        "conv-factored": (conv["factored"][0], 2, torch.randn(1, 3, 1, 1)),
+        "conv-kernel": (conv["kernel"][0], 4, torch.randn(1, 3, 1, 1)),
+        "attention": (nn.MultiheadAttention(8, 2, batch_first=True), 2, torch.randn(1, 1, 8)),
+    }
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("model", ["linear", "conv-factored", "conv-kernel", "attention"])
+@pytest.mark.parametrize("scale,center", [(s, c) for s in ("maxstd", "rms", "std", "none") for c in (True, False)])
+def test_one_row_with_ddof_1_gives_a_zero_oja_update(scale, center, model, path):
+    """A variance with ``M - ddof = 0`` degrees of freedom is undefined: one row with
+    ``oja_ddof=1`` gives exactly zero ``P.grad`` (never 0/0), except where no variance is
+    estimated at all (``oja_scale="none"`` without centring): then ``ddof`` plays no part and
+    the update is the ``ddof=0`` one. ``Q`` and the weights learn as usual."""
+    plain, rank, x = _one_row_models()[model]
+    grads = {}
+    for ddof in (0, 1):
+        torch.manual_seed(0)  # the same feedback weights for both
+        ours = convert(plain, "raf", rank, oja_scale=scale, oja_center=center, oja_ddof=ddof)
+        with path_of(path):
+            y = _call(ours, x.clone().requires_grad_(True))
+            torch.manual_seed(1)
+            y.backward(torch.randn_like(y))
+        for name, p in ours.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), name
+        grads[ddof] = {n: p.grad for n, p in ours.named_parameters() if n.endswith("P")}
+    for name, g in grads[1].items():
+        if scale == "none" and not center:
+            torch.testing.assert_close(g, grads[0][name], msg=name)  # ddof=0: maybe the C++ path
+        else:
+            assert torch.equal(g, torch.zeros_like(g)), (name, g)
+    if scale == "none" and not center:  # (one key: the query's error is exactly 0)
+        assert any(g.abs().sum() > 0 for g in grads[1].values())
+
+
+# --------------------------------------------------------------------------- DDP: an empty slice
+
+
+class _ThreadGroup:
+    """A process group of ``size`` threads for :func:`raftorch.sync_oja`'s all-reduces (each
+    thread one process): ``all_reduce`` sums the tensors every thread passes, in rank order.
+    A thread that skips an all-reduce the others make leaves them waiting: the barrier times
+    out and the test fails instead of hanging. ``calls[rank]`` records each thread's calls."""
+
+    def __init__(self, size):
+        import threading
+
+        self.size, self.local = size, threading.local()
+        self.barrier = threading.Barrier(size, timeout=10)
+        self.slots = [None] * size
+        self.calls = [[] for _ in range(size)]
+
+    def all_reduce(self, t):
+        rank = self.local.rank
+        self.calls[rank].append((tuple(t.shape), t.dtype))
+        self.slots[rank] = t.clone()
+        self.barrier.wait()
+        total = self.slots[0].clone()
+        for other in self.slots[1:]:
+            total += other
+        self.barrier.wait()
+        return t.copy_(total)
+
+    def run(self, work):
+        """``work(rank)`` on every thread; the first exception is raised here."""
+        import threading
+
+        errors = []
+
+        def target(rank):
+            self.local.rank = rank
+            try:
+                work(rank)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+
+def _ddp_models():
+    torch.manual_seed(0)
+    return {  # name: (model factory taking the rule and Oja options, input shape)
+        "mlp": (lambda rule, o: convert(_mlp(), rule, 3, **o), (6,)),
+        "conv-factored": (lambda rule, o: convert(_conv_pair("factored")[0], rule, 2, **o), (3, 5, 5)),
+        "conv-kernel": (lambda rule, o: convert(_conv_pair("kernel")[0], rule, 4, **o), (3, 5, 5)),
+        "conv1d": (lambda rule, o: convert(_conv_pair("factored", nn.Conv1d)[0], rule, 2, **o), (3, 7)),
+        "attention": (lambda rule, o: _Cross(convert(nn.MultiheadAttention(8, 2, batch_first=True),
+                                                     rule, 2, **o), "k-v"), (4, 8)),
+        "direct-dense": (lambda rule, o: convert(_mlp(), "d" + rule, 2, **o), (6,)),
+        "direct-conv": (lambda rule, o: convert(_conv_source(), "d" + rule, 2, source="2", **o), (3, 6, 6)),
+    }
+
+
+def _conv_source():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(5 * 3 * 3, 4))
+
+
+DDP_OJA = [OJA_ALL[i] for i in (0, 3, 6, 9, 12, 15, 17, 20, 26, 29, 31)]
+
+
+@pytest.mark.parametrize("model", ["mlp", "conv-factored", "conv-kernel", "conv1d", "attention",
+                                   "direct-dense", "direct-conv"])
+@pytest.mark.parametrize("options", DDP_OJA, ids=[OJA_IDS[OJA_ALL.index(o)] for o in DDP_OJA])
+def test_sync_oja_with_an_empty_slice_on_one_process(monkeypatch, options, model):
+    """Two processes under :func:`raftorch.sync_oja` (threads with a summing all-reduce), the
+    second with an empty slice of the global batch: it makes the same all-reduces as the first
+    (no process waits for ever), its every gradient is exactly zero, and the mean of the two
+    processes' gradients (what DDP applies) equals one process's on the whole global batch,
+    ``P`` included. Each process backpropagates its share of the global loss times the world
+    size, as under DDP."""
+    from raftorch.scaling import _holders
+
+    build, shape = _ddp_models()[model]
+    one = build("raf", options).double()
+    procs = [copy.deepcopy(one) for _ in range(2)]
+    group = _ThreadGroup(2)
+    monkeypatch.setattr(RF, "_all_reduce", lambda t, g: g.all_reduce(t))
+    monkeypatch.setattr(RF, "_world", lambda g: g.size)
+    for m in procs:
+        for h in _holders(m):
+            h.group = group
+    torch.manual_seed(2)
+    x = torch.randn(5, *shape, dtype=torch.float64) + 0.5
+    G = torch.randn(_call(one, x).shape, dtype=torch.float64)
+    _call(one, x).backward(G)
+    slices = [(x, G), (x[:0], G[:0])]
+
+    def work(rank):
+        xs, gs = slices[rank]
+        _call(procs[rank], xs).backward(2 * gs)
+
+    group.run(work)
+    assert group.calls[0] == group.calls[1] and group.calls[0]  # same all-reduces, some made
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.grad is not None} for m in procs]
+    for name, p in one.named_parameters():
+        if p.grad is None:
+            assert name not in grads[0] and name not in grads[1], name
+            continue
+        assert torch.equal(grads[1][name], torch.zeros_like(p)), name
+        torch.testing.assert_close((grads[0][name] + grads[1][name]) / 2, p.grad, msg=name)
+
+
+@pytest.mark.parametrize("model", ["mlp", "conv-factored", "conv-kernel", "attention", "direct-dense",
+                                   "direct-conv"])
+@pytest.mark.parametrize("options", [{}, dict(oja_scale="std", oja_ddof=1), dict(oja_scale="none")],
+                         ids=["default", "std-ddof1", "none"])
+def test_sync_oja_empty_batch_in_a_one_process_gloo_group(tmp_path, options, model):
+    """A real (one-process) gloo group: an empty batch under sync_oja gives zero updates."""
+    import torch.distributed as dist
+
+    build, shape = _ddp_models()[model]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        ours = build("raf", options)
+        raftorch.sync_oja(ours)
+        y = _call(ours, torch.randn(0, *shape))
+        y.sum().backward()
+        learned = [(n, p) for n, p in ours.named_parameters() if n.endswith(("P", "Q"))]
+        assert learned
+        for name, p in learned:
+            assert torch.equal(p.grad, torch.zeros_like(p)), name
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- direct, conv source
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rule,options", DIRECT_CASES,
+                         ids=[r + "".join(f"-{v}" for v in o.values()) for r, o in DIRECT_CASES])
+def test_direct_from_a_conv_source(rule, options, path):
+    """A conv source feeding a conv target: the per-pixel path (raftorch.direct_conv)."""
+    torch.manual_seed(0)
+    plain = _conv_source()
+    ours = convert(plain, rule, 2, source="2", **options)
+    assert [p.conv for p in ours.direct_feedback.paths] == [True]
+    with path_of(path):
+        n = check_empty_batch(plain, ours, torch.randn(0, 3, 6, 6))
+    assert n == (0 if rule == "dfa" else 2)

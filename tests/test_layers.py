@@ -328,3 +328,71 @@ def test_a_rank_r_conv_sends_below_an_error_of_at_most_r_k2_channel_directions(k
     per_pixel = x.grad.permute(0, 2, 3, 1).reshape(-1, 16)
     s = torch.linalg.svdvals(per_pixel)
     assert int((s > 1e-9 * s[0]).sum()) == expected
+
+
+# --------------------------------------------------------------------------- argument checks, meta
+
+
+ZERO_FEATURES = {  # name: (layer, positional arguments, keywords, message)
+    "linear-in": ("Linear", (0, 3), {}, r"Linear\(in_features=0, out_features=3\).*in_features must be at least 1"),
+    "linear-out": ("Linear", (4, 0), {}, r"out_features must be at least 1"),
+    "conv2d-in": ("Conv2d", (0, 3, 3), {}, r"Conv2d\(in_channels=0, out_channels=3\).*in_channels must"),
+    "conv2d-out": ("Conv2d", (3, 0, 3), {}, r"out_channels must be at least 1"),
+    "conv1d-in": ("Conv1d", (0, 3, 3), {}, r"Conv1d\(in_channels=0.*in_channels must"),
+    "attention-kdim": ("MultiheadAttention", (8, 2), dict(kdim=0, vdim=4), r"the k projection \(0 -> 8"),
+}
+
+
+@pytest.mark.parametrize("case", list(ZERO_FEATURES))
+@pytest.mark.parametrize("rule", ["fa", "kp", "fa-lowrank", "raf"])
+def test_zero_features_are_refused_for_a_feedback_rule(case, rule):
+    """A feedback rule on a layer with no inputs or outputs is a ValueError naming the argument
+    (it used to be a ZeroDivisionError from the feedback scale, or an IndexError)."""
+    layer, args, kwargs, message = ZERO_FEATURES[case]
+    rank = None if rule in ("fa", "kp") else 2
+    with pytest.raises(ValueError, match=message):
+        getattr(raftorch, layer)(*args, rule=rule, rank=rank, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (4, 0)])
+def test_bp_accepts_zero_features_as_torch_does(shape):
+    """``rule="bp"`` is ``nn.Linear``: 0 features work (an empty weight; with no inputs the
+    output is the bias)."""
+    torch.manual_seed(0)
+    plain = nn.Linear(*shape)
+    ours = raftorch.convert(plain, "bp")
+    x = torch.randn(2, shape[0], requires_grad=True)
+    assert torch.equal(ours(x), plain(x))
+    ours(x).sum().backward()
+    assert x.grad.shape == x.shape
+    assert raftorch.Conv2d(shape[0], shape[1], 3, rule="bp").weight.numel() == 0
+
+
+@pytest.mark.parametrize("rule,rank,options", [("bp", None, {}), ("fa", None, {}), ("kp", None, {}),
+                                               ("raf-q", 2, {}), ("raf", 2, {}),
+                                               ("raf", 2, dict(oja_scale="std", oja_ddof=1)),
+                                               ("raf", 2, dict(oja_scale="none", oja_center=False))])
+def test_a_model_on_the_meta_device_runs_forward_and_backward(rule, rank, options):
+    """As with ``nn.Linear``, a model built on (or moved to) the ``meta`` device runs: shapes
+    only, no data (used to size a model before allocating it). The layers' autocast check used
+    to fail there (PyTorch has no autocast for ``meta``)."""
+    with torch.device("meta"):
+        net = nn.Sequential(raftorch.Conv2d(3, 4, 3, rule=rule, rank=rank, **options), nn.ReLU(),
+                            raftorch.Conv1d(4, 4, 3, rule=rule, rank=rank, **options), nn.Flatten(),
+                            raftorch.Linear(4 * 3, 5, rule=rule, rank=rank, **options))
+        attn = raftorch.MultiheadAttention(8, 2, rule=rule, rank=rank, batch_first=True, **options)
+    assert all(p.device.type == "meta" for p in [*net.parameters(), *attn.parameters()])
+    x = torch.randn(2, 3, 3, 7, device="meta", requires_grad=True)
+    y = net[:2](x).flatten(2)  # (2, 4, 5)
+    y = net[2:](y)
+    assert y.shape == (2, 5) and y.device.type == "meta"
+    y.sum().backward()
+    assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+    q, k = torch.randn(2, 3, 8, device="meta"), torch.randn(2, 5, 8, device="meta", requires_grad=True)
+    out = attn(q, k, k)[0]
+    assert out.shape == (2, 3, 8)
+    out.sum().backward()
+    for p in [*net.parameters(), *attn.parameters()]:
+        assert not p.requires_grad or (p.grad is not None and p.grad.device.type == "meta")
+    moved = raftorch.convert(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), rule, rank).to("meta")
+    assert moved(torch.randn(3, 4, device="meta")).shape == (3, 2)

@@ -358,8 +358,10 @@ def test_the_fast_path_is_bypassed_for_the_authors_options_and_equals_python(ext
 
 @pytest.fixture(scope="module")
 def ext():
+    if _ext.setting() == "0":
+        pytest.skip("RAFTORCH_EXTENSION=0: the C++ fast path is turned off, nothing to compare it with")
     module = _ext.get()
-    assert module is not None, "the C++ fast path is off or did not build: nothing to compare"
+    assert module is not None, "the C++ fast path is on but did not build: nothing to compare"
     return module
 
 

@@ -13,8 +13,10 @@ error and the layer input, instead of BLAS products with r rows that each read t
 
 The first use compiles the extension with PyTorch's JIT builder (``torch.utils.cpp_extension``:
 a C++ compiler and ``ninja``, ~30 s on 2 cores) into PyTorch's extension cache
-(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later runs load it in well
-under a second. If it cannot be built, raftorch warns once and uses the Python path.
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), and says so (an INFO message
+on the ``raftorch`` logger, which the command line prints); later runs load it silently in well
+under a second (:func:`will_compile`). If it cannot be built, raftorch warns once and uses the
+Python path.
 ``RAFTORCH_EXTENSION=0`` turns it off (``=1`` makes a failed build an error instead).
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 _SOURCE = Path(__file__).parent / "csrc" / "lowrank_linear.cpp"
+_NAME = "raftorch_lowrank_linear"
 _lock = threading.Lock()
 log = logging.getLogger("raftorch")
 _state: dict = {}
@@ -80,6 +83,20 @@ def _flag_sets():
     return [base]
 
 
+def will_compile() -> bool:
+    """Whether loading the extension will compile it: its library is missing from PyTorch's
+    extension cache or older than its source. (PyTorch's builder asks ninja, which also
+    rebuilds after other changes, such as new PyTorch headers: that build runs unannounced.)
+    Only then does raftorch announce the ~30 s wait; an ordinary run loads it silently."""
+    try:
+        from torch.utils.cpp_extension import LIB_EXT, _get_build_directory
+
+        library = Path(_get_build_directory(_NAME, verbose=False)) / f"{_NAME}{LIB_EXT}"
+        return not library.exists() or library.stat().st_mtime < _SOURCE.stat().st_mtime
+    except Exception:  # noqa: BLE001 -- a private helper of PyTorch moved: announce, to be safe
+        return True
+
+
 def _build():
     mode = setting()
     if mode == "0":
@@ -88,12 +105,15 @@ def _build():
         from torch.utils.cpp_extension import load
 
         _put_ninja_on_path()
-        log.info("loading raftorch's C++ fast path (the first use on a machine compiles it, ~30 s)")
+        if will_compile():
+            log.info("compiling raftorch's C++ fast path (first use on this machine or a changed "
+                     "source, ~30 s; later runs load it in under a second)")
+        else:
+            log.debug("loading raftorch's C++ fast path from PyTorch's extension cache")
         flag_sets = _flag_sets()
         for i, flags in enumerate(flag_sets):
             try:
-                return load(name="raftorch_lowrank_linear", sources=[str(_SOURCE)],
-                            extra_cflags=flags, verbose=False)
+                return load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=flags, verbose=False)
             except Exception:
                 if i + 1 == len(flag_sets):
                     raise

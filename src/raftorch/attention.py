@@ -71,6 +71,9 @@ class ProjectionFeedback(nn.Module):
         super().__init__()
         self.part, self.n_in, self.n_out = part, int(n_in), int(n_out)
         self.rule = get_rule(rule)
+        if self.rule.path != "transpose" and min(self.n_in, self.n_out) < 1:
+            raise ValueError(f"the {part} projection ({self.n_in} -> {self.n_out} features) with rule "
+                             f"{self.rule.name!r}: a feedback rule needs at least one input and one output")
         self.rank = check_rank(self.rule, rank, min(n_in, n_out), layer=f"the {part} projection")
         options = dict(options)
         self.error_clamp = check_error_clamp(options.pop("error_clamp", None))

@@ -192,6 +192,9 @@ def convert(model: nn.Module, rule: str, rank=None, *, ranks: dict | None = None
     Returns:
         the converted model, or ``(model, report)`` with ``report=True``.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"convert needs the model to convert (an nn.Module), got "
+                         f"{type(model).__name__} {model!r:.60}")
     name = rule.name if isinstance(rule, Rule) else rule.lower() if isinstance(rule, str) else None
     if name in CONTROL_RULES:
         from raftorch.control import check_frozen_arguments, convert_frozen

@@ -188,6 +188,9 @@ class DirectPath(nn.Module):
         super().__init__()
         self.target, self.point, self.rule = target, point, rule
         self.n_target, self.d_source = int(n_target), int(d_source)
+        if min(self.n_target, self.d_source) < 1:
+            raise ValueError(f"target {target!r}: a direct path needs at least one target unit and one "
+                             f"source value per sample, got {self.n_target} and {self.d_source}")
         self.rank = check_rank(rule, rank, min(n_target, d_source), layer=f"target {target!r}")
         factory = {"device": device, "dtype": dtype}
         for name, shape in self.feedback_shapes().items():

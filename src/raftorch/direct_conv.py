@@ -120,6 +120,9 @@ class ConvDirectPath(DirectPath):
         torch.nn.Module.__init__(self)
         self.target, self.point, self.rule = target, point, rule
         self.c_target, self.c_source = int(c_target), int(c_source)
+        if min(self.c_target, self.c_source) < 1:
+            raise ValueError(f"target {target!r}: a direct path needs at least one target and one source "
+                             f"channel, got {self.c_target} and {self.c_source}")
         self.rank = check_rank(rule, rank, self.c_source, layer=f"target {target!r}")
         factory = {"device": device, "dtype": dtype}
         for name, shape in self.feedback_shapes().items():

@@ -72,7 +72,11 @@ class OjaOptions:
       no update, never 0/0.
     * ``ddof``: the variance estimator of the scales, ``sum_n (e_n - mean)^2 / (M - ddof)``:
       ``0`` (population, the default) or ``1`` (unbiased, ``torch.std``, as the authors). With
-      ``M - ddof <= 0`` (one row and ``ddof=1``) the update is zero.
+      ``M - ddof <= 0`` (one row and ``ddof=1``) the update is zero. ``scale="none"`` estimates
+      no variance, so ``ddof`` plays no part there (one centred row is zero anyway; one
+      uncentred row updates ``P`` as with ``ddof=0``).
+    * An empty signal (``M = 0``: an empty batch, or a process's empty slice under
+      :func:`raftorch.sync_oja`) gives exactly zero, whatever the options.
     * ``reduce``: ``"mean"`` (default) or ``"sum"`` of the per-sample updates over the batch
       (the authors summed).
     """
@@ -138,7 +142,8 @@ class LossScale:
     __slots__ = ("tensor", "group")
 
     def __init__(self):
-        self.tensor = torch.ones((), dtype=torch.float64)
+        # on the CPU even inside ``with torch.device("meta" / "cuda")`` (a host scalar)
+        self.tensor = torch.ones((), dtype=torch.float64, device="cpu")
         self.group = None  # a torch.distributed process group: all-reduce Oja's statistics
 
     @property
@@ -163,7 +168,7 @@ class LossScale:
         return {"value": self.value}
 
     def __setstate__(self, state):
-        self.tensor = torch.full((), float(state["value"]), dtype=torch.float64)
+        self.tensor = torch.full((), float(state["value"]), dtype=torch.float64, device="cpu")
         self.group = None
 
 
@@ -382,9 +387,10 @@ def oja_grad_explicit(P: Tensor, e: Tensor, opts: OjaOptions, mult: float = 1.0,
 def _autocast(x: Tensor, *tensors):
     """Under autocast, cast the floating inputs to the autocast dtype (custom Functions are
     not autocast by PyTorch), so the forward (where autocast then has nothing left to cast)
-    and the saved tensors share one dtype."""
+    and the saved tensors share one dtype. A device without autocast (``meta``, whose autocast
+    query PyTorch refuses) runs as it is."""
     dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
+    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(dev)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, *tensors))

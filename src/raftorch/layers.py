@@ -48,9 +48,9 @@ def init_feedback_(module: nn.Module, fan_in: int) -> None:
     ``Q P`` matched ``fa``'s ``B`` in entry variance, 83.7% with ``Q`` ten times smaller,
     85.3% for BP).
     """
-    bound = 1.0 / math.sqrt(fan_in)
     for name in ("B", "Q"):
         if getattr(module, name, None) is not None:
+            bound = 1.0 / math.sqrt(fan_in)
             getattr(module, name).uniform_(-bound, bound)
     if getattr(module, "P", None) is not None:
         P = module.P
@@ -58,6 +58,25 @@ def init_feedback_(module: nn.Module, fan_in: int) -> None:
             P.copy_(nn.init.orthogonal_(torch.empty(P.shape, device=P.device)))
         else:
             nn.init.orthogonal_(P)
+
+
+def require_features(layer: str, rule, **sizes: int) -> None:
+    """A ``ValueError`` if a feedback rule is asked of a layer with no inputs or no outputs.
+
+    ``torch.nn.Linear`` / ``Conv*d`` accept 0 features (an empty weight). With ``rule="bp"`` a
+    raftorch layer is that module and accepts them too; a feedback rule is refused: there is
+    no error to send down (or none arriving), a rank would be 0 and the feedback weights'
+    scale ``1/sqrt(fan_in)`` undefined, so a clear message beats a zero-size path that cannot
+    learn anything."""
+    if get_rule(rule).path == "transpose":
+        return
+    for name, n in sizes.items():
+        if n == 0:
+            shown = ", ".join(f"{k}={v}" for k, v in sizes.items())
+            raise ValueError(
+                f"raftorch.{layer}({shown}) with rule {get_rule(rule).name!r}: {name} must be at least "
+                f"1 for a feedback rule (a layer without inputs or outputs has no error to feed back); "
+                f"rule='bp' accepts 0, as torch.nn.{layer} does")
 
 
 class FeedbackLayer:
@@ -99,7 +118,7 @@ class FeedbackLayer:
         raise NotImplementedError
 
     def _fan_in(self) -> int:
-        return self.weight[0].numel()
+        return math.prod(self.weight.shape[1:])  # weight[0].numel(), also with 0 outputs (bp)
 
     def reset_feedback(self) -> None:
         """Draw new random feedback weights (:func:`init_feedback_`)."""
@@ -124,7 +143,8 @@ class Linear(FeedbackLayer, nn.Linear):
     r"""``y = x W^T + b``, trained with the feedback rule ``rule``.
 
     Args:
-        in_features, out_features, bias: as ``torch.nn.Linear``.
+        in_features, out_features, bias: as ``torch.nn.Linear``; 0 features only with
+            ``rule="bp"`` (a feedback rule raises a ``ValueError``: :func:`require_features`).
         rule: ``"bp"``, ``"fa"``, ``"kp"``, ``"fa-lowrank"``, ``"raf-q"`` or ``"raf"``
             (see :mod:`raftorch.rules`).
         rank: rank ``r`` of the feedback path for the low-rank rules, clamped to
@@ -149,6 +169,7 @@ class Linear(FeedbackLayer, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  rule: str = "raf", rank: int | None = None, device=None, dtype=None, **options):
+        require_features("Linear", rule, in_features=in_features, out_features=out_features)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._setup_feedback(rule, rank, min(in_features, out_features), options)
 
@@ -200,9 +221,9 @@ class Conv2d(FeedbackLayer, nn.Conv2d):
     r"""2-d convolution trained with the feedback rule ``rule``.
 
     Arguments as ``torch.nn.Conv2d`` (stride, padding, dilation and groups all supported;
-    ``padding_mode="zeros"`` only), plus ``rule``, ``rank`` and ``**options`` as
-    :class:`Linear`. The rank counts **channels** of the error map and is clamped to
-    ``min(out_channels, in_channels * kH * kW)``.
+    ``padding_mode="zeros"`` only; 0 channels only with ``rule="bp"``), plus ``rule``,
+    ``rank`` and ``**options`` as :class:`Linear`. The rank counts **channels** of the error
+    map and is clamped to ``min(out_channels, in_channels * kH * kW)``.
 
     Feedback parameters: ``B`` with the weight's shape ``(C_out, C_in / groups, kH, kW)``
     for ``fa``/``kp``, used like the transpose of the forward convolution;
@@ -221,6 +242,7 @@ class Conv2d(FeedbackLayer, nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
                  rule: str = "raf", rank: int | None = None, device=None, dtype=None, **options):
+        require_features("Conv2d", rule, in_channels=in_channels, out_channels=out_channels)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device=device, dtype=dtype)
         _require_zero_padding("Conv2d", padding_mode)
@@ -309,9 +331,10 @@ class Conv1d(FeedbackLayer, nn.Conv1d):
     r"""1-d convolution (sequence models) trained with the feedback rule ``rule``.
 
     Arguments as ``torch.nn.Conv1d`` (stride, padding, dilation, groups;
-    ``padding_mode="zeros"`` only), plus ``rule``, ``rank`` and ``**options`` as
-    :class:`Conv2d`, of which it is the unit-height case: the input ``(N, C_in, L)`` is viewed
-    as ``(N, C_in, 1, L)`` and the weight ``(C_out, C_in / g, k)`` as ``(C_out, C_in / g, 1, k)``,
+    ``padding_mode="zeros"`` only; 0 channels only with ``rule="bp"``), plus ``rule``,
+    ``rank`` and ``**options`` as :class:`Conv2d`, of which it is the unit-height case: the
+    input ``(N, C_in, L)`` is viewed as ``(N, C_in, 1, L)`` and the weight ``(C_out, C_in / g, k)``
+    as ``(C_out, C_in / g, 1, k)``,
     so the forward output equals ``torch.nn.Conv1d``'s bit for bit (tested) and the backward
     is :class:`Conv2d`'s (Oja over batch and positions). Feedback parameters have the weight's
     1-d layout: ``B`` ``(C_out, C_in / g, k)``; ``Q`` ``(r, C_in / g, k)``, ``P`` ``(r, C_out)``.
@@ -323,6 +346,7 @@ class Conv1d(FeedbackLayer, nn.Conv1d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
                  rule: str = "raf", rank: int | None = None, device=None, dtype=None, **options):
+        require_features("Conv1d", rule, in_channels=in_channels, out_channels=out_channels)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device=device, dtype=dtype)
         _require_zero_padding("Conv1d", padding_mode)
