@@ -41,16 +41,44 @@ def test_compare_cli_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
         assert [r["rule"] for r in csv.DictReader(f)] == ["bp", "fa-lowrank"]
 
 
+def compare_status(argv, capsys) -> tuple[int, str]:
+    """(exit status, stderr) of ``raftorch compare ARGV``, whether it returns or exits (argparse)."""
+    try:
+        code = main(["compare", "--no-progress", *argv])
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--rules", "bp,nope"], "unknown rule 'nope'"),
-    (["--ranks", "0"], "ranks must be positive integers"),
+    (["--ranks", "0"], "ranks must be positive integers, got --ranks 0; e.g. --ranks 1,2,5,10"),
     (["--ranks", "a"], "comma-separated list of int"),
-    (["--epochs", "0"], "--epochs and --batch-size must be positive"),
+    (["--epochs", "0"], "--epochs and --batch-size must be positive, got --epochs 0"),
 ])
 def test_compare_cli_rejects_bad_input_with_one_message(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["compare", "--no-progress", *argv])
-    assert message in str(exc.value) + capsys.readouterr().err
+    code, err = compare_status(argv, capsys)
+    assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rules", ""], "raftorch compare: error: --rules is empty (it names no rule); give at least one, "
+                      "e.g. --rules bp,fa,fa-lowrank,raf"),
+    (["--rules", ","], "--rules is empty"),
+    (["--ranks", ""], "raftorch compare: error: --ranks is empty (it names no rank); give at least one, "
+                      "e.g. --ranks 1,2,5,10"),
+    (["--hidden", "0"], "raftorch compare: error: hidden widths must be positive whole numbers, got --hidden 0; "
+                        "e.g. --hidden 256,256"),
+    (["--hidden", "32,-1"], "got --hidden 32,-1"),
+    (["--hidden", ""], "raftorch compare: error: --hidden is empty"),
+])
+def test_an_empty_or_impossible_list_is_one_line_with_exit_status_2_and_writes_nothing(argv, message, tmp_path,
+                                                                                         capsys):
+    """These used to write an empty table (--rules "", --ranks "") or print a traceback (--hidden 0)."""
+    code, err = compare_status([*argv, "--epochs", "1", "--seeds", "0", "--out", str(tmp_path / "c")], capsys)
+    assert code == 2
+    assert err.startswith("raftorch compare: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
 
 
 def test_compare_obeys_threads_and_records_them(tmp_path):
@@ -61,16 +89,14 @@ def test_compare_obeys_threads_and_records_them(tmp_path):
     assert torch.get_num_threads() == before  # the caller's thread count is restored
 
 
-def test_compare_missing_data_and_unwritable_out_are_one_message_before_any_work(tmp_path):
-    with pytest.raises(SystemExit) as exc:
-        main(["compare", "--data", "cifar10", "--data-dir", str(tmp_path), "--no-progress",
-              "--out", str(tmp_path / "c")])
-    assert "dataset 'cifar10' not found" in str(exc.value)
+def test_compare_missing_data_and_unwritable_out_are_one_message_before_any_work(tmp_path, capsys):
+    code, err = compare_status(["--data", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c")],
+                               capsys)
+    assert code == 1 and "dataset 'cifar10' not found" in err and "Traceback" not in err
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(SystemExit) as exc:
-        main(["compare", "--rules", "bp", "--no-progress", "--out", str(blocker / "c")])
-    assert "is not a writable folder" in str(exc.value)
+    code, err = compare_status(["--rules", "bp", "--out", str(blocker / "c")], capsys)
+    assert code == 1 and "is not a writable folder" in err
 
 
 def test_compare_reports_mean_and_std_over_seeds(tmp_path, capsys):
@@ -101,8 +127,9 @@ def test_compare_names_its_output_by_the_settings_and_never_overwrites_others(tm
     assert main(base) == 0 and len(list((tmp_path / "results").glob("*.json"))) == 2  # same settings: same file
     out = str(tmp_path / "mine")
     assert main([*base, "--out", out]) == 0
-    with pytest.raises(SystemExit, match="other settings; choose another --out, or --force"):
-        main([*base, "--lr", "0.5", "--out", out])
+    capsys.readouterr()
+    assert main([*base, "--lr", "0.5", "--out", out]) == 1
+    assert "other settings; choose another --out, or --force" in capsys.readouterr().err
     assert json.loads((tmp_path / "mine.json").read_text())["settings"]["lr"] == 1e-3  # untouched
     assert main([*base, "--lr", "0.5", "--out", out, "--force"]) == 0
     assert json.loads((tmp_path / "mine.json").read_text())["settings"]["lr"] == 0.5
@@ -125,10 +152,9 @@ def test_compare_takes_any_model(tmp_path):
     (["--model-option", "nope=1"], "has no option(s) 'nope'"),
     (["--seeds", "1,1"], "--seeds must be distinct"),
 ])
-def test_compare_rejects_settings_it_cannot_honour(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["compare", "--no-progress", "--epochs", "1", *argv])
-    assert message in str(exc.value)
+def test_compare_rejects_settings_it_cannot_honour(argv, message, tmp_path, capsys):
+    code, err = compare_status(["--epochs", "1", *argv, "--out", str(tmp_path / "c")], capsys)
+    assert code == 2 and message in err and list(tmp_path.iterdir()) == []
 
 
 def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capfd):

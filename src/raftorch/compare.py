@@ -11,7 +11,12 @@ sample std of the final test accuracy over the seeds (default 0, 1, 2).
 The results go to ``OUT.json`` / ``OUT.csv``; without ``--out`` the name says the settings
 (``results/compare-DATA-MODEL-HASH``, the hash over every setting that changes the numbers), so
 two comparisons never overwrite each other. An explicit ``--out`` whose ``OUT.json`` holds
-other settings is refused unless ``--force``.
+other settings is refused unless ``--force``, and one that another ``raftorch compare`` is
+writing right now is refused with one line naming it (the lock file ``.OUT.lock`` next to the
+results, :mod:`raftorch.runlock`), so two comparisons started together never lose one.
+
+Exit status: 0 done; 2 a bad argument (one line saying which, the value, and the fix);
+1 a failure at run time (no dataset, an output in use or holding other settings).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import csv
 import hashlib
 import io
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import raftorch
+from raftorch import runlock
 from raftorch.checkpoint import write_json, write_text
 from raftorch.data import DATASETS, DataSplits, load_dataset
 from raftorch.experiments.aggregate import mean_std
@@ -105,9 +112,13 @@ def run_compare(*, rules=DEFAULT_RULES, ranks=DEFAULT_RANKS, dataset="digits", h
     (ignored for other models, which take ``model_options``). The data split is the same for
     every seed (``seed`` chooses it), so the spread is that of training alone.
     """
+    if not rules:
+        raise ValueError("rules is empty: give at least one rule to compare")
     for rule in rules:
         if rule not in DIRECT_RULES:
             get_rule(rule)  # fail before any training on a bad name
+    if not ranks and any(_is_low_rank(r) for r in rules):
+        raise ValueError("ranks is empty: the low-rank rules need at least one rank")
     seeds = list(seeds) if seeds is not None else [seed]
     options = dict(model_options or {})
     if model == "mlp":
@@ -218,15 +229,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def run(args) -> int:
-    if args.epochs <= 0 or args.batch_size <= 0:
-        raise SystemExit("raftorch compare: --epochs and --batch-size must be positive")
+def _listed(values) -> str:
+    return ",".join(map(str, values))
+
+
+def check_arguments(args) -> None:
+    """Raise one ``ValueError`` for the first bad argument: what, the value given, the fix."""
+    if not args.rules:
+        raise ValueError(f"--rules is empty (it names no rule); give at least one, "
+                         f"e.g. --rules {_listed(DEFAULT_RULES)}")
+    for rule in args.rules:
+        if rule not in DIRECT_RULES:
+            get_rule(rule)  # an unknown name: its message lists the rules
+    if not args.ranks:
+        raise ValueError(f"--ranks is empty (it names no rank); give at least one, "
+                         f"e.g. --ranks {_listed(DEFAULT_RANKS)}")
     if any(r <= 0 for r in args.ranks):
-        raise SystemExit(f"raftorch compare: ranks must be positive integers, got {args.ranks}")
+        raise ValueError(f"ranks must be positive integers, got --ranks {_listed(args.ranks)}; "
+                         f"e.g. --ranks {_listed(DEFAULT_RANKS)}")
+    if args.model == "mlp":
+        if not args.hidden:
+            raise ValueError("--hidden is empty: an MLP without hidden layers leaves no layer for the rules to "
+                             "differ on; give the hidden widths, e.g. --hidden 256,256")
+        if any(h <= 0 for h in args.hidden):
+            raise ValueError(f"hidden widths must be positive whole numbers, got --hidden {_listed(args.hidden)}; "
+                             f"e.g. --hidden 256,256")
+    if args.epochs <= 0 or args.batch_size <= 0:
+        raise ValueError(f"--epochs and --batch-size must be positive, got --epochs {args.epochs} "
+                         f"--batch-size {args.batch_size}")
     if not args.seeds or any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
-        raise SystemExit(f"raftorch compare: --seeds must be distinct non-negative whole numbers, got {args.seeds}")
+        given = _listed(args.seeds) or "''"
+        raise ValueError(f"--seeds must be distinct non-negative whole numbers, got --seeds {given}; "
+                         "e.g. --seeds 0,1,2")
     if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"raftorch compare: --threads must be a positive whole number, got {args.threads}")
+        raise ValueError(f"--threads must be a positive whole number, got {args.threads}")
+
+
+def run(args) -> int:
+    try:
+        check_arguments(args)
+    except ValueError as exc:
+        print(f"raftorch compare: error: {exc}", file=sys.stderr)
+        return 2
     from raftorch.train import auto_threads
 
     before = torch.get_num_threads()
@@ -267,26 +311,37 @@ def _check_out(prefix: str, want: dict, force: bool) -> None:
 
 
 def _run(args) -> int:
-    from raftorch.data import CorruptDatasetError, DatasetNotFoundError
+    from raftorch.data import CorruptDatasetError, DatasetNotFoundError, dataset_shape
     from raftorch.train import _parse_pairs, check_writable
 
     try:
         if args.model != "mlp" and tuple(args.hidden) != (256,) * 4:
             raise ValueError(f"--hidden sets the MLP's widths; model {args.model!r} takes --model-option instead")
         options = _parse_pairs(args.model_option, "--model-option")
+        shape, classes = dataset_shape(args.data)
+        build_model(args.model, shape, classes,  # bad model options: before any work
+                    **({"hidden": tuple(args.hidden), **options} if args.model == "mlp" else options))
+    except ValueError as exc:
+        print(f"raftorch compare: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         args.model_option = options
         out = args.out or default_out(args)
         check_writable(Path(out).parent)
-        _check_out(out, settings(args), args.force)
-        rows = run_compare(rules=args.rules, ranks=args.ranks, dataset=args.data, hidden=args.hidden,
-                           epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                           seed=args.seeds[0], seeds=args.seeds, source=args.source,
-                           progress=not args.no_progress, data_dir=args.data_dir, model=args.model,
-                           model_options=options)
-    except (ValueError, DatasetNotFoundError, CorruptDatasetError) as exc:
-        raise SystemExit(f"raftorch compare: {exc}")
-    print(format_table(rows))
-    meta = {**settings(args), "out": out, "threads": torch.get_num_threads(), "torch": torch.__version__}
-    for path in save(rows, out, meta):
-        print(f"wrote {path}")
+        # one writer per OUT.json / OUT.csv, from the settings check to the last file written
+        with runlock.hold(Path(out).parent, what="raftorch compare", lock_name=f".{Path(out).name}.lock",
+                          label=out):
+            _check_out(out, settings(args), args.force)
+            rows = run_compare(rules=args.rules, ranks=args.ranks, dataset=args.data, hidden=args.hidden,
+                               epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                               seed=args.seeds[0], seeds=args.seeds, source=args.source,
+                               progress=not args.no_progress, data_dir=args.data_dir, model=args.model,
+                               model_options=options)
+            print(format_table(rows))
+            meta = {**settings(args), "out": out, "threads": torch.get_num_threads(), "torch": torch.__version__}
+            for path in save(rows, out, meta):
+                print(f"wrote {path}")
+    except (ValueError, DatasetNotFoundError, CorruptDatasetError, runlock.FolderInUse) as exc:
+        print(f"raftorch compare: error: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 import raftorch
 from raftorch import checkpoint as ckpt
-from raftorch.config import CLASS_SAMPLES, FEEDBACK_INITS, TrainConfig, dump_config, load_config_file
+from raftorch import runlock
+from raftorch.config import CLASS_SAMPLES, FEEDBACK_INITS, TrainConfig, dump_config, load_config_file, settings
 from raftorch.data import (Augmentation, CorruptDatasetError, DatasetNotFoundError, DataSplits, batch_indices,
                            load_dataset, shard)
 from raftorch.models import build_model, zero_output_layer_
@@ -110,6 +111,7 @@ def convert_model(model: nn.Module, cfg: TrainConfig, example_input: torch.Tenso
             and not cfg.layer_options):
         init_feedback(model, cfg)
         return model
+    _check_layer_names(model, cfg)
     special = list(cfg.layer_options)
     ranks = cfg.ranks or None
     options = dict(cfg.rule_options)
@@ -121,6 +123,21 @@ def convert_model(model: nn.Module, cfg: TrainConfig, example_input: torch.Tenso
                          **{**cfg.rule_options, **options})
     init_feedback(converted, cfg)
     return converted
+
+
+def _check_layer_names(model: nn.Module, cfg: TrainConfig) -> None:
+    """Each name or glob pattern of ``layer_options`` and ``ranks`` must match a layer of the
+    model; else one ``ValueError`` that names the flag and the layers there are."""
+    import fnmatch
+
+    layers = [n for n, m in model.named_modules()
+              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)) and n]
+    for setting, flag in (("layer_options", "--layer-option"), ("ranks", "--layer-rank")):
+        for pattern in getattr(cfg, setting):
+            if not any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in layers):
+                shown = ", ".join(layers[:16]) + (f", ... ({len(layers)} in all)" if len(layers) > 16 else "")
+                raise ValueError(f"{setting} ({flag}) names {pattern!r}, which is no layer of model {cfg.model!r}; "
+                                 f"give one of its layers, or a glob pattern that matches some: {shown}")
 
 
 def init_feedback(model: nn.Module, cfg: TrainConfig) -> None:
@@ -326,24 +343,37 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = False, progres
     Raises:
         TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
         ValueError: a bad setting. :class:`raftorch.data.DatasetNotFoundError`: no data.
+        raftorch.runlock.FolderInUse: another process is writing ``out`` (:func:`hold_run_folder`).
     """
     cfg = TrainConfig.from_dict(config.to_dict() if isinstance(config, TrainConfig) else config)
     threads = torch.get_num_threads()
     try:
-        run = setup(cfg, resume=resume)
-        last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
-        while run.epoch < last_epoch:
-            record = train_epoch(run, progress=progress)
-            if run.epoch + 1 == cfg.epochs or (cfg.eval_every and (run.epoch + 1) % cfg.eval_every == 0):
-                record.update(evaluate_run(run))
-            if cfg.track:
-                record.update(track_run(run))
-            end_epoch(run, record, progress=progress)
-        if run.epoch < cfg.epochs:  # stopped early on purpose: the run folder is resumable
-            return {"stopped_after_epoch": run.epoch, "history": run.history}
-        return finish(run)
+        with hold_run_folder(cfg, resume):
+            run = setup(cfg, resume=resume)
+            last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+            while run.epoch < last_epoch:
+                record = train_epoch(run, progress=progress)
+                if run.epoch + 1 == cfg.epochs or (cfg.eval_every and (run.epoch + 1) % cfg.eval_every == 0):
+                    record.update(evaluate_run(run))
+                if cfg.track:
+                    record.update(track_run(run))
+                end_epoch(run, record, progress=progress)
+            if run.epoch < cfg.epochs:  # stopped early on purpose: the run folder is resumable
+                return {"stopped_after_epoch": run.epoch, "history": run.history}
+            return finish(run)
     finally:
         torch.set_num_threads(threads)
+
+
+def hold_run_folder(cfg: TrainConfig, resume: bool = False):
+    """The run folder's lock (:func:`raftorch.runlock.hold`), held by :func:`train` from before
+    the folder is checked to after ``final.json``: a second run into the same ``out`` (a typo in
+    a job array, a second ``--resume``) is refused with :class:`raftorch.runlock.FolderInUse`
+    naming the holder, and writes nothing. Taken by the process that writes (rank 0); none
+    without ``out``, nor for a ``resume`` of a folder that does not exist (that is an error)."""
+    if not cfg.out or int(os.environ.get("RANK", "0")) != 0 or (resume and not Path(cfg.out).is_dir()):
+        return nullcontext()
+    return runlock.hold(cfg.out, what="raftorch train")
 
 
 def setup(cfg: TrainConfig, *, resume: bool = False, data: DataSplits | None = None) -> Run:
@@ -756,15 +786,20 @@ def _rank(text: str) -> int | str | None:
 def _parse_pairs(items: list[str], flag: str) -> dict[str, Any]:
     import yaml
 
+    from raftorch.config import load_yaml, yaml_problem
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
+        example = {"--model-option": "hidden=[64,64]", "--layer-rank": "fc2=10",
+                   "--layer-option": "'out={oja_source: target}'"}.get(flag, "oja_source=target")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}; e.g. {flag} {example}")
         try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ValueError(f"{flag} {item!r}: the value is not valid YAML") from None
+            out[key.strip()] = load_yaml(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{flag} {item!r}: the value is not valid YAML ({yaml_problem(exc)}); close every "
+                             f"bracket and quote the whole KEY=VALUE for the shell, e.g. {flag} {example}") from None
     return out
 
 
@@ -777,15 +812,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if name in given:
             given[name] = _parse_pairs(given[name], flag)
     saved = Path(given["out"]) / ckpt.CONFIG if given.get("out") else None
+    file = None
     if getattr(args, "config", None):
-        values.update(load_config_file(args.config))
+        file = args.config
     elif getattr(args, "resume", False) and saved is not None and saved.exists():
-        values.update(load_config_file(saved))
-    for name in ("model_options", "rule_options", "layer_options", "ranks"):  # flags add to the file's mapping
-        if name in given:
-            given[name] = {**values.get(name, {}), **given[name]}
-    values.update(given)
-    cfg = TrainConfig.from_dict(values, source="")  # run() prefixes "raftorch train: error:"
+        file = saved
+    if file is not None:
+        values.update(load_config_file(file))
+    cfg = settings(values, file, given)  # run() prefixes "raftorch train: error:"; names the file
     if cfg.out is None:
         rank = f"-r{cfg.rank}" if cfg.rank is not None else ""
         cfg.out = f"runs/{cfg.model}-{cfg.data.replace(':', '_')}-{cfg.rule}{rank}-s{cfg.seed}"
@@ -816,9 +850,12 @@ def run(args: argparse.Namespace) -> int:
         final = train(cfg, resume=args.resume, progress=not args.no_progress)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every process done (rank 0 writing files) before gloo is torn down
-    except (ValueError, DatasetNotFoundError, CorruptDatasetError, TrainingDiverged) as exc:
-        print(f"raftorch train: error: {exc}", file=sys.stderr)
+    except (CorruptDatasetError, ckpt.CorruptCheckpointError, TrainingDiverged, runlock.FolderInUse) as exc:
+        print(f"raftorch train: error: {exc}", file=sys.stderr)  # the run failed: exit status 1
         return 1
+    except (ValueError, DatasetNotFoundError) as exc:
+        print(f"raftorch train: error: {exc}", file=sys.stderr)  # a bad setting: exit status 2
+        return 2
     except KeyboardInterrupt:
         where = Path(cfg.out) if cfg is not None and cfg.out else None
         kept = where is not None and (where / ckpt.CHECKPOINT).exists()

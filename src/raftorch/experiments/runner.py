@@ -8,6 +8,16 @@ a bad setting) gets an ``error.json`` and the others go on (``retry_failed`` run
 A folder whose ``config.yaml`` disagrees with the spec is refused before any work: the spec
 changed since that run, and mixing the two would be silently wrong.
 
+One writer per point: a point is trained while holding its run folder's lock
+(:mod:`raftorch.runlock`), so two ``raftorch reproduce`` processes on the same results root (the
+same command run twice, shards that overlap, a ``raftorch train`` into a point's folder) never
+train one point at once. The second process skips a point held by another, says so in one line
+(``toy bp_s0: busy, skipped (... is in use by pid 1234 on host ...)``) and goes on with the
+other points; the sweep does not fail for it (exit status 0), and the same command run again
+once the holder has finished includes the point. Under the lock the folder's state is read
+again, so a point that another process finished (or left resumable, or saw fail) meanwhile is
+taken as it is now: reported done, resumed, or reported failed, never trained over.
+
 Parallelism: ``jobs`` points at once, each in its own worker process with ``threads`` threads
 (``jobs x threads`` never more than the cores unless asked). By default each panel's points
 get the panel's ``threads_per_point`` (default 1) and as many jobs as fit in the idle usable
@@ -32,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from raftorch import checkpoint as ckpt
+from raftorch import runlock
 from raftorch.experiments.aggregate import ERROR, run_dir, run_status
 from raftorch.experiments.spec import Panel, Point, SpecError
 
@@ -137,17 +148,27 @@ def reuse_finished(root: str | Path, tasks: list[Task]) -> list[Task]:
         source = index.get(_fingerprint(t.point.config))
         if source is None or source == t.folder:
             continue
-        t.folder.mkdir(parents=True, exist_ok=True)
-        for name in (ckpt.CONFIG, ckpt.METRICS, ckpt.METRICS_CSV):
-            if (source / name).exists():
-                ckpt.write_text(t.folder / name, (source / name).read_text())
-        if (source / ckpt.CHECKPOINT).exists():  # the trained weights: analyses (fields) read them
-            _link_or_copy(source / ckpt.CHECKPOINT, t.folder / ckpt.CHECKPOINT)
-        ckpt.write_json(t.folder / "reused.json", {"from": str(source)})
-        ckpt.write_text(t.folder / ckpt.FINAL, (source / ckpt.FINAL).read_text())  # last: marks it done
+        try:
+            with runlock.hold(t.folder, what=f"raftorch reproduce, point {t.point.id}"):
+                if run_status(t.folder) != "missing":  # another process got to it first
+                    t.status = run_status(t.folder)
+                    continue
+                _fill_from(source, t.folder)
+        except runlock.FolderInUse:  # another process is training it: left to that one
+            continue
         t.status = "done"
         filled.append(t)
     return filled
+
+
+def _fill_from(source: Path, folder: Path) -> None:
+    for name in (ckpt.CONFIG, ckpt.METRICS, ckpt.METRICS_CSV):
+        if (source / name).exists():
+            ckpt.write_text(folder / name, (source / name).read_text())
+    if (source / ckpt.CHECKPOINT).exists():  # the trained weights: analyses (fields) read them
+        _link_or_copy(source / ckpt.CHECKPOINT, folder / ckpt.CHECKPOINT)
+    ckpt.write_json(folder / "reused.json", {"from": str(source)})
+    ckpt.write_text(folder / ckpt.FINAL, (source / ckpt.FINAL).read_text())  # last: marks it done
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -234,10 +255,44 @@ def _init_worker(threads: int) -> None:
         T.load_dataset = _cached_loader(T.load_dataset)
 
 
-def execute(kind: str, config: dict, theory: dict, folder: str, resume: bool) -> dict[str, Any]:
-    """Run one point; never raises for a failed run (it is recorded in ``error.json``)."""
+BUSY_ADVICE = "this process leaves the point to it; run the same command again once it has finished"
+
+
+def execute(kind: str, config: dict, theory: dict, folder: str, resume: bool,
+            planned: str | None = None) -> dict[str, Any]:
+    """Run one point, holding its run folder's lock; never raises for a failed run (it is
+    recorded in ``error.json``). Returns ``{"status": "done" | "failed" | "busy", ...}``: busy
+    when another process holds the folder (nothing written). ``planned``: the folder's state
+    when the sweep was planned; when the state under the lock differs, another process has
+    worked on the point since, and the state now decides (done: reported, not run again;
+    resumable: resumed; failed: reported, not retried)."""
     folder = Path(folder)
     start = time.perf_counter()
+    try:
+        with runlock.hold(folder, what=f"raftorch reproduce, point {folder.name}", advice=BUSY_ADVICE):
+            now = run_status(folder)
+            if planned is not None and now != planned:
+                if now == "done":
+                    final = _read_json(folder / ckpt.FINAL)
+                    return {"status": "done", "test_accuracy": final.get("test_accuracy"), "seconds": 0.0,
+                            "note": "finished by another process"}
+                if now == "failed":
+                    return {"status": "failed", "seconds": 0.0,
+                            "error": f"failed in another process: {_read_json(folder / ERROR).get('error', '?')}"}
+                resume = now == "partial"
+            return _execute_held(kind, config, theory, folder, resume, start)
+    except runlock.FolderInUse as exc:
+        return {"status": "busy", "error": str(exc), "seconds": time.perf_counter() - start}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _execute_held(kind: str, config: dict, theory: dict, folder: Path, resume: bool, start: float) -> dict:
     try:
         if (folder / ERROR).exists():
             (folder / ERROR).unlink()
@@ -334,23 +389,27 @@ def run_tasks(todo: list[Task], *, jobs: int, threads: int, device: str | None =
 
     if not todo:
         return []
+    started = time.perf_counter()  # the clock of the progress lines includes the extension's build
     if any(t.panel.kind == "train" for t in todo):
         _warm_extension()
     bar = tqdm(total=len(todo), desc="points", unit="run", dynamic_ncols=True,
                disable=True if not progress else None)
     results: list[tuple[Task, dict]] = []
-    started = time.perf_counter()
 
     def args(t: Task):
         config = (_train_config(t.panel, t.point, t.folder, threads, device, data_dir) if t.panel.kind == "train"
                   else dict(t.point.config))
-        return t.panel.kind, config, t.panel.theory, str(t.folder), t.status == "partial"
+        return t.panel.kind, config, t.panel.theory, str(t.folder), t.status == "partial", t.status
 
     def finished(t: Task, res: dict):
         results.append((t, res))
         if res["status"] == "done":
             acc = res.get("test_accuracy")
             what = f"test {100 * acc:.2f}%" if acc is not None else "done"
+            if res.get("note"):
+                what += f", {res['note']}"
+        elif res["status"] == "busy":
+            what = f"busy, skipped ({res['error']})"
         else:
             what = f"FAILED ({res['error'][:200]})"
         minutes, seconds = divmod(int(time.perf_counter() - started), 60)
