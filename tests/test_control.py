@@ -249,7 +249,7 @@ def test_cli_train_rule_frozen_finishes(tmp_path, capsys):
                      "--no-progress"]) == 0
     capsys.readouterr()
     assert cli_main(["train", "--config", str(spec), "--rank", "3", "--out", str(tmp_path / "z"),
-                     "--no-progress"]) == 1
+                     "--no-progress"]) == 2  # bad input
     err = capsys.readouterr().err
     assert "rank (--rank) does not apply" in err and "Traceback" not in err
 

@@ -225,11 +225,13 @@ def test_corrupt_gzip_is_a_clear_error(tmp_path):
 
 def test_missing_fashion_mnist_explains_the_debian_package(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.setenv(D.ENV_VAR, str(tmp_path))
     with pytest.raises(DatasetNotFoundError) as info:
-        load_dataset("fashion-mnist", data_dir=tmp_path)
+        load_dataset("fashion-mnist")
     msg = str(info.value)
     assert "'fashion-mnist'" in msg and "apt-get install dataset-fashion-mnist" in msg
     assert str(tmp_path / "fashion-mnist") in msg and str(tmp_path / "no-debian") in msg
+    assert "\n" not in msg  # one line
 
 
 def test_fashion_mnist_download_fetches_the_four_files(tmp_path, monkeypatch):
@@ -246,7 +248,36 @@ def test_fashion_mnist_falls_back_to_the_debian_folder(tmp_path, monkeypatch):
     debian = write_fake_fashion_mnist(tmp_path / "debian")
     monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", debian)
     (tmp_path / "empty").mkdir()
-    assert len(load_dataset("fashion-mnist", data_dir=tmp_path / "empty").x_train) == 30
+    monkeypatch.setenv(D.ENV_VAR, str(tmp_path / "empty"))
+    assert len(load_dataset("fashion-mnist").x_train) == 30
+
+
+def test_an_explicit_data_folder_without_fashion_mnist_is_refused_not_replaced(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", write_fake_fashion_mnist(tmp_path / "debian"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("fashion-mnist", data_dir=tmp_path / "empty")
+    msg = str(info.value)
+    assert "--data-dir" in msg and str(tmp_path / "empty" / "fashion-mnist") in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("fraction, message", [
+    (0.999, r"holds out all 1438 training images of digits, leaving none to train on"),
+    (0.001, r"holds out no image of digits"),
+])
+def test_a_validation_split_that_leaves_nothing_is_an_error(fraction, message):
+    with pytest.raises(ValueError, match=message):
+        load_dataset("digits", val_fraction=fraction)
+
+
+def test_a_train_size_above_the_images_there_are_names_both_numbers(tmp_path):
+    with pytest.raises(ValueError, match=r"train_size 5000 .* more than the 1438 training images of digits"):
+        load_dataset("digits", train_size=5000)
+    write_fake_fashion_mnist(tmp_path / "fashion-mnist")
+    with pytest.raises(ValueError, match=r"train_size 21 .* more than the 20 training images of fashion-mnist "
+                                         r"left after the validation split"):
+        load_dataset("fashion-mnist", data_dir=tmp_path, val_fraction=0.2, train_size=21)
+    assert len(load_dataset("digits", train_size=1438).x_train) == 1438  # all of them is fine
 
 
 def test_an_explicit_data_folder_that_does_not_exist_is_an_error_not_ignored(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import raftorch
-from raftorch.models import MODELS, build_model, model_options
+from raftorch.models import MODELS, build_model, check_model, model_options
 
 TINY = {
     "mlp": dict(hidden=(16, 16), batchnorm=True),
@@ -110,11 +110,51 @@ def test_bad_model_names_and_options_are_value_errors():
         build_model("resnet", (1, 8, 8), 10)
     with pytest.raises(ValueError, match="no option.*'widht'.*width_mult"):
         build_model("vgg", (1, 8, 8), 10, widht=2)
-    with pytest.raises(ValueError, match="multiple of patch=3"):
+    with pytest.raises(ValueError, match=r"patch=3 does not divide the 8x8 images; choose a patch that does \(1, 2, 4, 8\)"):
         build_model("vit", (1, 8, 8), 10, patch=3)
     with pytest.raises(ValueError, match="image inputs"):
         build_model("vgg", (64,), 10)
     assert model_options("retina")["bottleneck"] == 32
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("mlp", {"hidden": [0]}, "mlp: model option hidden must be a list of positive whole numbers, got [0]"),
+    ("mlp", {"hidden": [-3]}, "got [-3]"),
+    ("mlp", {"hidden": "abc"}, "model option hidden must be a list of positive whole numbers, got 'abc'"),
+    ("mlp", {"dropout": 1.0}, "model option dropout must be a probability in [0, 1), got 1.0"),
+    ("mlp", {"batchnorm": "yes"}, "model option batchnorm must be true or false"),
+    ("vgg", {"width_mult": 0}, "vgg: model option width_mult must be a finite number > 0, got 0"),
+    ("vgg", {"width_mult": -0.5}, "got -0.5"),
+    ("vgg", {"width_mult": "abc"}, "got 'abc'"),
+    ("vgg", {"width_mult": float("inf")}, "got inf"),
+    ("vgg", {"widths": []}, "model option widths must be a list of positive whole numbers (at least one)"),
+    ("vit", {"patch": 0}, "vit: model option patch must be a positive whole number, got 0"),
+    ("vit", {"dim": 10, "heads": 4}, "model option dim=10 must be divisible by heads=4"),
+    ("vit", {"mlp_ratio": 0}, "model option mlp_ratio must be a finite number > 0"),
+    ("retina", {"kernel": 0}, "retina: model option kernel must be a positive whole number, got 0"),
+    ("retina", {"channels": 2.5}, "model option channels must be a positive whole number, got 2.5"),
+])
+def test_a_bad_model_option_is_named_with_its_value_before_anything_is_built(name, options, message):
+    for call in (build_model, check_model):
+        with pytest.raises(ValueError) as info:
+            call(name, (1, 8, 8), 10, **options)
+        assert message in str(info.value) and "--model-option" in str(info.value)
+
+
+def test_images_too_small_for_the_vgg_say_the_smallest_size_that_works():
+    with pytest.raises(ValueError, match=r"4x4 images are too small .* the smallest size that works is 8x8"):
+        check_model("vgg", (1, 4, 4), 10)
+    with pytest.raises(ValueError, match=r"smallest size that works is 16x16"):
+        build_model("vgg", (1, 8, 8), 10, widths=[4, 4, 4, 4, 4])
+    check_model("vgg", (1, 8, 8), 10)  # the three pools of the paper's net fit 8 x 8
+    check_model("vgg", (1, 1, 1), 10, widths=[4])  # no pool: any size
+
+
+def test_explicit_empty_and_zero_sized_choices_that_can_be_honoured_are_kept():
+    assert [n for n, _ in build_model("mlp", (1, 8, 8), 10, hidden=[]).named_children()] == ["flatten", "out"]
+    assert build_model("mlp", (1, 8, 8), 10, hidden=5).fc1.out_features == 5  # one number: one layer
+    assert len(build_model("vit", (1, 8, 8), 10, dim=8, heads=2, depth=0).blocks) == 0
+    assert build_model("vgg", (1, 8, 8), 10, width_mult=0.01).widths == (1, 1, 3, 5)  # rounded, never below 1
 
 
 def test_vgg_bn_before_relu_swaps_only_the_order_in_every_block():

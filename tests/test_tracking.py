@@ -348,7 +348,7 @@ def test_track_is_validated_and_parsed_from_the_command_line(tmp_path, capsys):
     with pytest.raises(ValueError, match="track must be a list"):
         TrainConfig.from_dict({"track": 3})
     rc = cli_main(["train", "--track", "subspaces", "--out", str(tmp_path / "x"), "--no-progress"])
-    assert rc == 1 and capsys.readouterr().err.count("\n") == 1
+    assert rc == 2 and capsys.readouterr().err.count("\n") == 1  # bad input: exit status 2
     out = tmp_path / "cli"
     rc = cli_main(["train", "--data", "digits", "--model-option", "hidden=[16]", "--rule", "raf", "--rank", "2",
                    "--epochs", "1", "--device", "cpu", "--threads", "1", "--track", "subspace",

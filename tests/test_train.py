@@ -124,7 +124,7 @@ def test_cli_writes_config_metrics_checkpoint_and_final(tmp_path, capsys):
     assert set(records[0]["alignment"]) == {"fc1", "out"}
     assert records[1]["test_accuracy"] == final["test_accuracy"]
     # a second run into the same folder is refused; --resume of a finished run changes nothing
-    assert cli_main(["train", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 1
+    assert cli_main(["train", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 2  # bad input
     assert "already holds a run" in capsys.readouterr().err
     assert cli_main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
     assert saved["threads"] == 1 and torch.get_num_threads() == threads_before  # restored after the run
@@ -160,7 +160,7 @@ def test_feedback_parameters_get_their_own_learning_rate():
 def test_bad_input_is_one_clear_error(tmp_path, capsys, args, fragment):
     rc = cli_main(["train", *args, "--epochs", "1", "--out", str(tmp_path / "r"), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 1 and fragment in err and "Traceback" not in err
+    assert rc == 2 and fragment in err and "Traceback" not in err  # bad input: exit status 2
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
@@ -206,7 +206,7 @@ def _parse(argv):
 
 def test_resume_of_a_folder_that_holds_no_run_stops_with_one_line(tmp_path, capsys):
     missing = tmp_path / "typo"
-    assert cli_main(["train", "--resume", "--out", str(missing), "--no-progress"]) == 1
+    assert cli_main(["train", "--resume", "--out", str(missing), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "nothing to resume" in err and "does not exist" in err and "Traceback" not in err
     assert not missing.exists()  # no new default run was started there
@@ -238,7 +238,7 @@ def test_the_thread_count_used_is_recorded_and_an_explicit_one_obeyed(tmp_path, 
     (["--rank", "0"], "rank must be a positive whole number"),
 ])
 def test_bad_flags_get_one_line_with_one_prefix(tmp_path, capsys, argv, message):
-    assert cli_main(["train", *argv, "--out", str(tmp_path / "r"), "--no-progress"]) == 1
+    assert cli_main(["train", *argv, "--out", str(tmp_path / "r"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.count("raftorch train") == 1 and len(err.splitlines()) == 1
 
@@ -269,7 +269,7 @@ def test_metrics_csv_is_the_jsonl_as_a_table(tmp_path):
 def test_an_unwritable_out_fails_before_any_work(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert cli_main(["train", "--out", str(blocker / "run"), "--no-progress"]) == 1
+    assert cli_main(["train", "--out", str(blocker / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "is not a writable folder" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 

@@ -74,12 +74,22 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write(Path(path), lambda f: torch.save(state, f), "wb")
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file exists but cannot be read (truncated, corrupt, or not a checkpoint)."""
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors, numbers, strings only)."""
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors, numbers, strings only).
+
+    Raises :class:`CorruptCheckpointError` (one line: the file, the kind of failure, what to do)
+    for a file that cannot be read."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a bad file, some with pages of advice
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {first}); "
-                         f"it is corrupt or not a raftorch checkpoint: delete it (or the run folder) "
-                         f"to start over") from None
+        raise CorruptCheckpointError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}): it is corrupt, truncated or not a "
+            f"raftorch checkpoint; delete it (or the whole run folder) and start the run again") from None
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a raftorch "
+                                     f"checkpoint; delete it (or the whole run folder) and start the run again")
+    return state

@@ -22,8 +22,17 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, except that a bad command line gets one line on stderr (what was
+    wrong, and where the help is) and exit status 2, not the usage block and then the error;
+    the subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="raftorch",
         description="Train neural networks with low-dimensional error feedback (RAF).",
     )
@@ -33,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, _parser=p)
         try:
             importlib.import_module(module).add_arguments(p)
         except ModuleNotFoundError as exc:  # a subcommand whose module is not written yet
@@ -77,10 +86,22 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> None:
+    import difflib
+
+    flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    first = next((e.split("=")[0] for e in extra if e.startswith("-")), None)
+    close = difflib.get_close_matches(first, flags, n=1) if first else []
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     _show_progress_messages()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand's parser, with the flag meant when one is close
+        _unrecognized(getattr(args, "_parser", parser), extra)
     if args.command is None:
         parser.print_help()
         return 2
@@ -88,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"the '{args.command}' command is not available in this version")
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
+    except ValueError as exc:  # a bad setting a subcommand did not catch itself: one line, no traceback
+        print(f"raftorch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `raftorch ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0

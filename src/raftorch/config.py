@@ -6,7 +6,9 @@ hyperparameter of the paper's appendix is a field here, never a literal in the t
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,13 +108,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
-        """Build from a mapping; an unknown key raises a ``ValueError`` naming the known ones."""
+        """Build from a mapping; an unknown key raises a :class:`ConfigError` naming the known ones."""
+        where = f"{source}: " if source else ""
         if not isinstance(values, dict):
-            raise ValueError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
-        unknown = sorted(set(values) - set(cls.fields()))
-        if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {', '.join(map(repr, unknown))}; "
-                             f"known settings: {', '.join(cls.fields())}")
+            raise ConfigError(f"{where}expected a mapping of settings, got {type(values).__name__}")
+        check_keys(values, source)
         cfg = cls(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()})
         cfg.validate(source)
         return cfg
@@ -133,120 +133,222 @@ class TrainConfig:
         return self.from_dict({**self.to_dict(), **changes})
 
     def validate(self, source: str = "config") -> None:
-        """Raise one clear ``ValueError`` for the first bad setting."""
-        from raftorch.data import parse_dataset_name
-        from raftorch.models import MODELS, model_options
+        """Raise one clear :class:`ConfigError` for the first bad setting: it names the setting
+        (and its flag), the value and what to give instead; ``source`` (a file) prefixes it."""
+        from raftorch.data import dataset_shape, parse_dataset_name
+        from raftorch.models import MODELS, check_model, model_options
 
-        def bad(msg: str):
-            raise ValueError(f"{source}: {msg}" if source else msg)
+        def bad(setting: str, msg: str):
+            raise ConfigError(f"{source}: {msg}" if source else msg, setting)
 
-        parse_dataset_name(self.data)
-        if self.model not in MODELS:
-            bad(f"unknown model {self.model!r}; choose one of {', '.join(sorted(MODELS))}")
+        defaults = TrainConfig()
+        for name in self.fields():  # true / false settings
+            if isinstance(getattr(defaults, name), bool) and not isinstance(getattr(self, name), bool):
+                bad(name, f"{name} (--{_flag(name)}) must be true or false, got {getattr(self, name)!r}")
+        for name, example in (("out", "runs/NAME"), ("data_dir", "~/data")):  # folders: null or a name
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                bad(name, f"{name} (--{_flag(name)}) must name a folder, got {value!r}; e.g. --{_flag(name)} "
+                          f"{example}, or leave it out")
+        if not isinstance(self.data, str):
+            bad("data", f"data (--data) must be a dataset name such as 'digits' or 'cifar100:50', got {self.data!r}")
+        try:
+            parse_dataset_name(self.data)
+        except ValueError as exc:
+            bad("data", str(exc))
+        if not isinstance(self.model, str) or self.model not in MODELS:
+            bad("model", f"unknown model {self.model!r} (--model); choose one of {', '.join(sorted(MODELS))}")
         if not isinstance(self.model_options, dict):
-            bad("model_options must be a mapping, e.g. {hidden: [512, 512]}")
+            bad("model_options", "model_options must be a mapping, e.g. {hidden: [512, 512]}")
         unknown = sorted(set(self.model_options) - set(model_options(self.model)))
         if unknown:
             known = ", ".join(f"{k}={v!r}" for k, v in model_options(self.model).items())
-            bad(f"model {self.model!r} has no option(s) {', '.join(map(repr, unknown))}; its options: {known}")
-        if not isinstance(self.tensorboard, bool):
-            bad(f"tensorboard must be true or false, got {self.tensorboard!r}")
+            bad("model_options", f"model {self.model!r} has no option(s) {', '.join(map(repr, unknown))} "
+                                 f"(--model-option); its options: {known}")
         if self.output_init not in OUTPUT_INITS:
-            bad(f"output_init must be null (the model's own initialisation) or 'zero', got {self.output_init!r}")
+            bad("output_init", f"output_init must be null (the model's own initialisation) or 'zero', "
+                               f"got {self.output_init!r}")
         if not isinstance(self.rule, str) or not self.rule:
-            bad(f"rule must be a rule name such as 'bp' or 'raf', got {self.rule!r}")
+            bad("rule", f"rule must be a rule name such as 'bp' or 'raf', got {self.rule!r}")
         if self.rank is not None and not _is_rank(self.rank):
-            bad(f"rank must be a positive whole number, 'full' or null, got {self.rank!r}")
+            bad("rank", f"rank must be a positive whole number, 'full' or null, got {self.rank!r}")
         if not isinstance(self.ranks, dict) or not all(_is_rank(r) for r in self.ranks.values()):
-            bad(f"ranks must map module names (or glob patterns) to positive whole numbers or 'full', "
-                f"got {self.ranks!r}")
+            bad("ranks", f"ranks (--layer-rank) must map module names (or glob patterns) to positive whole "
+                         f"numbers or 'full', got {self.ranks!r}")
         if not isinstance(self.rule_options, dict):
-            bad("rule_options must be a mapping, e.g. {oja_source: target}")
+            bad("rule_options", "rule_options must be a mapping, e.g. {oja_source: target}")
         if not isinstance(self.layer_options, dict) or any(not isinstance(v, dict) for v in self.layer_options.values()):
-            bad("layer_options must map module names (or glob patterns) to mappings of options, "
-                "e.g. {out: {oja_source: target}}")
+            bad("layer_options", "layer_options (--layer-option) must map module names (or glob patterns) to "
+                                 "mappings of options, e.g. {out: {oja_source: target}}")
         if self.optimizer not in OPTIMIZERS:
-            bad(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+            bad("optimizer", f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.amsgrad and self.optimizer not in ("adam", "adamw"):
-            bad(f"amsgrad applies to adam / adamw only, not {self.optimizer!r}")
-        if self.momentum and self.optimizer not in ("sgd", "rmsprop"):
-            bad(f"momentum applies to sgd / rmsprop only, not {self.optimizer!r}")
+            bad("amsgrad", f"amsgrad applies to adam / adamw only, not {self.optimizer!r}")
         for name in ("lr", "weight_decay", "momentum", "lr_decay", "val_fraction", "feedback_lr",
-                     "feedback_weight_decay"):
+                     "feedback_weight_decay", "feedback_init_scale"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
                                       or not math.isfinite(value)):
-                bad(f"{name} (--{name.replace('_', '-')}) must be a finite number, got {value!r}")
-        for name in ("lr", "eval_batch_size", "batch_size", "epochs", "accumulate"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                bad(f"{name} must be a positive number, got {value!r}")
-        for name in ("batch_size", "accumulate", "epochs", "eval_batch_size", "seed", "crop_padding", "cutout", "eval_every"):
+                bad(name, f"{name} (--{_flag(name)}) must be a finite number, got {value!r}")
+        if self.momentum and self.optimizer not in ("sgd", "rmsprop"):
+            bad("momentum", f"momentum applies to sgd / rmsprop only, not {self.optimizer!r}")
+        for name in ("batch_size", "accumulate", "epochs", "eval_batch_size", "seed", "crop_padding", "cutout",
+                     "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                bad(f"{name} must be a non-negative whole number, got {value!r}")
+                bad(name, f"{name} (--{_flag(name)}) must be a non-negative whole number, got {value!r}")
+        for name in ("lr", "eval_batch_size", "batch_size", "epochs", "accumulate"):
+            if getattr(self, name) <= 0:
+                bad(name, f"{name} must be a positive number, got {getattr(self, name)!r} (--{_flag(name)})")
         if self.bf16 and self.fp16:
-            bad("bf16 and fp16 are two autocast dtypes; choose one")
+            bad("fp16", "bf16 and fp16 are two autocast dtypes; choose one")
         if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
                                          or self.threads < 1):
-            bad(f"threads must be a positive whole number or null, got {self.threads!r}")
+            bad("threads", f"threads (--threads) must be a positive whole number or null, got {self.threads!r}")
         for name in ("train_size", "image_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                bad(f"{name} must be a positive whole number or null, got {value!r}")
+                bad(name, f"{name} (--{_flag(name)}) must be a positive whole number or null, got {value!r}")
         if self.feedback_lr is not None and self.feedback_lr <= 0:
-            bad(f"feedback_lr must be positive or null, got {self.feedback_lr!r}")
+            bad("feedback_lr", f"feedback_lr must be positive or null, got {self.feedback_lr!r}")
         for name in ("weight_decay", "momentum"):
             if getattr(self, name) < 0:
-                bad(f"{name} must be >= 0, got {getattr(self, name)!r}")
+                bad(name, f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.feedback_weight_decay is not None and self.feedback_weight_decay < 0:
-            bad(f"feedback_weight_decay must be >= 0 or null, got {self.feedback_weight_decay!r}")
+            bad("feedback_weight_decay",
+                f"feedback_weight_decay must be >= 0 or null, got {self.feedback_weight_decay!r}")
         if not 0 < self.lr_decay <= 1:
-            bad(f"lr_decay is the per-epoch factor on the learning rate and must be in (0, 1], "
-                f"got {self.lr_decay!r} (e.g. 0.975)")
+            bad("lr_decay", f"lr_decay is the per-epoch factor on the learning rate and must be in (0, 1], "
+                            f"got {self.lr_decay!r} (e.g. 0.975)")
         if self.class_sample not in CLASS_SAMPLES:
-            bad(f"class_sample must be one of {', '.join(CLASS_SAMPLES)}, got {self.class_sample!r}")
+            bad("class_sample", f"class_sample must be one of {', '.join(CLASS_SAMPLES)}, got {self.class_sample!r}")
         if self.class_sample != "first" and ":" not in str(self.data):
-            bad(f"class_sample={self.class_sample!r} picks the K classes of a 'name:K' dataset, but data is "
-                f"{self.data!r}; use e.g. data: cifar100:50, or leave class_sample at 'first'")
+            bad("class_sample", f"class_sample={self.class_sample!r} picks the K classes of a 'name:K' dataset, "
+                                f"but data is {self.data!r}; use e.g. data: cifar100:50, or leave class_sample at "
+                                f"'first'")
         if self.feedback_init not in FEEDBACK_INITS:
-            bad(f"feedback_init must be one of {', '.join(FEEDBACK_INITS)}, got {self.feedback_init!r}")
-        if (isinstance(self.feedback_init_scale, bool) or not isinstance(self.feedback_init_scale, (int, float))
-                or not math.isfinite(self.feedback_init_scale) or self.feedback_init_scale < 0):
-            bad(f"feedback_init_scale multiplies the initial B and Q and must be a number >= 0, "
-                f"got {self.feedback_init_scale!r}")
+            bad("feedback_init",
+                f"feedback_init must be one of {', '.join(FEEDBACK_INITS)}, got {self.feedback_init!r}")
+        if self.feedback_init_scale < 0:
+            bad("feedback_init_scale", f"feedback_init_scale multiplies the initial B and Q and must be a number "
+                                       f">= 0, got {self.feedback_init_scale!r}")
         if not 0 <= self.val_fraction < 1:
-            bad(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+            bad("val_fraction", f"val_fraction (--val-fraction) must be in [0, 1), got {self.val_fraction!r}")
         if self.track is not None:
             if not isinstance(self.track, list) or not all(isinstance(t, str) for t in self.track):
-                bad(f"track must be a list of metric names such as [subspace], got {self.track!r}")
+                bad("track", f"track must be a list of metric names such as [subspace], got {self.track!r}")
             unknown = [t for t in self.track if t not in TRACKERS]
             if unknown:
-                bad(f"unknown track metric(s) {', '.join(map(repr, unknown))} (--track); "
-                    f"choose from: {', '.join(TRACKERS)}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            bad(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+                bad("track", f"unknown track metric(s) {', '.join(map(repr, unknown))} (--track); "
+                             f"choose from: {', '.join(TRACKERS)}")
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
+                                                    or self.device.startswith("cuda:")):
+            bad("device", f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        # the model's own options, for the images the data settings give (nothing is loaded)
+        shape, num_classes = dataset_shape(self.data, grayscale=self.grayscale, image_size=self.image_size)
+        try:
+            check_model(self.model, shape, num_classes, **self.model_options)
+        except ValueError as exc:
+            bad("model_options", str(exc))
+
+
+class ConfigError(ValueError):
+    """A bad setting; ``setting`` names it (a field of :class:`TrainConfig`), when one is to blame."""
+
+    def __init__(self, message: str, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def check_keys(values: dict[str, Any], source: str = "config") -> None:
+    """A :class:`ConfigError` for the first key of ``values`` that is not a setting, with the
+    closest setting's name when one is close (a misspelling)."""
+    known = list(TrainConfig.fields())
+    unknown = [k for k in values if k not in known]
+    if not unknown:
+        return
+    key = unknown[0]
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    where = f"{source}: " if source else ""
+    raise ConfigError(f"{where}unknown setting {key!r}{hint}; the settings are: {', '.join(known)}", str(key))
 
 
 def _is_rank(r) -> bool:
     return r == "full" or (isinstance(r, int) and not isinstance(r, bool) and r >= 1)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that ``1e-3`` and ``5E4`` are numbers, as in YAML 1.2 and
+    JSON (YAML 1.1, which PyYAML follows, wants ``1.0e-3`` and reads ``1e-3`` as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """One YAML document of settings (``1e-3`` is a number); a ``yaml.YAMLError`` if it is not YAML."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's own message spans lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def load_config_file(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """Read a YAML file of settings (``what`` names it in errors) into a mapping (not yet
-    validated)."""
+    validated). A path that is not a readable text file of YAML raises one ``ValueError``."""
     path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text())
+        values = load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{what} {path} does not exist") from None
+        raise ValueError(f"{what} {path} does not exist; give the path of a YAML file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a folder, not a YAML file; give the path of a YAML file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not a text file (it is binary, not UTF-8 text); give the "
+                         f"path of a YAML file") from None
+    except OSError as exc:
+        raise ValueError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"{what} {path} is not valid YAML: {exc}") from None
+        raise ValueError(f"{what} {path} is not valid YAML: {yaml_problem(exc)}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"{what} {path} must hold a mapping of settings, got {type(values).__name__}")
+        raise ValueError(f"{what} {path} must hold a mapping of settings (key: value lines), "
+                         f"got {type(values).__name__}")
     return values
+
+
+def settings(file_values: dict[str, Any], file: str | Path | None, flags: dict[str, Any]) -> TrainConfig:
+    """The config of a command: the defaults < ``file_values`` (read from ``file``) < ``flags``.
+
+    The mappings (``model_options``, ``rule_options``, ``layer_options``, ``ranks``) of the
+    flags add to the file's. An error in a setting the file gave (an unknown key, a bad value
+    no flag replaced) names the file."""
+    label = f"config file {file}" if file is not None else ""
+    check_keys(file_values, label)
+    values = dict(file_values)
+    for name in ("model_options", "rule_options", "layer_options", "ranks"):
+        if name in flags and isinstance(values.get(name), dict):
+            flags = {**flags, name: {**values[name], **flags[name]}}
+    values.update(flags)
+    try:
+        return TrainConfig.from_dict(values, source="")
+    except ConfigError as exc:
+        if file is not None and exc.setting in file_values and exc.setting not in flags:
+            raise ConfigError(f"{label}: {exc}", exc.setting) from None
+        raise
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -16,7 +16,9 @@ Where files are looked for, in order of precedence (the first that is set is use
 Inside it: ``fashion-mnist/`` with the four idx files (``.gz`` or not),
 ``cifar-10-batches-py/`` and ``cifar-100-python/`` (the python-pickle layouts the dataset
 authors distribute). Fashion-MNIST is also found where the Debian package
-``dataset-fashion-mnist`` installs it (``/usr/share/datasets/fashion-mnist``).
+``dataset-fashion-mnist`` installs it (``/usr/share/datasets/fashion-mnist``), unless
+``data_dir`` names a folder: a folder the user named is the only place looked in, and a
+dataset missing there is an error, never replaced by another copy.
 ``download=True`` fetches what is missing into that folder (needs a network).
 """
 from __future__ import annotations
@@ -103,6 +105,31 @@ def _split_indices(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, 
     return torch.sort(torch.cat(kept)).values, torch.sort(torch.cat(held)).values
 
 
+def _validation_split(labels: Tensor, fraction: float, seed: int, name: str) -> tuple[Tensor, Tensor]:
+    """:func:`_split_indices` of the training set, refusing a split that leaves nothing to train on
+    or holds out no image at all (each class rounds its share to whole images)."""
+    keep, val = _split_indices(labels, fraction, seed)
+    largest = int(torch.unique(labels, return_counts=True)[1].max()) if len(labels) else 0
+    if len(keep) == 0:
+        raise ValueError(f"val_fraction {fraction} (--val-fraction) holds out all {len(labels)} training images "
+                         f"of {name}, leaving none to train on; use a smaller fraction, at most "
+                         f"{1 - 1 / max(largest, 1):.3g} (e.g. 0.1)")
+    if len(val) == 0:
+        raise ValueError(f"val_fraction {fraction} (--val-fraction) holds out no image of {name} (its share of "
+                         f"each class rounds to 0 of at most {largest} images); use at least "
+                         f"{1 / max(largest, 1):.2g} (e.g. 0.1), or 0 for no validation split")
+    return keep, val
+
+
+def _training_subset(labels: Tensor, train_size: int, seed: int, name: str, val_fraction: float) -> Tensor:
+    """:func:`stratified_subset` of ``train_size`` training images; more than there are is an error."""
+    if train_size > len(labels):
+        after = f" left after the validation split (val_fraction {val_fraction})" if val_fraction else ""
+        raise ValueError(f"train_size {train_size} (--train-size) is more than the {len(labels)} training images "
+                         f"of {name}{after}; use at most {len(labels)}, or leave train_size out to train on all")
+    return stratified_subset(labels, train_size, seed)
+
+
 def load_digits(*, seed: int = 0, val_fraction: float = 0.0, test_fraction: float = 0.2) -> DataSplits:
     """scikit-learn's 8x8 digits (1797 images, 10 classes), shape (N, 1, 8, 8).
 
@@ -120,7 +147,7 @@ def load_digits(*, seed: int = 0, val_fraction: float = 0.0, test_fraction: floa
     x_train, y_train, x_test, y_test = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
     x_val = y_val = None
     if val_fraction > 0:
-        keep, val = _split_indices(y_train, val_fraction, seed=seed)
+        keep, val = _validation_split(y_train, val_fraction, seed, "digits")
         x_val, y_val = x_train[val], y_train[val]
         x_train, y_train = x_train[keep], y_train[keep]
     mean, std = x_train.mean(), x_train.std()
@@ -233,7 +260,8 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 def load_fashion_mnist(*, data_dir=None, download: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fashion-MNIST as uint8 ``(N, 1, 28, 28)`` images and int64 labels: (x_train, y_train, x_test, y_test)."""
     root = data_root(data_dir)
-    candidates = [root / "fashion-mnist", root, DEBIAN_FASHION_MNIST]
+    # a folder the user named is the only place looked in; else also the Debian package's folder
+    candidates = [root / "fashion-mnist", root] + ([DEBIAN_FASHION_MNIST] if data_dir is None else [])
     stems = [s for pair in FASHION_MNIST_FILES.values() for s in pair]
     folder = next((c for c in candidates if all(_find_idx(c, s) for s in stems)), None)
     if folder is None and download:
@@ -242,15 +270,19 @@ def load_fashion_mnist(*, data_dir=None, download: bool = False) -> tuple[Tensor
             if _find_idx(folder, stem) is None:
                 _download(FASHION_MNIST_URL + stem + ".gz", folder / (stem + ".gz"))
     if folder is None:
-        looked = "\n".join(f"  {c}" for c in candidates)
+        looked = " and ".join(str(c) for c in candidates)
+        if data_dir is not None:
+            raise DatasetNotFoundError(
+                f"dataset 'fashion-mnist' is not in the folder given as data_dir / --data-dir: looked for "
+                f"its four idx files ({', '.join(stems)}, optionally .gz) in {looked}; copy them into "
+                f"{root / 'fashion-mnist'}, add --download where a network is available, or leave --data-dir "
+                f"out to use ${ENV_VAR}, {default_data_dir()} or the Debian package's {DEBIAN_FASHION_MNIST}")
         raise DatasetNotFoundError(
-            f"dataset 'fashion-mnist' not found. Looked for the four idx files "
-            f"({', '.join(stems)}, optionally .gz) in:\n{looked}\n"
-            f"(the first two from {_root_origin(data_dir)}). To get it, either\n"
-            f"  - install the Debian package: apt-get install dataset-fashion-mnist\n"
-            f"    (it puts the files in {DEBIAN_FASHION_MNIST}), or\n"
-            f"  - copy the files from https://github.com/zalandoresearch/fashion-mnist into {root / 'fashion-mnist'}, or\n"
-            f"  - pass download=True / --download where a network is available.")
+            f"dataset 'fashion-mnist' not found: looked for its four idx files ({', '.join(stems)}, "
+            f"optionally .gz) in {looked} (the first two from {_root_origin(data_dir)}); to get it, "
+            f"install the Debian package (apt-get install dataset-fashion-mnist, which puts the files in "
+            f"{DEBIAN_FASHION_MNIST}), copy the files from https://github.com/zalandoresearch/fashion-mnist "
+            f"into {root / 'fashion-mnist'}, or add --download where a network is available")
     out = []
     for split in ("train", "test"):
         img_path, lab_path = (_find_idx(folder, s) for s in FASHION_MNIST_FILES[split])
@@ -353,17 +385,15 @@ def load_cifar(name: str, *, data_dir=None, download: bool = False,
             tar.extractall(root, filter="data")
         folder = root / spec["folder"]
     if folder is None:
-        looked = "\n".join(f"  {c}" + (f" (has {len(files) - len(miss)} of the files; missing: {', '.join(miss)})"
-                                       if 0 < len(miss := [f for f in files if not (c / f).is_file()]) < len(files)
-                                       else "")
-                           for c in candidates)
+        looked = " and ".join(f"{c}" + (f" (has {len(files) - len(miss)} of the files; missing: {', '.join(miss)})"
+                                         if 0 < len(miss := [f for f in files if not (c / f).is_file()]) < len(files)
+                                         else "")
+                              for c in candidates)
         raise DatasetNotFoundError(
-            f"dataset {name!r} not found. Looked for {', '.join(files)} in:\n{looked}\n"
-            f"(from {_root_origin(data_dir)}). To get it, either\n"
-            f"  - download {spec['url']} and unpack it into {root}, so that {root / spec['folder']} "
-            f"holds those files, or\n"
-            f"  - pass download=True / --download where a network is available, or\n"
-            f"  - point --data-dir / ${ENV_VAR} at the folder that contains {spec['folder']}/.")
+            f"dataset {name!r} not found: looked for {', '.join(files)} in {looked} "
+            f"(from {_root_origin(data_dir)}); to get it, download {spec['url']} and unpack it into {root} "
+            f"(so that {root / spec['folder']} holds those files), add --download where a network is "
+            f"available, or point --data-dir / ${ENV_VAR} at the folder that contains {spec['folder']}/")
     parts = {}
     for split in ("train", "test"):
         batches = [_read_cifar_batch(folder / f, spec["label_key"], spec["md5"][f] if check_md5 else None)
@@ -454,11 +484,11 @@ def _prepare(name: str, x_train, y_train, x_test, y_test, num_classes: int, *, c
         x_train, x_test = _to_grayscale(x_train), _to_grayscale(x_test)
     x_val = y_val = None
     if val_fraction > 0:
-        keep, val = _split_indices(y_train, val_fraction, seed=seed)
+        keep, val = _validation_split(y_train, val_fraction, seed, name)
         x_val, y_val = x_train[val], y_train[val]
         x_train, y_train = x_train[keep], y_train[keep]
     if train_size is not None:
-        keep = stratified_subset(y_train, train_size, seed)
+        keep = _training_subset(y_train, train_size, seed, name, val_fraction)
         x_train, y_train = x_train[keep], y_train[keep]
     mean = x_train.mean(dim=(0, 2, 3))
     std = x_train.std(dim=(0, 2, 3))
@@ -499,7 +529,8 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
             split (chosen with ``seed``), so results are not picked on the test set.
         seed: seed of the validation split, of the training subset and of a random class subset.
         train_size: keep a stratified random subset of this many training images (after the
-            validation split), for runs that must be short; ``None``: all of them.
+            validation split), for runs that must be short; ``None``: all of them. More than
+            there are is a ``ValueError`` naming both numbers.
         image_size: resize images to ``image_size x image_size`` by area averaging (before
             standardisation); ``None``: as stored.
         kwargs: passed to the loader (``digits``: ``test_fraction``).
@@ -526,7 +557,7 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
             splits.x_train, splits.x_test = resize_images(splits.x_train, image_size), resize_images(splits.x_test, image_size)
             splits.x_val = None if splits.x_val is None else resize_images(splits.x_val, image_size)
         if train_size is not None:
-            keep = stratified_subset(splits.y_train, train_size, seed)
+            keep = _training_subset(splits.y_train, train_size, seed, name, val_fraction)
             splits.x_train, splits.y_train = splits.x_train[keep], splits.y_train[keep]
         return splits
     if kwargs:

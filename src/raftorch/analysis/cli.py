@@ -37,6 +37,7 @@ the model's first ``Conv2d``. Input shape: the dataset's image shape after the r
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -228,6 +229,20 @@ def _channels(text: str) -> list[int] | None:
             f"--channels takes 'all', a count N (the first N) or indices like 0,3,5; got {text!r}") from None
 
 
+def _positive(kind):
+    """An argparse type: a finite number of ``kind`` (int or float) ``> 0``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value <= 0:
+            what = "a whole number" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"must be {what} > 0, got {text!r}")
+        return value
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder of raftorch train")
     parser.add_argument("--layer", default=None,
@@ -235,8 +250,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("gradient", "ascent"), default="gradient",
                         help="gradient of the centre unit at a blank image, or norm-bounded gradient ascent "
                              "from it (default: gradient)")
-    parser.add_argument("--steps", type=int, default=20, help="gradient-ascent steps (default: 20)")
-    parser.add_argument("--lr", type=float, default=0.1,
+    parser.add_argument("--steps", type=_positive(int), default=20, help="gradient-ascent steps (default: 20)")
+    parser.add_argument("--lr", type=_positive(float), default=0.1,
                         help="gradient-ascent step as a fraction of the image norm bound (default: 0.1)")
     parser.add_argument("--channels", type=_channels, default=None, metavar="all|N|i,j,...",
                         help="channels to analyse: all (default), the first N, or a comma list")
@@ -257,6 +272,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = analyze_run(args.run_dir, args.layer, args.method, steps=args.steps, lr=args.lr,
                              channels=args.channels, figure=not args.no_figure)
+    except ckpt.CorruptCheckpointError as exc:  # the run's file is damaged: a failure, not a bad argument
+        print(f"raftorch analyze: error: {exc}", file=sys.stderr)
+        return 1
     except ValueError as exc:
         print(f"raftorch analyze: error: {exc}", file=sys.stderr)
         return 2

@@ -46,9 +46,22 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **opt
     """Build model ``name`` for inputs of shape ``input_shape`` (without the batch dimension).
 
     ``options`` are the model's keyword arguments (see :func:`model_options`); an unknown
-    option raises a ``ValueError`` that lists the accepted ones.
+    option raises a ``ValueError`` that lists the accepted ones, and a bad value one that names
+    the option and what to give (:func:`check_model`).
     """
-    cls = _lookup(name)
+    _known_options(name, options)
+    return _lookup(name)(tuple(input_shape), num_classes, **options)
+
+
+def check_model(name: str, input_shape: tuple[int, ...], num_classes: int, **options) -> None:
+    """Raise the ``ValueError`` :func:`build_model` would for these arguments (an unknown
+    model or option, a bad option value, images too small for the model), without building
+    anything: each model's ``check`` static method, which its constructor also calls."""
+    known = _known_options(name, options)
+    _lookup(name).check(tuple(input_shape), num_classes, **{**known, **options})
+
+
+def _known_options(name: str, options: dict) -> dict[str, object]:
     known = model_options(name)
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -56,7 +69,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **opt
             f"model {name!r} has no option(s) {', '.join(map(repr, unknown))}; "
             f"its options are: {', '.join(f'{k}={v!r}' for k, v in known.items())}"
         )
-    return cls(tuple(input_shape), int(num_classes), **options)
+    return known
 
 
 @torch.no_grad()
@@ -92,4 +105,5 @@ def _lookup(name: str):
     return MODELS[name]
 
 
-__all__ = ["MLP", "VGG", "ViT", "RetinaVVS", "MODELS", "build_model", "model_options", "zero_output_layer_"]
+__all__ = ["MLP", "VGG", "ViT", "RetinaVVS", "MODELS", "build_model", "check_model", "model_options",
+           "zero_output_layer_"]

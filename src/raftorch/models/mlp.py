@@ -7,6 +7,8 @@ from typing import Sequence
 
 from torch import nn
 
+from raftorch.models import _check
+
 
 class MLP(nn.Sequential):
     r"""Multi-layer perceptron on flattened inputs.
@@ -16,7 +18,8 @@ class MLP(nn.Sequential):
     Args:
         input_shape: shape of one input, e.g. ``(3, 32, 32)``; it is flattened.
         num_classes: number of outputs.
-        hidden: widths of the hidden layers (paper: ``(512, 512, 512, 512)``).
+        hidden: widths of the hidden layers (paper: ``(512, 512, 512, 512)``); one number is
+            one layer, an empty list none (a linear classifier).
         batchnorm: insert ``BatchNorm1d`` between each hidden ``Linear`` and its ReLU
             (the authors' code does; the paper's text does not mention it).
         dropout: dropout probability after each hidden ReLU (0: none).
@@ -31,9 +34,7 @@ class MLP(nn.Sequential):
     def __init__(self, input_shape: Sequence[int], num_classes: int,
                  hidden: Sequence[int] = (512, 512, 512, 512), batchnorm: bool = False,
                  dropout: float = 0.0):
-        if isinstance(hidden, int):
-            hidden = (hidden,)
-        hidden = tuple(int(h) for h in hidden)
+        hidden, batchnorm, dropout = MLP.check(input_shape, num_classes, hidden, batchnorm, dropout)
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["flatten"] = nn.Flatten()
         width = math.prod(input_shape)
@@ -47,3 +48,12 @@ class MLP(nn.Sequential):
             width = h
         layers["out"] = nn.Linear(width, num_classes)
         super().__init__(layers)
+
+    @staticmethod
+    def check(input_shape: Sequence[int], num_classes: int, hidden, batchnorm,
+              dropout) -> tuple[tuple[int, ...], bool, float]:
+        """The options as the constructor uses them; a ``ValueError`` naming the first bad one."""
+        _check.input_shape("mlp", input_shape)
+        _check.classes("mlp", num_classes)
+        return (_check.widths("mlp", "hidden", hidden, "[512,512]", allow_empty=True),
+                _check.flag("mlp", "batchnorm", batchnorm), _check.probability("mlp", "dropout", dropout))

@@ -7,6 +7,8 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
+from raftorch.models import _check
+
 
 class RetinaVVS(nn.Module):
     r"""Two retinal and three "ventral visual stream" convolutions, then a classifier.
@@ -40,8 +42,8 @@ class RetinaVVS(nn.Module):
                  bottleneck: int = 32, kernel: int = 9, vvs_layers: int = 3, fc: int = 1024,
                  dropout: float = 0.5):
         super().__init__()
-        if len(input_shape) != 3:
-            raise ValueError(f"retina needs image inputs (C, H, W), got input shape {tuple(input_shape)}")
+        channels, bottleneck, kernel, vvs_layers, fc, dropout = RetinaVVS.check(
+            input_shape, num_classes, channels, bottleneck, kernel, vvs_layers, fc, dropout)
         c_in, h, w = input_shape
         pad = kernel // 2
         conv = lambda i, o: nn.Conv2d(i, o, kernel_size=kernel, padding=pad)  # noqa: E731
@@ -63,6 +65,19 @@ class RetinaVVS(nn.Module):
             ("dropout", nn.Dropout(dropout)),
             ("fc2", nn.Linear(fc, num_classes)),
         ]))
+
+    @staticmethod
+    def check(input_shape: Sequence[int], num_classes: int, channels, bottleneck, kernel, vvs_layers, fc,
+              dropout) -> tuple[int, int, int, int, int, float]:
+        """The options as the constructor uses them; a ``ValueError`` naming the first bad one."""
+        _check.image_shape("retina", input_shape)
+        _check.classes("retina", num_classes)
+        return (_check.whole("retina", "channels", channels, 32),
+                _check.whole("retina", "bottleneck", bottleneck, 4),
+                _check.whole("retina", "kernel", kernel, 9),
+                _check.whole("retina", "vvs_layers", vvs_layers, 3, minimum=0),
+                _check.whole("retina", "fc", fc, 1024),
+                _check.probability("retina", "dropout", dropout))
 
     @staticmethod
     def _out_hw(h: int, w: int, kernel: int, pad: int, n: int) -> tuple[int, int]:

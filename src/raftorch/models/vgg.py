@@ -6,6 +6,8 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
+from raftorch.models import _check
+
 
 class VGG(nn.Module):
     r"""Four blocks of two 3x3 convolutions, then a small classifier (paper, Table C1).
@@ -19,14 +21,15 @@ class VGG(nn.Module):
         num_classes: number of outputs.
         widths: channels of the four blocks (paper: ``(64, 128, 256, 512)``).
         width_mult: multiplies every width (and ``fc``), e.g. ``0.25`` for a CPU-sized
-            net with blocks 16-32-64-128. Widths are rounded, never below 1.
+            net with blocks 16-32-64-128; must be > 0. Widths are rounded, never below 1.
         fc: width of the hidden fully connected layer (paper: 256).
         dropout: dropout probability in the classifier (the paper's value is not given; 0.5).
         bn_before_relu: ``Conv2d -> BatchNorm2d -> ReLU`` instead of the table's order (the
             common VGG-BN order; an ablation of where the normalisation sits).
 
     Shape:
-        Input ``(N, C, H, W)`` with ``H, W >= 8`` (three 2x2 pools), output ``(N, num_classes)``.
+        Input ``(N, C, H, W)`` with ``H, W >= 8`` (three 2x2 pools; ``2 ** (len(widths) - 1)`` in
+        general: :meth:`check` says so before anything is built), output ``(N, num_classes)``.
 
     Module names: ``features.block{b}.conv{1,2}`` and ``classifier.fc1`` / ``classifier.fc2``,
     so ``ranks={"features.block4.*": r}`` limits the feedback of the 512-channel block.
@@ -36,8 +39,8 @@ class VGG(nn.Module):
                  widths: Sequence[int] = (64, 128, 256, 512), width_mult: float = 1.0,
                  fc: int = 256, dropout: float = 0.5, bn_before_relu: bool = False):
         super().__init__()
-        if len(input_shape) != 3:
-            raise ValueError(f"vgg needs image inputs (C, H, W), got input shape {tuple(input_shape)}")
+        widths, width_mult, fc, dropout, bn_before_relu = VGG.check(
+            input_shape, num_classes, widths, width_mult, fc, dropout, bn_before_relu)
         scale = lambda w: max(1, int(round(w * width_mult)))  # noqa: E731
         self.widths = tuple(scale(w) for w in widths)
         blocks: OrderedDict[str, nn.Module] = OrderedDict()
@@ -69,3 +72,23 @@ class VGG(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
+
+    @staticmethod
+    def check(input_shape: Sequence[int], num_classes: int, widths, width_mult, fc, dropout,
+              bn_before_relu) -> tuple[tuple[int, ...], float, int, float, bool]:
+        """The options as the constructor uses them; a ``ValueError`` naming the first bad one,
+        and one for images too small for the pools, with the smallest size that works."""
+        _, h, w = _check.image_shape("vgg", input_shape)
+        _check.classes("vgg", num_classes)
+        widths = _check.widths("vgg", "widths", widths, "[16,32,64,128]", allow_empty=False)
+        width_mult = _check.positive("vgg", "width_mult", width_mult, "0.25")
+        fc = _check.whole("vgg", "fc", fc, 256)
+        dropout = _check.probability("vgg", "dropout", dropout)
+        bn_before_relu = _check.flag("vgg", "bn_before_relu", bn_before_relu)
+        pools = len(widths) - 1
+        smallest = 2 ** pools
+        if min(h, w) < smallest:
+            raise ValueError(f"vgg: {h}x{w} images are too small for its {pools} max-pools of 2x2 (each "
+                             f"halves the image); the smallest size that works is {smallest}x{smallest}: "
+                             f"use --image-size {smallest} or more" + (", or fewer widths" if pools else ""))
+        return widths, width_mult, fc, dropout, bn_before_relu

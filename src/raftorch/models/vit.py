@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raftorch.models import _check
+
 
 class Attention(nn.Module):
     r"""Multi-head self-attention with separate ``q``, ``k``, ``v`` and ``proj`` linear maps.
@@ -97,12 +99,9 @@ class ViT(nn.Module):
                  dim: int = 384, depth: int = 7, heads: int = 4, mlp_ratio: float = 2.0,
                  dropout: float = 0.0):
         super().__init__()
-        if len(input_shape) != 3:
-            raise ValueError(f"vit needs image inputs (C, H, W), got input shape {tuple(input_shape)}")
+        patch, dim, depth, heads, mlp_ratio, dropout = ViT.check(
+            input_shape, num_classes, patch, dim, depth, heads, mlp_ratio, dropout)
         c, h, w = input_shape
-        if h % patch or w % patch:
-            raise ValueError(f"vit: image size {h}x{w} is not a multiple of patch={patch}; "
-                             f"choose a patch size that divides it")
         self.patch = patch
         tokens = (h // patch) * (w // patch)
         self.patch_embed = nn.Linear(c * patch * patch, dim)
@@ -114,6 +113,32 @@ class ViT(nn.Module):
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
+
+    @staticmethod
+    def check(input_shape: Sequence[int], num_classes: int, patch, dim, depth, heads, mlp_ratio,
+              dropout) -> tuple[int, int, int, int, float, float]:
+        """The options as the constructor uses them; a ``ValueError`` naming the first bad one
+        (a patch that does not divide the image: with the patch sizes that do)."""
+        _, h, w = _check.image_shape("vit", input_shape)
+        _check.classes("vit", num_classes)
+        patch = _check.whole("vit", "patch", patch, 4)
+        dim = _check.whole("vit", "dim", dim, 384)
+        depth = _check.whole("vit", "depth", depth, 7, minimum=0)
+        heads = _check.whole("vit", "heads", heads, 4)
+        mlp_ratio = _check.positive("vit", "mlp_ratio", mlp_ratio, "2")
+        dropout = _check.probability("vit", "dropout", dropout)
+        if h % patch or w % patch:
+            fits = [p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]
+            raise ValueError(f"vit: model option patch={patch} does not divide the {h}x{w} images; choose "
+                             f"a patch that does ({', '.join(map(str, fits))}), or an --image-size that is "
+                             f"a multiple of {patch}")
+        if dim % heads:
+            raise ValueError(f"vit: model option dim={dim} must be divisible by heads={heads}; e.g. "
+                             f"--model-option dim={heads * max(1, round(dim / heads))}")
+        if int(round(dim * mlp_ratio)) < 1:
+            raise ValueError(f"vit: model option mlp_ratio={mlp_ratio} leaves the MLP blocks no hidden unit "
+                             f"(dim x mlp_ratio rounds to 0); e.g. --model-option mlp_ratio=2")
+        return patch, dim, depth, heads, mlp_ratio, dropout
 
     def patchify(self, x: Tensor) -> Tensor:
         """``(N, C, H, W) -> (N, H/p * W/p, C * p * p)``, patches in row-major order."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -14,17 +15,30 @@ from raftorch.theory.result import save_results
 def _strengths(text: str) -> list[float] | int:
     try:
         if "," not in text and "." not in text:
-            return int(text)
-        return [float(v) for v in text.split(",") if v.strip()]
+            value = int(text)
+            if value < 1:
+                raise ValueError
+            return value
+        values = [float(v) for v in text.split(",") if v.strip()]
+        if not values or not all(math.isfinite(v) and v > 0 for v in values):
+            raise ValueError
+        return values
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--strengths {text!r}: give comma-separated numbers (e.g. 8,6,4.5,3,2) or an int d for random ones"
+            f"{text!r} is neither comma-separated positive numbers (e.g. 8,6,4.5,3,2) nor a whole number "
+            f"d >= 1 (d random strengths)"
         ) from None
+
+
+def _path(text: str) -> Path:
+    if not text.strip():  # Path("") would be the current folder
+        raise argparse.ArgumentTypeError("is empty; give a path, or leave the flag out")
+    return Path(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     t = DEFAULT_TASK
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=_path, default=None,
                         help="folder for theory.json and figure2.png (default: print the table only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task and the initial weights (default 0)")
     parser.add_argument("--method", choices=("ode", "sim", "both"), default="both",
@@ -44,11 +58,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0, help="lambda on Q for raf-q and raf (default 0)")
     parser.add_argument("--init-scale", type=float, default=1e-3, help="std of the initial W1, W2 entries")
     parser.add_argument("--tol", type=float, default=0.02, help="a mode is recovered within this relative error")
-    parser.add_argument("--redraw", type=Path, default=None, metavar="JSON",
+    parser.add_argument("--redraw", type=_path, default=None, metavar="JSON",
                         help="only redraw the figure from a saved theory.json (to --out, or next to the JSON)")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """One ``ValueError`` for a flag no later check catches before it breaks the work: a number
+    that is infinite or NaN (``--t-end inf``), a ``--seed`` or ``--batch-size`` out of range,
+    ``--tol`` <= 0 (an empty ``--out`` is argparse's error). The theory's own checks
+    (:mod:`raftorch.theory.task`, ``ode``, ``simulate``) say what is wrong with a finite value."""
+    for name in ("t_end", "lr", "noise", "weight_decay", "init_scale", "tol"):
+        value = getattr(args, name)
+        if not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if args.tol <= 0:
+        raise ValueError(f"--tol is the relative error within which a mode counts as recovered and must be "
+                         f"> 0, got {args.tol} (e.g. 0.02)")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a whole number >= 0, got {args.seed}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive whole number, got {args.batch_size} (or leave it "
+                         f"out for full-batch SGD)")
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        check_arguments(args)
+    except ValueError as exc:
+        print(f"raftorch theory: error: {exc}", file=sys.stderr)
+        return 2
     if args.redraw is not None:
         png = (args.out or args.redraw.parent) / "figure2.png"
         try:
