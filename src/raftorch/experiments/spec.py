@@ -58,6 +58,7 @@ import copy
 import itertools
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,9 @@ import yaml
 
 from raftorch.config import TrainConfig, load_config_file
 
-SPEC_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"
+# the panel specs ship inside the package (raftorch/configs/experiments, package data): found the
+# same way from a checkout (where ./configs links to them) and from an installed wheel
+SPEC_DIR = Path(str(resources.files("raftorch") / "configs" / "experiments"))
 DEFAULT_MAX_SEEDS = 8
 KINDS = ("train", "theory")
 SPEC_KEYS = {"panel", "title", "paper", "claim", "notes", "kind", "base", "seeds", "series", "figure",
