@@ -186,12 +186,20 @@ class DirectPath(nn.Module):
     def __init__(self, target: str, point: str, rule: Rule, rank, n_target: int, d_source: int,
                  *, device=None, dtype=None):
         super().__init__()
-        self.target, self.point, self.rule = target, point, rule
         self.n_target, self.d_source = int(n_target), int(d_source)
         if min(self.n_target, self.d_source) < 1:
             raise ValueError(f"target {target!r}: a direct path needs at least one target unit and one "
                              f"source value per sample, got {self.n_target} and {self.d_source}")
-        self.rank = check_rank(rule, rank, min(n_target, d_source), layer=f"target {target!r}")
+        self._make_feedback(target, point, rule, check_rank(rule, rank, min(n_target, d_source),
+                                                             layer=f"target {target!r}"),
+                            (self.n_target, self.d_source), device, dtype)
+
+    def _make_feedback(self, target: str, point: str, rule: Rule, rank: int | None, sides: tuple[int, int],
+                       device, dtype) -> None:
+        """Register ``B`` or ``Q``, ``P`` for a feedback matrix of shape ``sides`` = (target
+        side, source side) and draw them (shared with the per-pixel form)."""
+        self.target, self.point, self.rule, self.rank = target, point, rule, rank
+        self._sides = sides
         factory = {"device": device, "dtype": dtype}
         for name, shape in self.feedback_shapes().items():
             self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory),
@@ -199,14 +207,15 @@ class DirectPath(nn.Module):
         self.reset_feedback()
 
     def feedback_shapes(self) -> dict[str, tuple[int, ...]]:
+        rows, cols = self._sides
         if self.rule.low_rank:
-            return {"Q": (self.n_target, self.rank), "P": (self.rank, self.d_source)}
-        return {"B": (self.n_target, self.d_source)}
+            return {"Q": (rows, self.rank), "P": (self.rank, cols)}
+        return {"B": (rows, cols)}
 
     @torch.no_grad()
     def reset_feedback(self) -> None:
         """Draw new random feedback weights (see the class docstring)."""
-        init_feedback_(self, self.n_target)
+        init_feedback_(self, self._sides[0])
 
     @torch.no_grad()
     def feedback_matrix(self) -> Tensor:

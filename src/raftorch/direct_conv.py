@@ -17,7 +17,6 @@ from torch import Tensor
 
 from raftorch.direct import DirectPath
 from raftorch.functional import LossScale, OjaOptions, _clamp, _conv_oja, _cross
-from raftorch.layers import init_feedback_
 from raftorch.rules import Rule, check_rank
 
 __all__ = ["ConvDirectPath", "area_matrix", "pool_to", "unpool_to", "conv_direct_backward"]
@@ -118,27 +117,12 @@ class ConvDirectPath(DirectPath):
     def __init__(self, target: str, point: str, rule: Rule, rank, c_target: int, c_source: int,
                  *, device=None, dtype=None):
         torch.nn.Module.__init__(self)
-        self.target, self.point, self.rule = target, point, rule
         self.c_target, self.c_source = int(c_target), int(c_source)
         if min(self.c_target, self.c_source) < 1:
             raise ValueError(f"target {target!r}: a direct path needs at least one target and one source "
                              f"channel, got {self.c_target} and {self.c_source}")
-        self.rank = check_rank(rule, rank, self.c_source, layer=f"target {target!r}")
-        factory = {"device": device, "dtype": dtype}
-        for name, shape in self.feedback_shapes().items():
-            self.register_parameter(name, torch.nn.Parameter(torch.empty(shape, **factory),
-                                                             requires_grad=name in rule.learns))
-        self.reset_feedback()
-
-    def feedback_shapes(self) -> dict[str, tuple[int, ...]]:
-        if self.rule.low_rank:
-            return {"Q": (self.c_target, self.rank), "P": (self.rank, self.c_source)}
-        return {"B": (self.c_target, self.c_source)}
-
-    @torch.no_grad()
-    def reset_feedback(self) -> None:
-        """Draw new random feedback weights (see the class docstring)."""
-        init_feedback_(self, self.c_target)
+        self._make_feedback(target, point, rule, check_rank(rule, rank, self.c_source, layer=f"target {target!r}"),
+                            (self.c_target, self.c_source), device, dtype)
 
     @torch.no_grad()
     def feedback_matrix(self) -> Tensor:
