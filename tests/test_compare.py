@@ -28,7 +28,7 @@ def test_plan_expands_ranks_only_for_low_rank_rules():
 
 def test_compare_cli_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--rules", "bp,fa-lowrank", "--ranks", "2", "--epochs", "1", "--seeds", "0",
+    assert main(["compare", "--data", "digits", "--rules", "bp,fa-lowrank", "--ranks", "2", "--epochs", "1", "--seeds", "0",
                  "--hidden", "32", "--no-progress", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "| bp | full |" in text and "| fa-lowrank | 2 |" in text
@@ -44,7 +44,7 @@ def test_compare_cli_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
 def compare_status(argv, capsys) -> tuple[int, str]:
     """(exit status, stderr) of ``raftorch compare ARGV``, whether it returns or exits (argparse)."""
     try:
-        code = main(["compare", "--no-progress", *argv])
+        code = main(["compare", "--data", "digits", "--no-progress", *argv])
     except SystemExit as exc:
         code = exc.code
     return code, capsys.readouterr().err
@@ -52,7 +52,7 @@ def compare_status(argv, capsys) -> tuple[int, str]:
 
 @pytest.mark.parametrize("argv,message", [
     (["--rules", "bp,nope"], "unknown rule 'nope'"),
-    (["--ranks", "0"], "ranks must be positive integers, got --ranks 0; e.g. --ranks 1,2,5,10"),
+    (["--ranks", "0"], "ranks must be positive integers, got --ranks 0; e.g. --ranks 1,10"),
     (["--ranks", "a"], "comma-separated list of int"),
     (["--epochs", "0"], "--epochs and --batch-size must be positive, got --epochs 0"),
 ])
@@ -63,10 +63,10 @@ def test_compare_cli_rejects_bad_input_with_one_message(argv, message, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--rules", ""], "raftorch compare: error: --rules is empty (it names no rule); give at least one, "
-                      "e.g. --rules bp,fa,fa-lowrank,raf"),
+                      "e.g. --rules bp,fa-lowrank,raf,frozen"),
     (["--rules", ","], "--rules is empty"),
     (["--ranks", ""], "raftorch compare: error: --ranks is empty (it names no rank); give at least one, "
-                      "e.g. --ranks 1,2,5,10"),
+                      "e.g. --ranks 1,10"),
     (["--hidden", "0"], "raftorch compare: error: hidden widths must be positive whole numbers, got --hidden 0; "
                         "e.g. --hidden 256,256"),
     (["--hidden", "32,-1"], "got --hidden 32,-1"),
@@ -83,7 +83,7 @@ def test_an_empty_or_impossible_list_is_one_line_with_exit_status_2_and_writes_n
 
 def test_compare_obeys_threads_and_records_them(tmp_path):
     before = torch.get_num_threads()
-    assert main(["compare", "--rules", "bp", "--epochs", "1", "--hidden", "8", "--threads", "1",
+    assert main(["compare", "--data", "digits", "--rules", "bp", "--epochs", "1", "--hidden", "8", "--threads", "1",
                  "--no-progress", "--out", str(tmp_path / "c")]) == 0
     assert json.loads((tmp_path / "c.json").read_text())["settings"]["threads"] == 1
     assert torch.get_num_threads() == before  # the caller's thread count is restored
@@ -101,7 +101,7 @@ def test_compare_missing_data_and_unwritable_out_are_one_message_before_any_work
 
 def test_compare_reports_mean_and_std_over_seeds(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--rules", "bp,raf", "--ranks", "4", "--epochs", "2", "--seeds", "0,1,2",
+    assert main(["compare", "--data", "digits", "--rules", "bp,raf", "--ranks", "4", "--epochs", "2", "--seeds", "0,1,2",
                  "--hidden", "16", "--no-progress", "--out", str(out)]) == 0
     saved = json.loads((tmp_path / "cmp.json").read_text())
     assert [(r["rule"], r["seed"]) for r in saved["rows"]] == [("bp", 0), ("raf", 0), ("bp", 1), ("raf", 1),
@@ -119,7 +119,7 @@ def test_compare_reports_mean_and_std_over_seeds(tmp_path, capsys):
 
 def test_compare_names_its_output_by_the_settings_and_never_overwrites_others(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    base = ["compare", "--rules", "bp", "--epochs", "1", "--seeds", "0", "--hidden", "8", "--no-progress"]
+    base = ["compare", "--data", "digits", "--rules", "bp", "--epochs", "1", "--seeds", "0", "--hidden", "8", "--no-progress"]
     assert main(base) == 0 and main([*base[:-1], "--lr", "0.01", "--no-progress"]) == 0
     files = sorted(p.name for p in (tmp_path / "results").glob("compare-digits-mlp-*.json"))
     assert len(files) == 2  # two settings, two files
@@ -138,7 +138,7 @@ def test_compare_names_its_output_by_the_settings_and_never_overwrites_others(tm
 
 def test_compare_takes_any_model(tmp_path):
     out = tmp_path / "ret"
-    assert main(["compare", "--model", "retina", "--model-option", "channels=2", "--model-option", "bottleneck=2",
+    assert main(["compare", "--data", "digits", "--model", "retina", "--model-option", "channels=2", "--model-option", "bottleneck=2",
                  "--model-option", "kernel=3", "--model-option", "vvs_layers=1", "--model-option", "fc=8",
                  "--rules", "bp,raf", "--ranks", "1", "--epochs", "1", "--seeds", "0", "--no-progress",
                  "--out", str(out)]) == 0
@@ -159,8 +159,42 @@ def test_compare_rejects_settings_it_cannot_honour(argv, message, tmp_path, caps
 
 def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capfd):
     """Captured output (a log, CI, a pipe) gets the table, not a bar redrawn per epoch."""
-    assert main(["compare", "--rules", "bp", "--epochs", "2", "--seeds", "0", "--hidden", "8",
+    assert main(["compare", "--data", "digits", "--rules", "bp", "--epochs", "2", "--seeds", "0", "--hidden", "8",
                  "--out", str(tmp_path / "c")]) == 0
     out, err = capfd.readouterr()
     assert "| bp | full |" in out
     assert "epoch/s" not in err and "compare:" not in err
+
+
+def test_without_data_it_compares_on_fashion_mnist_with_its_preset_else_on_digits_saying_so(tmp_path, monkeypatch,
+                                                                                              capsys):
+    import raftorch.compare as C
+    import raftorch.data as D
+
+    seen = {}
+
+    def fake_run_compare(**kw):
+        seen.update(kw)
+        return [C.Row("bp", None, 0.5, 1.0, 0.1, None, 0)]
+
+    monkeypatch.setattr(C, "run_compare", fake_run_compare)
+    monkeypatch.setattr(D, "load_fashion_mnist", lambda data_dir=None, download=False: None)  # "found"
+    assert main(["compare", "--rules", "bp", "--seeds", "0", "--no-progress", "--out", str(tmp_path / "a")]) == 0
+    assert (seen["dataset"], seen["train_size"], seen["epochs"], seen["batch_size"]) == ("fashion-mnist", 10000, 10, 64)
+    assert json.loads((tmp_path / "a.json").read_text())["settings"]["data"] == "fashion-mnist"
+    assert "not installed" not in capsys.readouterr().err
+    # an explicit setting wins over the preset
+    assert main(["compare", "--rules", "bp", "--seeds", "0", "--epochs", "3", "--train-size", "500",
+                 "--no-progress", "--out", str(tmp_path / "b")]) == 0
+    assert (seen["epochs"], seen["train_size"], seen["batch_size"]) == (3, 500, 64)
+
+    def missing(data_dir=None, download=False):
+        raise D.DatasetNotFoundError("no fashion-mnist here")
+
+    monkeypatch.setattr(D, "load_fashion_mnist", missing)
+    capsys.readouterr()
+    assert main(["compare", "--rules", "bp", "--seeds", "0", "--no-progress", "--out", str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["raftorch compare: Fashion-MNIST is not installed, so this compares on scikit-learn's digits "
+                   "(install Debian's dataset-fashion-mnist, or give --data fashion-mnist --download)"]
+    assert (seen["dataset"], seen["train_size"], seen["epochs"], seen["batch_size"]) == ("digits", None, 30, 32)

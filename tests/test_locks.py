@@ -282,7 +282,7 @@ def test_a_point_finished_by_another_process_after_planning_is_reported_not_run_
 
 def test_compare_into_an_output_another_compare_writes_is_refused_then_runs_once_it_is_killed(tmp_path):
     out = tmp_path / "cmp"
-    command = ["compare", "--rules", "bp", "--epochs", "1", "--seeds", "0", "--hidden", "8", "--threads", "1",
+    command = ["compare", "--data", "digits", "--rules", "bp", "--epochs", "1", "--seeds", "0", "--hidden", "8", "--threads", "1",
                "--no-progress", "--out", out]
     with holder(tmp_path, lock_name=".cmp.lock", label=str(out)) as proc:
         before = snapshot(tmp_path)

@@ -4,9 +4,13 @@ For each seed, every run starts from the same initial weights and sees the same 
 the rows differ only in how the error reaches the hidden layers; the table gives the mean ±
 sample std of the final test accuracy over the seeds (default 0, 1, 2).
 
-    raftorch compare                              # digits, 4 x 256 MLP, bp/fa/fa-lowrank/raf, 3 seeds
+    raftorch compare                              # Fashion-MNIST (else digits), 4 x 256 MLP, bp/fa-lowrank/raf/frozen, 3 seeds
     raftorch compare --rules bp,raf --ranks 1,10 --epochs 20 --seeds 0,1,2,3,4
     raftorch compare --model retina --data fashion-mnist --model-option channels=8 --rules bp,raf --ranks 4
+
+Without ``--data`` it compares on Fashion-MNIST where it is installed (a stratified 10,000-image
+training subset, 10 epochs at batch 64: :data:`PRESETS`) and on scikit-learn's digits otherwise,
+saying so in one line; ``--data``, ``--train-size``, ``--epochs`` and ``--batch-size`` override.
 
 The results go to ``OUT.json`` / ``OUT.csv``; without ``--out`` the name says the settings
 (``results/compare-DATA-MODEL-HASH``, the hash over every setting that changes the numbers), so
@@ -43,8 +47,12 @@ from raftorch.models import MODELS, build_model
 from raftorch.rules import CONTROL_RULES, DIRECT_RULES, get_rule
 from raftorch.train import evaluate
 
-DEFAULT_RULES = ("bp", "fa", "fa-lowrank", "raf")
-DEFAULT_RANKS = (1, 2, 5, 10)
+DEFAULT_RULES = ("bp", "fa-lowrank", "raf", "frozen")
+DEFAULT_RANKS = (1, 10)
+# per dataset, the defaults of --train-size, --epochs and --batch-size (the quick profile's fig3b
+# settings on Fashion-MNIST: its RAF-vs-fixed-feedback contrast in a few minutes on 2 cores)
+PRESETS = {"fashion-mnist": {"train_size": 10000, "epochs": 10, "batch_size": 64},
+           "digits": {"train_size": None, "epochs": 30, "batch_size": 32}}
 
 
 @dataclass
@@ -104,7 +112,7 @@ def fit(model, data: DataSplits, *, epochs: int, lr: float, batch_size: int, see
 def run_compare(*, rules=DEFAULT_RULES, ranks=DEFAULT_RANKS, dataset="digits", hidden=(256,) * 4,
                 epochs=30, lr=1e-3, batch_size=32, seed=0, seeds=None, source="output", progress=True,
                 data: DataSplits | None = None, data_dir=None, model: str = "mlp",
-                model_options: dict | None = None) -> list[Row]:
+                model_options: dict | None = None, train_size: int | None = None) -> list[Row]:
     """Train the same model once per (rule, rank) and seed; one :class:`Row` per run.
 
     ``seeds`` (default ``[seed]``) are run one after the other; within a seed every rule gets
@@ -123,7 +131,7 @@ def run_compare(*, rules=DEFAULT_RULES, ranks=DEFAULT_RANKS, dataset="digits", h
     options = dict(model_options or {})
     if model == "mlp":
         options.setdefault("hidden", tuple(hidden))
-    data = data or load_dataset(dataset, seed=seed, data_dir=data_dir)
+    data = data or load_dataset(dataset, seed=seed, data_dir=data_dir, train_size=train_size)
     build_model(model, data.input_shape, data.num_classes, **options)  # bad options fail before training
     runs = plan(rules, ranks)
     from raftorch import _ext
@@ -207,16 +215,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"default {','.join(DEFAULT_RULES)}")
     p.add_argument("--ranks", type=_csv(int), default=DEFAULT_RANKS,
                    help=f"ranks for the low-rank rules; default {','.join(map(str, DEFAULT_RANKS))}")
-    p.add_argument("--data", default="digits", choices=DATASETS, help="dataset (default digits)")
+    p.add_argument("--data", default=None, choices=DATASETS,
+                   help="dataset (default fashion-mnist where it is installed, else digits)")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="a stratified subset of this many training images (default: 10000 on fashion-mnist, "
+                        "all on digits)")
     p.add_argument("--model", default="mlp", choices=sorted(MODELS), help="model (default mlp)")
     p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a model option as KEY=VALUE (YAML value), repeatable: --model-option channels=8")
     p.add_argument("--data-dir", default=None, help="folder with the datasets (else $RAFTORCH_DATA, else ~/.cache/raftorch)")
     p.add_argument("--hidden", type=_csv(int), default=(256,) * 4,
                    help="hidden widths of the MLP (default 256,256,256,256)")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=None, help="default 10 on fashion-mnist, 30 on digits")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 on fashion-mnist, 32 on digits")
     p.add_argument("--seeds", type=_csv(int), default=(0, 1, 2),
                    help="comma-separated seeds; the table shows mean ± std over them (default 0,1,2)")
     p.add_argument("--source", default="output",
@@ -254,7 +266,7 @@ def check_arguments(args) -> None:
         if any(h <= 0 for h in args.hidden):
             raise ValueError(f"hidden widths must be positive whole numbers, got --hidden {_listed(args.hidden)}; "
                              f"e.g. --hidden 256,256")
-    if args.epochs <= 0 or args.batch_size <= 0:
+    if (args.epochs is not None and args.epochs <= 0) or (args.batch_size is not None and args.batch_size <= 0):
         raise ValueError(f"--epochs and --batch-size must be positive, got --epochs {args.epochs} "
                          f"--batch-size {args.batch_size}")
     if not args.seeds or any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
@@ -296,6 +308,19 @@ def default_out(args) -> str:
     return f"results/compare-{args.data.replace(':', '_')}-{args.model}-{digest}"
 
 
+def default_data(data_dir=None) -> tuple[str, str | None]:
+    """``("fashion-mnist", None)`` where Fashion-MNIST is found (``data_dir``, ``$RAFTORCH_DATA``,
+    the cache, the Debian package), else ``("digits", a line saying why)``."""
+    from raftorch.data import DatasetNotFoundError, load_fashion_mnist
+
+    try:
+        load_fashion_mnist(data_dir=data_dir)
+    except DatasetNotFoundError:
+        return "digits", ("Fashion-MNIST is not installed, so this compares on scikit-learn's digits "
+                          "(install Debian's dataset-fashion-mnist, or give --data fashion-mnist --download)")
+    return "fashion-mnist", None
+
+
 def _check_out(prefix: str, want: dict, force: bool) -> None:
     path = Path(prefix + ".json")
     if force or not path.exists():
@@ -314,7 +339,17 @@ def _run(args) -> int:
     from raftorch.data import CorruptDatasetError, DatasetNotFoundError, dataset_shape
     from raftorch.train import _parse_pairs, check_writable
 
+    if args.data is None:
+        args.data, note = default_data(args.data_dir)
+        if note:
+            print(f"raftorch compare: {note}", file=sys.stderr)
+    preset = PRESETS.get(args.data.partition(":")[0], PRESETS["digits"])
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     try:
+        if args.train_size is not None and args.train_size < 1:
+            raise ValueError(f"--train-size must be a positive whole number of images, got {args.train_size}")
         if args.model != "mlp" and tuple(args.hidden) != (256,) * 4:
             raise ValueError(f"--hidden sets the MLP's widths; model {args.model!r} takes --model-option instead")
         options = _parse_pairs(args.model_option, "--model-option")
@@ -336,7 +371,7 @@ def _run(args) -> int:
                                epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                seed=args.seeds[0], seeds=args.seeds, source=args.source,
                                progress=not args.no_progress, data_dir=args.data_dir, model=args.model,
-                               model_options=options)
+                               model_options=options, train_size=args.train_size)
             print(format_table(rows))
             meta = {**settings(args), "out": out, "threads": torch.get_num_threads(), "torch": torch.__version__}
             for path in save(rows, out, meta):
