@@ -1,0 +1,60 @@
+"""Results from one source: the committed quick-profile report (docs/results/quick/REPORT.md)
+is what raftorch writes from the committed claims.json / points.csv and the current specs, and
+the README's quick-profile tables are that report's, not numbers typed by hand. When a spec or a
+result changes, `raftorch reproduce all --profile quick --redraw --export docs/results/quick`
+and the README's tables must be regenerated together."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from raftorch.experiments.spec import available, load_panel
+from raftorch.experiments.suite import PanelResult, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+EXPORT = REPO / "docs" / "results" / "quick"
+
+
+def _without_provenance(text: str) -> list[str]:
+    # the "Made <date> by raftorch ..., <cpu>" line says when and where, not what
+    return [line for line in text.splitlines() if not line.startswith("Made ")]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("results")
+    shutil.copytree(EXPORT, root / "quick")
+    results = [PanelResult(load_panel(pid, "quick"), json.loads((EXPORT / pid / "claims.json").read_text()), [])
+               for pid in available("quick")]
+    return write_report("quick", results, root, wall_seconds=0.0, redraw=True).read_text()
+
+
+def test_the_committed_report_is_what_the_committed_results_and_specs_give(report):
+    committed = (EXPORT / "REPORT.md").read_text()
+    assert _without_provenance(report) == _without_provenance(committed)
+
+
+def _section(text: str, start: str, end: str) -> list[str]:
+    lines = text.splitlines()
+    i = lines.index(start)
+    j = next(k for k in range(i + 1, len(lines)) if lines[k].startswith(end))
+    return [line for line in lines[i + 1:j] if line.startswith(("|", "- ", "**fig"))]
+
+
+def test_the_readme_tables_are_the_reports():
+    readme = (REPO / "README.md").read_text()
+    committed = (EXPORT / "REPORT.md").read_text()
+    paper = _section(committed, "## The paper's claims", "## ")
+    ours = _section(committed, "## Our own claims", "## ")
+    control = _section(committed, "## The no-feedback control", "## ")
+    assert paper and ours and control
+    r_paper = _section(readme, "**The paper's claims**", "**Our own claims**")
+    r_ours = _section(readme, "**Our own claims** (controls, field scores)", "**The no-feedback control**")
+    r_control = _section(readme, "**The no-feedback control** (rule `frozen`: hidden layers frozen at initialisation, only the",
+                         "![fig2]")
+    assert (r_paper, r_ours, r_control) == (paper, ours, control)
+    summary = next(line for line in committed.splitlines() if line.startswith("**") and "claims)" in line)
+    assert f"The result: {summary}" in readme
