@@ -178,7 +178,7 @@ def test_without_data_it_compares_on_fashion_mnist_with_its_preset_else_on_digit
         return [C.Row("bp", None, 0.5, 1.0, 0.1, None, 0)]
 
     monkeypatch.setattr(C, "run_compare", fake_run_compare)
-    monkeypatch.setattr(D, "load_fashion_mnist", lambda data_dir=None, download=False: None)  # "found"
+    monkeypatch.setattr(D, "find_fashion_mnist", lambda data_dir=None: tmp_path)  # "found"
     assert main(["compare", "--rules", "bp", "--seeds", "0", "--no-progress", "--out", str(tmp_path / "a")]) == 0
     assert (seen["dataset"], seen["train_size"], seen["epochs"], seen["batch_size"]) == ("fashion-mnist", 10000, 10, 64)
     assert json.loads((tmp_path / "a.json").read_text())["settings"]["data"] == "fashion-mnist"
@@ -188,10 +188,7 @@ def test_without_data_it_compares_on_fashion_mnist_with_its_preset_else_on_digit
                  "--no-progress", "--out", str(tmp_path / "b")]) == 0
     assert (seen["epochs"], seen["train_size"], seen["batch_size"]) == (3, 500, 64)
 
-    def missing(data_dir=None, download=False):
-        raise D.DatasetNotFoundError("no fashion-mnist here")
-
-    monkeypatch.setattr(D, "load_fashion_mnist", missing)
+    monkeypatch.setattr(D, "find_fashion_mnist", lambda data_dir=None: None)  # not installed
     capsys.readouterr()
     assert main(["compare", "--rules", "bp", "--seeds", "0", "--no-progress", "--out", str(tmp_path / "c")]) == 0
     err = capsys.readouterr().err.strip().splitlines()

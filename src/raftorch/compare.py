@@ -311,11 +311,9 @@ def default_out(args) -> str:
 def default_data(data_dir=None) -> tuple[str, str | None]:
     """``("fashion-mnist", None)`` where Fashion-MNIST is found (``data_dir``, ``$RAFTORCH_DATA``,
     the cache, the Debian package), else ``("digits", a line saying why)``."""
-    from raftorch.data import DatasetNotFoundError, load_fashion_mnist
+    from raftorch.data import find_fashion_mnist
 
-    try:
-        load_fashion_mnist(data_dir=data_dir)
-    except DatasetNotFoundError:
+    if find_fashion_mnist(data_dir) is None:
         return "digits", ("Fashion-MNIST is not installed, so this compares on scikit-learn's digits "
                           "(install Debian's dataset-fashion-mnist, or give --data fashion-mnist --download)")
     return "fashion-mnist", None

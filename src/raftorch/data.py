@@ -257,13 +257,26 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _fashion_mnist_candidates(data_dir=None) -> list[Path]:
+    """Where Fashion-MNIST is looked for, in order: a folder the user named is the only place
+    looked in; else also the Debian package's folder."""
+    root = data_root(data_dir)
+    return [root / "fashion-mnist", root] + ([DEBIAN_FASHION_MNIST] if data_dir is None else [])
+
+
+def find_fashion_mnist(data_dir=None) -> Path | None:
+    """The folder that holds Fashion-MNIST's four idx files (:func:`load_fashion_mnist`'s
+    search, without reading them), or ``None``."""
+    stems = [s for pair in FASHION_MNIST_FILES.values() for s in pair]
+    return next((c for c in _fashion_mnist_candidates(data_dir) if all(_find_idx(c, s) for s in stems)), None)
+
+
 def load_fashion_mnist(*, data_dir=None, download: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fashion-MNIST as uint8 ``(N, 1, 28, 28)`` images and int64 labels: (x_train, y_train, x_test, y_test)."""
     root = data_root(data_dir)
-    # a folder the user named is the only place looked in; else also the Debian package's folder
-    candidates = [root / "fashion-mnist", root] + ([DEBIAN_FASHION_MNIST] if data_dir is None else [])
+    candidates = _fashion_mnist_candidates(data_dir)
     stems = [s for pair in FASHION_MNIST_FILES.values() for s in pair]
-    folder = next((c for c in candidates if all(_find_idx(c, s) for s in stems)), None)
+    folder = find_fashion_mnist(data_dir)
     if folder is None and download:
         folder = root / "fashion-mnist"
         for stem in stems:
@@ -459,11 +472,8 @@ def _keep_classes(x: Tensor | None, y: Tensor | None, kept: Tensor):
     """The samples of the classes ``kept`` (sorted labels), relabelled ``0..len(kept)-1``."""
     if x is None:
         return None, None
-    new = torch.full((int(max(int(y.max()) if y.numel() else 0, int(kept.max())) + 1),), -1, dtype=torch.long)
-    new[kept] = torch.arange(len(kept))
-    mapped = new[y.long()]
-    m = mapped >= 0
-    return x[m], mapped[m].to(y.dtype)
+    m = torch.isin(y, kept)
+    return x[m], torch.searchsorted(kept, y[m]).to(y.dtype)
 
 
 def _prepare(name: str, x_train, y_train, x_test, y_test, num_classes: int, *, classes=None,
