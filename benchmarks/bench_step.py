@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import raftorch
-from raftorch import _ext
+from raftorch import extension
 
 MODELS = {
     "paper": (3072, [512] * 4, 10),    # (a) the paper's MLP on CIFAR-10 inputs
@@ -118,7 +118,7 @@ def bench(name, rules, rounds, steps, batch, rank, device, python_path=False):
         if python_path and get_low_rank(rule):
             key = f"{rule} (Python path)"
             variants[key] = raftorch.convert(base, rule, rank)
-            contexts[key] = _ext.disabled
+            contexts[key] = extension.disabled
     steps_fn = {k: in_context(make_step(m, batches), contexts.get(k, nullcontext))
                 for k, m in variants.items()}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -136,7 +136,7 @@ def bench(name, rules, rounds, steps, batch, rank, device, python_path=False):
             times[k].append((time.perf_counter() - t0) / steps)
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = med["nn.Linear (BP)"]
-    fast = "on" if _ext.get() is not None and device.type == "cpu" else "off"
+    fast = "on" if extension.get() is not None and device.type == "cpu" else "off"
     print(f"\n### ({name}) input {n_in}, hidden {'x'.join(map(str, hidden))}, {n_out} classes, "
           f"batch {batch}, r = {rank}, {device.type}, {torch.get_num_threads()} threads, "
           f"median of {rounds} rounds x {steps} steps, C++ fast path {fast}\n")

@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --models paper,vgg --rounds 9
     python benchmarks/gpu_check.py --device cpu --quick       # smoke test, well under a minute
 
-Part 1, checks: :func:`raftorch.devicecheck.run_checks` (in the package, so that
+Part 1, checks: :func:`raftorch.training.devicecheck.run_checks` (in the package, so that
 ``raftorch reproduce --smoke`` runs them too; its docstring lists them): (i) rule ``bp`` is
 autograd, (ii) RAF with exact feedback ``Q P = W^T`` sends BP's gradients, (iii) the low-rank
 backward on the device equals its definitions computed on the CPU in float64, (iv) the C++ fast
@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_step, bench_models
 
 import raftorch  # noqa: E402
-from raftorch.devicecheck import run_checks  # noqa: E402
+from raftorch.training.devicecheck import run_checks  # noqa: E402
 from bench_models import MODELS as NETS, build  # noqa: E402
 from bench_step import MODELS as MLPS, make_step, mlp  # noqa: E402
 

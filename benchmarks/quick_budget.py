@@ -35,11 +35,11 @@ BUDGET_UNITS = 180
 
 def reference_seconds() -> float:
     """Training seconds of fig3b's BP point, seed 0, alone with one thread."""
-    from raftorch import _ext
+    from raftorch import extension
     from raftorch.experiments.spec import load_panel
-    from raftorch.train import train
+    from raftorch.training.loop import train
 
-    _ext.warm()
+    extension.warm()
     point = next(p for p in load_panel("fig3b", "quick").points() if p.id == "bp_s0")
     with tempfile.TemporaryDirectory() as folder:
         final = train(dict(point.config, out=folder, threads=1), progress=False)
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     import torch
 
     from raftorch.experiments.suite import cpu_name
-    from raftorch.train import usable_cores
+    from raftorch.training.threads import usable_cores
 
     ref = reference_seconds()
     print(f"reference (fig3b BP seed 0, 1 thread): {ref:.1f} s of training = 1 unit", flush=True)

@@ -412,7 +412,7 @@ def test_figures_are_drawn_from_saved_files(tmp_path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two tiny finished runs on digits (8x8): RAF rank 2, and dRAF with a bottleneck of 4."""
-    import raftorch.train as T
+    import raftorch.training.loop as T
 
     root = tmp_path_factory.mktemp("runs")
     base = dict(data="digits", model="retina", model_options=dict(channels=4, bottleneck=4, fc=16, kernel=3,
@@ -424,6 +424,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_analyze_writes_fields_scores_and_figure(runs, capsys):
     run = runs / "raf"
     assert cli_main(["analyze", str(run), "--layer", "retina.conv1"]) == 0
@@ -440,7 +441,7 @@ def test_analyze_writes_fields_scores_and_figure(runs, capsys):
         assert scores["field_dimensionality"] == pytest.approx(field_dimensionality(torch.from_numpy(z["fields"])))
         assert 1.0 <= scores["field_dimensionality"] <= 4.0
         # the saved fields are the trained conv1 kernels at the centre (a single conv, so exactly)
-        from raftorch.checkpoint import load_checkpoint
+        from raftorch.training.checkpoint import load_checkpoint
 
         w = load_checkpoint(run / "checkpoint.pt")["model"]["retina.conv1.weight"][:, 0]
         assert np.allclose(z["fields"][:, 3:6, 3:6], w.numpy()) and not z["fields"][:, :3].any()
@@ -456,7 +457,7 @@ def test_zero_fields_are_left_out_of_the_means_and_a_run_without_one_has_no_scor
     (bias -1, ReLU) every conv2 field is zero: no scores (null), and the panel row skips it."""
     import shutil
 
-    from raftorch.checkpoint import load_checkpoint, save_checkpoint
+    from raftorch.training.checkpoint import load_checkpoint, save_checkpoint
     from raftorch.experiments import aggregate
 
     run = tmp_path / "raf"
@@ -488,7 +489,7 @@ def test_the_baseline_is_the_fields_of_the_runs_own_initial_net(runs, tmp_path):
     started from: a run whose weights barely move (lr 1e-12: Adam moves each weight by at most
     ~lr a step) has init fields equal to its trained ones; another seed's differ; a real run's
     trained fields differ from their init. The global RNG is left alone."""
-    import raftorch.train as T
+    import raftorch.training.loop as T
 
     base = dict(data="digits", model="retina", model_options=dict(channels=4, bottleneck=4, fc=16, kernel=3,
                                                                   vvs_layers=1),

@@ -172,7 +172,7 @@ def test_a_diverging_run_fails_with_exit_1_and_keeps_only_whole_files(tmp_path, 
 
 def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
     from raftorch.cli import build_parser
-    from raftorch.train import config_from_args
+    from raftorch.training.cli import config_from_args
 
     (tmp_path / "c.yaml").write_text("lr: 1e-3\nweight_decay: 5E-4\nmodel_options: {hidden: [8]}\n")
     args = build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--model-option", "dropout=1e-1",
@@ -199,6 +199,7 @@ SUBPROCESS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, status", [c[1:] for c in SUBPROCESS], ids=[c[0] for c in SUBPROCESS])
 def test_python_dash_m_raftorch_gives_one_line_and_the_exit_status(args, status, tmp_path):
     _inputs(tmp_path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raftorch.cli import main
-from raftorch.compare import plan, run_compare
+from raftorch.training.compare import plan, run_compare
 
 
 @pytest.fixture(scope="module")
@@ -15,6 +15,7 @@ def digits_runs():
     return {r.rule: r for r in rows}
 
 
+@pytest.mark.slow
 def test_raf_rank_10_matches_backprop_on_digits(digits_runs):
     bp, raf = digits_runs["bp"], digits_runs["raf"]
     assert bp.test_accuracy > 0.95, bp
@@ -117,6 +118,7 @@ def test_compare_reports_mean_and_std_over_seeds(tmp_path, capsys):
     assert len({r["train_loss"] for r in saved["rows"] if r["rule"] == "bp"}) == 3
 
 
+@pytest.mark.slow
 def test_compare_names_its_output_by_the_settings_and_never_overwrites_others(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     base = ["compare", "--data", "digits", "--rules", "bp", "--epochs", "1", "--seeds", "0", "--hidden", "8", "--no-progress"]
@@ -168,8 +170,8 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capfd):
 
 def test_without_data_it_compares_on_fashion_mnist_with_its_preset_else_on_digits_saying_so(tmp_path, monkeypatch,
                                                                                               capsys):
-    import raftorch.compare as C
-    import raftorch.data as D
+    import raftorch.training.compare as C
+    import raftorch.training.data as D
 
     seen = {}
 

@@ -12,13 +12,13 @@ import yaml
 from torch import nn
 
 import raftorch
-import raftorch.train as T
-from raftorch.checkpoint import load_checkpoint
+import raftorch.training.loop as T
+from raftorch.training.checkpoint import load_checkpoint
 from raftorch.cli import main as cli_main
-from raftorch.compare import format_table, plan, run_compare
-from raftorch.config import TrainConfig
+from raftorch.training.compare import format_table, plan, run_compare
+from raftorch.training.config import TrainConfig
 from raftorch.control import output_layer
-from raftorch.data import load_dataset
+from raftorch.training.data import load_dataset
 from raftorch.direct import DirectFeedback, weight_layer_names
 from raftorch.models import MODELS, build_model
 

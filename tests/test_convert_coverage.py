@@ -421,7 +421,7 @@ def test_loss_scale_reaches_the_attention_and_conv1d_feedback_paths():
 
 
 def test_pyproject_states_the_torch_version_the_code_needs():
-    """functional._autocast calls torch.is_autocast_enabled(device_type) and
+    """functional.autocast_inputs calls torch.is_autocast_enabled(device_type) and
     torch.get_autocast_dtype, both new in torch 2.4."""
     import pathlib
     import re

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from raftorch import data as D
-from raftorch.config import TrainConfig
-from raftorch.data import (Augmentation, CorruptDatasetError, DatasetNotFoundError, batch_indices,
+from raftorch.training import data as D
+from raftorch.training.config import TrainConfig
+from raftorch.training.data import (Augmentation, CorruptDatasetError, DatasetNotFoundError, batch_indices,
                            load_dataset, shard)
 
 
@@ -387,3 +387,25 @@ def test_dataset_shape_is_what_load_dataset_returns_without_loading(tmp_path, na
     s = load_dataset(name, data_dir=tmp_path, grayscale=grayscale, image_size=image_size)
     assert D.dataset_shape(name, grayscale=grayscale, image_size=image_size) == (tuple(s.x_train.shape[1:]),
                                                                                 s.num_classes)
+
+
+def test_the_dataset_cache_loads_each_dataset_once_and_hands_out_copies():
+    from raftorch.training.data import DatasetCache
+
+    calls = []
+
+    def counting(name, **kw):
+        calls.append((name, kw))
+        return load_dataset(name, **kw)
+
+    cache = DatasetCache(counting, size=2)
+    a = cache("digits", val_fraction=0.1)
+    b = cache("digits", val_fraction=0.1)
+    assert len(calls) == 1 and a is not b and a.x_train is b.x_train  # one load, shallow copies
+    cache("digits", val_fraction=0.2)
+    cache("digits", train_size=100)  # a third: the oldest is dropped
+    assert len(cache) == 2 and len(calls) == 3
+    cache("digits", val_fraction=0.1)
+    assert len(calls) == 4
+    cache.clear()
+    assert len(cache) == 0

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import raftorch
-import raftorch.train as T
-from raftorch.checkpoint import load_checkpoint
+import raftorch.training.loop as T
+from raftorch.training.checkpoint import load_checkpoint
 from raftorch.direct import DirectPath, injection_point
 from raftorch.direct_conv import ConvDirectPath
 from raftorch.models import build_model
@@ -250,7 +250,7 @@ def test_retina_from_the_first_vvs_conv_trains_with_few_feedback_parameters(rank
 
 
 def test_training_config_with_a_conv_source_builds_the_conv_paths(tmp_path):
-    """rule: draf, rule_options: {source: vvs.conv1, targets: [...]} through raftorch.train: one
+    """rule: draf, rule_options: {source: vvs.conv1, targets: [...]} through raftorch.training.loop: one
     epoch on 200 digits at 16 x 16, finite results, per-pixel paths in the checkpoint."""
     cfg = dict(data="digits", image_size=16, train_size=200, model="retina",
                model_options={"channels": 8, "bottleneck": 4, "fc": 16, "kernel": 5},
@@ -292,7 +292,7 @@ def test_a_map_of_other_channels_at_run_time_is_a_clear_error():
 
 def test_subspace_tracking_measures_a_conv_path_per_pixel():
     # track_subspace compares a conv path's P (r, C_s) with the source map's pixels as samples
-    from raftorch.analysis.subspace import capture_errors, subspace_overlap, track_subspace
+    from raftorch.subspace import capture_errors, subspace_overlap, track_subspace
 
     torch.manual_seed(0)
     net = build_model("retina", (1, 16, 16), 10, channels=8, bottleneck=4, fc=16, kernel=5)

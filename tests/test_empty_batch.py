@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import raftorch
-from raftorch import _ext
+from raftorch import extension
 from raftorch import functional as RF
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,12 +35,12 @@ RULE_IDS = [r + "".join(f"-{v}" for v in o.values()) for r, o in RULE_CASES]
 def path_of(path):
     """The C++ fast path (the default; it must be built) or the Python path."""
     if path == "python":
-        with _ext.disabled():
+        with extension.disabled():
             yield
         return
-    if _ext.setting() == "0":
+    if extension.setting() == "0":
         pytest.skip("RAFTORCH_EXTENSION=0: the C++ fast path is turned off (the python cases run)")
-    assert _ext.get() is not None, "the C++ fast path is on but did not build"
+    assert extension.get() is not None, "the C++ fast path is on but did not build"
     yield
 
 

@@ -223,8 +223,8 @@ def test_the_first_point_of_every_quick_training_panel_trains_one_step(tmp_path)
 
     from test_data import write_fake_fashion_mnist
 
-    from raftorch.config import TrainConfig
-    from raftorch.train import setup, train_epoch
+    from raftorch.training.config import TrainConfig
+    from raftorch.training.loop import setup, train_epoch
 
     folder = write_fake_fashion_mnist(tmp_path / "fashion-mnist", n_train=40, n_test=10)
     for name in QUICK_POINTS:
@@ -241,6 +241,7 @@ def test_the_first_point_of_every_quick_training_panel_trains_one_step(tmp_path)
 
 # --------------------------------------------------------------------------- the runner
 
+@pytest.mark.slow
 def test_run_then_rerun_skips_finished_points_and_writes_every_result_file(tmp_path):
     spec = write_spec(tmp_path / "specs")
     res = tmp_path / "results"
@@ -264,6 +265,7 @@ def test_run_then_rerun_skips_finished_points_and_writes_every_result_file(tmp_p
     assert int(bp["n"]) == 2 and float(bp["test_accuracy_mean"]) == pytest.approx(sum(accs) / 2, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_rerun_gives_the_summary_of_an_uninterrupted_one(tmp_path):
     spec = write_spec(tmp_path / "specs")
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -288,6 +290,7 @@ def test_a_killed_sweep_rerun_gives_the_summary_of_an_uninterrupted_one(tmp_path
     assert summary(killed) == summary(whole)
 
 
+@pytest.mark.slow
 def test_two_shards_together_make_the_whole_sweep(tmp_path):
     spec = write_spec(tmp_path / "specs")
     whole, sharded = tmp_path / "whole", tmp_path / "sharded"
@@ -307,6 +310,7 @@ def test_shards_are_disjoint_and_cover_every_point():
     assert [p.id for p in runner.select_shard(points, (2, 5))] == [p.id for p in shards[1]]  # deterministic
 
 
+@pytest.mark.slow
 def test_redraw_makes_the_same_figure_from_the_summary_without_training(tmp_path, monkeypatch):
     spec = write_spec(tmp_path / "specs")
     res = tmp_path / "results"
@@ -328,6 +332,7 @@ def test_redraw_makes_the_same_figure_from_the_summary_without_training(tmp_path
     assert (folder / "claims.json").read_text() == claims
 
 
+@pytest.mark.slow
 def test_a_failed_point_is_recorded_and_the_others_run(tmp_path, capsys):
     spec = dict(TOY, series=TOY["series"] + [{"name": "diverges", "set": {"rule": "bp", "lr": 1e12}}], claims=[])
     path = write_spec(tmp_path / "specs", spec)
@@ -343,6 +348,7 @@ def test_a_failed_point_is_recorded_and_the_others_run(tmp_path, capsys):
     assert "failed before and are not run again" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_run_folder_with_other_settings_is_refused_before_any_work(tmp_path, capsys):
     path = write_spec(tmp_path / "specs")
     res = tmp_path / "results"
@@ -355,6 +361,7 @@ def test_a_run_folder_with_other_settings_is_refused_before_any_work(tmp_path, c
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_point_identical_to_another_panels_run_is_reused_not_trained(tmp_path, capsys):
     specs = tmp_path / "specs"
     a = write_spec(specs, dict(TOY, panel="a", claims=[]), "a")
@@ -373,7 +380,7 @@ def test_a_point_identical_to_another_panels_run_is_reused_not_trained(tmp_path,
 
 
 def test_default_parallelism_never_oversubscribes_the_cores(monkeypatch):
-    import raftorch.train as T
+    import raftorch.training.threads as T
 
     monkeypatch.setattr(T, "usable_cores", lambda: 4)
     monkeypatch.setattr(T, "busy_cores", lambda: 1.2)  # one core busy
@@ -438,6 +445,7 @@ def test_list_and_dry_run_show_points_and_costs(tmp_path, capsys):
     assert "series 'dRAF from the VVS into the retina, bottleneck 4': rule=draf, rank={r}" in out
 
 
+@pytest.mark.slow
 def test_all_writes_one_report_with_every_claim_and_figure(tmp_path):
     specs = tmp_path / "specs"
     control = {"name": "no feedback", "set": {"rule": "frozen"}}
@@ -474,6 +482,7 @@ def test_all_writes_one_report_with_every_claim_and_figure(tmp_path):
     assert (docs / "a" / "claims.json").read_text() == (res / "quick" / "a" / "claims.json").read_text()
 
 
+@pytest.mark.slow
 def test_a_paper_panel_runs_end_to_end_on_fake_cifar(tmp_path, capsys):
     from test_data import write_fake_cifar
 
@@ -493,6 +502,7 @@ def test_a_paper_panel_runs_end_to_end_on_fake_cifar(tmp_path, capsys):
     assert (tmp_path / "results" / "paper" / "fig3b" / "figure.png").is_file()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
     spec = write_spec(tmp_path / "specs")
     res = tmp_path / "results"
@@ -520,6 +530,7 @@ def run_folders(res: Path) -> set[str]:
     return {d.name for d in (res / "quick" / "toy" / "runs").iterdir()}
 
 
+@pytest.mark.slow
 def test_decide_adds_seeds_to_exactly_the_points_an_undecided_claim_needs(tmp_path, capsys):
     spec = write_spec(tmp_path / "specs", ONE_SEED)
     res = tmp_path / "results"

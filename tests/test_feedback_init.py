@@ -7,8 +7,8 @@ from torch import nn
 
 import raftorch
 from raftorch.feedback_init import feedback_paths, scale_feedback_, svd_feedback_
-from raftorch.train import convert_model
-from raftorch.config import TrainConfig
+from raftorch.training.loop import convert_model
+from raftorch.training.config import TrainConfig
 
 
 def net():

@@ -1,4 +1,4 @@
-"""The feedback weights learn what ALGORITHM.md says: Oja's subspace, Kolen-Pollack alignment."""
+"""The feedback weights learn what docs/rules.md says: Oja's subspace, Kolen-Pollack alignment."""
 import math
 
 import pytest
@@ -24,7 +24,7 @@ def principal_angles_deg(A, B):
 
 
 def oja_closed_form(P0, C, t):
-    """ALGORITHM.md: W = P^T, Z = e^{Ct} W0, M = I - W0^T W0 + Z^T Z, P^T P(t) = Z M^-1 Z^T."""
+    """Oja's subspace flow (docs/theory.md, raftorch.theory.exact): W = P^T, Z = e^{Ct} W0, M = I - W0^T W0 + Z^T Z, P^T P(t) = Z M^-1 Z^T."""
     W0 = P0.t()
     Z = torch.linalg.matrix_exp(C * t) @ W0
     M = torch.eye(W0.shape[1], dtype=C.dtype) - W0.t() @ W0 + Z.t() @ Z

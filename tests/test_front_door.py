@@ -26,6 +26,7 @@ def test_a_message_during_a_progress_bar_gets_its_own_line(monkeypatch):
     assert msg == ["raftorch: loading the fast path"]  # nothing of the bar on the message's line
 
 
+@pytest.mark.slow
 def test_figure_2_has_one_legend_below_the_panels_with_the_alignment_lines_explained(tmp_path):
     from raftorch.theory import figure as F
     from raftorch.theory.result import load_results
@@ -52,7 +53,7 @@ def _tiny(tmp_path, name, **kw):
 def test_tensorboard_writes_every_epoch_number_as_a_scalar(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from raftorch.train import train
+    from raftorch.training.loop import train
 
     train(_tiny(tmp_path, "tb", tensorboard=True), progress=False)
     acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
@@ -67,7 +68,7 @@ def test_tensorboard_writes_every_epoch_number_as_a_scalar(tmp_path):
 
 
 def test_tensorboard_needs_a_run_folder_and_is_off_by_default(tmp_path):
-    from raftorch.train import train
+    from raftorch.training.loop import train
 
     with pytest.raises(ValueError, match="tensorboard writes into the run folder"):
         train({**_tiny(tmp_path, "x", tensorboard=True), "out": None}, progress=False)
@@ -80,9 +81,9 @@ def test_a_run_folder_from_before_a_new_setting_is_neither_stale_nor_unresumable
     behaviour: a folder whose config lacks them is the same run."""
     import yaml
 
-    from raftorch.checkpoint import load_checkpoint, save_checkpoint
-    from raftorch.config import TrainConfig
-    from raftorch.train import train
+    from raftorch.training.checkpoint import load_checkpoint, save_checkpoint
+    from raftorch.training.config import TrainConfig
+    from raftorch.training.loop import train
 
     cfg = _tiny(tmp_path, "old", epochs=1)
     train({**cfg, "epochs": 2}, progress=False, stop_after=1)

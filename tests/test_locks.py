@@ -1,4 +1,4 @@
-"""One writer per output folder (raftorch.runlock), with real second processes.
+"""One writer per output folder (raftorch.training.runlock), with real second processes.
 
 A holder process takes the lock and sleeps; the second writer is the real command
 (``python -m raftorch train|reproduce|compare``) and must be refused with one line naming the
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raftorch import runlock
-from raftorch.runlock import FolderInUse, hold, in_use_message
+from raftorch.training import runlock
+from raftorch.training.runlock import FolderInUse, hold, in_use_message
 
 pytestmark = pytest.mark.skipif(runlock.fcntl is None, reason="the tests kill the holder with SIGKILL (POSIX)")
 
@@ -29,7 +29,7 @@ TRAIN = ["--data", "digits", "--epochs", "1", "--model-option", "hidden=[8]", "-
 
 HOLDER = """
 import sys, time, pathlib, json
-from raftorch.runlock import hold
+from raftorch.training.runlock import hold
 folder, ready, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 with hold(folder, what="the test's holder", **options):
     pathlib.Path(ready).write_text("held")
@@ -123,12 +123,13 @@ def test_a_folder_held_by_another_process_is_refused_and_free_again_once_it_is_k
     assert not (folder / runlock.LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_nested_hold_in_the_same_process_passes_and_the_outer_one_still_holds(tmp_path):
     folder = tmp_path / "run"
     with hold(folder):
         with hold(folder):
             pass
-        code = "from raftorch.runlock import hold, FolderInUse\ntry:\n with hold(%r): print('entered')\n" \
+        code = "from raftorch.training.runlock import hold, FolderInUse\ntry:\n with hold(%r): print('entered')\n" \
                "except FolderInUse as e: print('refused', e.holder['pid'])" % str(folder)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV).stdout
         assert out.split() == ["refused", str(os.getpid())]
@@ -143,6 +144,7 @@ def test_a_hold_that_created_the_folder_removes_it_when_nothing_was_written(tmp_
 
 # --------------------------------------------------------------------------- raftorch train
 
+@pytest.mark.slow
 def test_a_second_train_into_a_held_folder_exits_1_naming_the_holder_and_writes_nothing(tmp_path):
     folder = tmp_path / "run"
     with holder(folder) as proc:
@@ -161,7 +163,7 @@ def test_a_second_train_into_a_held_folder_exits_1_naming_the_holder_and_writes_
 
 SLOW_RUN = """
 import sys, time, pathlib
-import raftorch.train as T
+import raftorch.training.loop as T
 folder, gate = sys.argv[1], pathlib.Path(sys.argv[2])
 real = T.train_epoch
 def gated(run, **kw):
@@ -175,6 +177,7 @@ T.train({"data": "digits", "epochs": 1, "model_options": {"hidden": [8]}, "batch
 """
 
 
+@pytest.mark.slow
 def test_two_trains_into_one_folder_the_running_one_finishes_and_the_second_is_refused(tmp_path):
     """The reported bug: two runs with the same --out a moment apart used to both 'succeed'."""
     folder, gate = tmp_path / "run", tmp_path / "go"
@@ -196,6 +199,7 @@ def test_two_trains_into_one_folder_the_running_one_finishes_and_the_second_is_r
     assert json.loads((folder / "final.json").read_text())["seed"] == 0  # the first run's, whole
 
 
+@pytest.mark.slow
 def test_the_lock_is_released_when_a_run_ends(tmp_path, capsys):
     """In this process: a lock still held here would refuse the next hold (flock is per open file)."""
     from raftorch.cli import main
@@ -209,13 +213,13 @@ def test_the_lock_is_released_when_a_run_ends(tmp_path, capsys):
     assert "already holds a run" in err and "in use" not in err
     assert main(["train", *TRAIN, "--resume", "--epochs", "2", "--out", str(folder)]) == 0
     assert json.loads((folder / "final.json").read_text())["epochs"] == 2
-    code = f"from raftorch.runlock import hold\nwith hold({str(folder)!r}): print('entered')"
+    code = f"from raftorch.training.runlock import hold\nwith hold({str(folder)!r}): print('entered')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
     assert out.stdout.strip() == "entered", out.stderr  # and free for any other process
 
 
-def test_a_run_holds_the_lock_from_before_its_first_write_and_releases_it_when_it_fails(tmp_path, monkeypatch):
-    import raftorch.train as T
+def test_a_run_holds_the_lock_from_before_its_first_write_and_releases_it_when_it_fails(tmp_path):
+    import raftorch.training.loop as T
 
     folder = tmp_path / "run"
     seen = {}
@@ -224,10 +228,9 @@ def test_a_run_holds_the_lock_from_before_its_first_write_and_releases_it_when_i
         seen["record"] = json.loads((folder / runlock.LOCK_NAME).read_text())
         raise RuntimeError("the data went away")
 
-    monkeypatch.setattr(T, "load_dataset", failing_load)
     with pytest.raises(RuntimeError, match="went away"):
         T.train({"data": "digits", "model_options": {"hidden": [8]}, "epochs": 1, "threads": 1,
-                 "out": str(folder)}, progress=False)
+                 "out": str(folder)}, progress=False, load=failing_load)
     assert seen["record"]["pid"] == os.getpid() and seen["record"]["what"] == "raftorch train"
     assert not folder.exists()  # created by the lock, left empty by the failure: removed
     with hold(folder):
@@ -247,6 +250,7 @@ def tiny_spec(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_reproduce_skips_a_point_another_process_holds_and_runs_it_once_the_holder_is_killed(tmp_path):
     spec, results = tiny_spec(tmp_path), tmp_path / "results"
     runs = results / "quick" / "tiny" / "runs"
@@ -280,6 +284,7 @@ def test_a_point_finished_by_another_process_after_planning_is_reported_not_run_
 
 # --------------------------------------------------------------------------- raftorch compare
 
+@pytest.mark.slow
 def test_compare_into_an_output_another_compare_writes_is_refused_then_runs_once_it_is_killed(tmp_path):
     out = tmp_path / "cmp"
     command = ["compare", "--data", "digits", "--rules", "bp", "--epochs", "1", "--seeds", "0", "--hidden", "8", "--threads", "1",

@@ -1,4 +1,4 @@
-"""Numerics of the feedback paths in real training set-ups (issue 13): loss scaling and
+"""Numerics of the feedback paths in real training set-ups: loss scaling and
 gradient accumulation (``raftorch.loss_scale``), float16 / bfloat16 Oja statistics, double
 backward, the authors' options (``oja_scale="std"``, ``oja_ddof``, ``error_clamp``), and exact
 oracles for the floors and branches of ``oja_grad``."""
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import raftorch
-from raftorch import _ext
+from raftorch import extension
 from raftorch import functional as RF
 from raftorch.functional import OjaOptions, oja_grad
 
@@ -71,7 +71,7 @@ MODELS = {
 
 def backward(net, x, y, factor=1.0, path="python", use_scale=True, feed=False):
     """Backward of ``factor * loss`` inside ``loss_scale(net, factor)``."""
-    ctx = _ext.disabled() if path == "python" else _nullctx()
+    ctx = extension.disabled() if path == "python" else _nullctx()
     with ctx:
         loss = F.cross_entropy(net(x), y) * factor
         if feed:
@@ -117,7 +117,7 @@ def test_grad_scaler_step_of_P_equals_the_unscaled_step(model, options):
     net = build(**options)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    with _ext.disabled() if path == "python" else _nullctx():
+    with extension.disabled() if path == "python" else _nullctx():
         loss = F.cross_entropy(net(x), y)
         with raftorch.loss_scale(net, scaler.get_scale()):
             scaler.scale(loss).backward()
@@ -267,7 +267,7 @@ def test_feedback_rules_refuse_create_graph(build, path):
     layer = build()
     x = torch.randn(2, 4, 1, 1) if isinstance(layer, nn.Conv2d) else torch.randn(2, 4)
     x.requires_grad_()
-    with _ext.disabled() if path == "python" else _nullctx():
+    with extension.disabled() if path == "python" else _nullctx():
         y = layer(x).pow(2).sum()
         with pytest.raises(RuntimeError, match="create_graph=True"):
             torch.autograd.grad(y, x, create_graph=True)
@@ -345,7 +345,7 @@ def test_the_fast_path_is_bypassed_for_the_authors_options_and_equals_python(ext
     for path in ("python", "cpp"):
         lin.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
-        with _ext.disabled() if path == "python" else _nullctx():
+        with extension.disabled() if path == "python" else _nullctx():
             lin(xi).backward(g)
         res[path] = [xi.grad, lin.P.grad, lin.Q.grad, lin.weight.grad]
     for a, b in zip(res["python"], res["cpp"]):
@@ -358,9 +358,9 @@ def test_the_fast_path_is_bypassed_for_the_authors_options_and_equals_python(ext
 
 @pytest.fixture(scope="module")
 def ext():
-    if _ext.setting() == "0":
+    if extension.setting() == "0":
         pytest.skip("RAFTORCH_EXTENSION=0: the C++ fast path is turned off, nothing to compare it with")
-    module = _ext.get()
+    module = extension.get()
     assert module is not None, "the C++ fast path is on but did not build: nothing to compare"
     return module
 
@@ -388,14 +388,14 @@ def test_direct_paths_use_the_oja_options_and_error_clamp():
 def test_train_passes_the_authors_options_and_the_authors_config_is_valid():
     from pathlib import Path
 
-    from raftorch.config import TrainConfig, load_config_file
+    from raftorch.training.config import TrainConfig, load_config_file
 
     root = Path(__file__).resolve().parents[1] / "configs" / "authors" / "mlp-cifar10.yaml"
     cfg = TrainConfig.from_dict(load_config_file(root), source=str(root))
     assert cfg.rule == "raf"
     assert cfg.rule_options.get("oja_ddof") == 1 and cfg.rule_options.get("oja_reduce") == "sum"
     assert cfg.rule_options.get("error_clamp") == 1.0
-    import raftorch.train as T  # the settings build and train (on digits, two steps)
+    import raftorch.training.loop as T  # the settings build and train (on digits, two steps)
 
     run = T.setup(cfg.replace(data="digits", val_fraction=0.0, device="cpu", threads=1, out=None))
     layers = [m for m in run.model.modules() if isinstance(m, raftorch.Linear)]
@@ -428,7 +428,7 @@ def test_the_zero_variance_floor_of_the_oja_scale(scale, path, monkeypatch):
     lin = raftorch.Linear(4, 5, rule="raf", rank=2, oja_scale=scale)
     for name, g in signals().items():
         lin.zero_grad(set_to_none=True)
-        with _ext.disabled() if path != "cpp" else _nullctx():
+        with extension.disabled() if path != "cpp" else _nullctx():
             lin(torch.randn(32, 4)).backward(g)
         got = lin.P.grad.double()
         if name == "constant":
@@ -467,8 +467,8 @@ def test_the_device_branch_of_oja_grad_equals_the_host_branch(kw, monkeypatch):
 
 def test_feedback_parameters_decay_like_the_weights_by_default():
     """feedback_weight_decay=None: Q and P are in a group with the forward weight decay."""
-    from raftorch.config import TrainConfig
-    from raftorch.train import make_optimizer
+    from raftorch.training.config import TrainConfig
+    from raftorch.training.loop import make_optimizer
 
     net = raf_mlp()
     cfg = TrainConfig(optimizer="sgd", lr=0.1, weight_decay=0.5, feedback_weight_decay=None)
@@ -526,7 +526,7 @@ ACC = dict(data="digits", model="mlp", model_options={"hidden": [16], "dropout":
 
 
 def _final_weights(cfg):
-    import raftorch.train as T
+    import raftorch.training.loop as T
 
     run = T.setup(T.TrainConfig.from_dict(cfg))
     T.train_epoch(run, progress=False)
@@ -543,7 +543,7 @@ def test_accumulating_k_micro_batches_is_one_step_on_the_k_times_larger_batch():
 
 
 def test_train_tells_the_layers_each_micro_batch_share(monkeypatch):
-    import raftorch.train as T
+    import raftorch.training.loop as T
 
     seen = []
     real = raftorch.loss_scale
@@ -566,7 +566,7 @@ def test_train_tells_the_layers_each_micro_batch_share(monkeypatch):
 
 
 def test_accumulate_must_be_a_positive_whole_number():
-    from raftorch.config import TrainConfig
+    from raftorch.training.config import TrainConfig
 
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="accumulate"):
@@ -583,7 +583,7 @@ def test_float32_oja_stays_exact_when_the_mean_dominates_at_many_rows(path, monk
     torch.manual_seed(0)
     lin = raftorch.Linear(4, 16, rule="raf", rank=4)
     g = torch.randn(100_000, 16) + 20.0
-    with _ext.disabled() if path != "cpp" else _nullctx():
+    with extension.disabled() if path != "cpp" else _nullctx():
         lin(torch.randn(100_000, 4)).backward(g)
     want = hand_oja(lin.P.detach(), g)
     assert ((lin.P.grad.double() - want).norm() / want.norm()).item() < 1e-4
@@ -596,6 +596,7 @@ def test_float32_oja_stays_exact_when_the_mean_dominates_at_many_rows(path, monk
                                   ["--rule", "raf", "--rule-option", "oja_scale=std", "--rule-option", "oja_ddof=1"],
                                   ["--rule", "raf", "--rule-option", "oja_scale=none"],
                                   ["--rule", "draf"]], ids=["raf-target", "raf-std", "raf-none", "draf"])
+@pytest.mark.slow
 def test_two_processes_match_one_for_raf_and_draf(tmp_path, rule):
     """torchrun, 2 gloo processes, each half of every global batch of 16: with Oja's mean and
     scale all-reduced (raftorch.sync_oja, called by train), the weights, P included, equal one
@@ -605,8 +606,9 @@ def test_two_processes_match_one_for_raf_and_draf(tmp_path, rule):
     import sys
     from pathlib import Path
 
-    import raftorch.train as T
-    from raftorch.checkpoint import load_checkpoint
+    import raftorch.training.cli as train_cli
+    import raftorch.training.loop as T
+    from raftorch.training.checkpoint import load_checkpoint
 
     torchrun = Path(sys.executable).with_name("torchrun")
     common = ["--data", "digits", "--model", "mlp", "--model-option", "hidden=[32, 16]", *rule,
@@ -621,8 +623,8 @@ def test_two_processes_match_one_for_raf_and_draf(tmp_path, rule):
     import argparse
 
     parser = argparse.ArgumentParser()
-    T.add_arguments(parser)
-    T.train(T.config_from_args(parser.parse_args(common + ["--out", str(tmp_path / "one")])), progress=False)
+    train_cli.add_arguments(parser)
+    T.train(train_cli.config_from_args(parser.parse_args(common + ["--out", str(tmp_path / "one")])), progress=False)
     ddp = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["model"]
     one = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["model"]
     assert ddp.keys() == one.keys() and any(k.endswith(".P") for k in one)
@@ -631,7 +633,7 @@ def test_two_processes_match_one_for_raf_and_draf(tmp_path, rule):
 
 
 def test_sync_bn_is_refused_on_cpu_and_sync_oja_needs_a_process_group():
-    from raftorch.config import TrainConfig
+    from raftorch.training.config import TrainConfig
 
     assert TrainConfig.from_dict(dict(ACC, sync_bn=True)).sync_bn is True
     with pytest.raises(ValueError, match="torch.distributed"):
@@ -655,7 +657,7 @@ def test_bf16_autocast_P_grad_is_not_rounded_to_bfloat16():
 def test_fp16_training_gives_P_the_step_of_float32_training():
     """raftorch train --fp16: GradScaler's scale (65536) is told to the layers, so after
     unscaling P moves as in a float32 run (without it, by 1/65536 of that)."""
-    import raftorch.train as T
+    import raftorch.training.loop as T
 
     cfg = dict(ACC, rule="raf", rank=4, batch_size=64, lr=0.5)
     runs = {}

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from raftorch.config import TrainConfig
+from raftorch.training.config import TrainConfig
 from raftorch.experiments.claims import evaluate_claims
 from raftorch.experiments.spec import available, load_panel
 from test_data import write_fake_cifar
@@ -61,7 +61,7 @@ def _layer_ranks(point) -> dict[str, int]:
     """Feedback rank of every converted layer of the point's model (CIFAR-sized input)."""
     from raftorch.layers import FeedbackLayer
     from raftorch.models import build_model
-    from raftorch.train import convert_model
+    from raftorch.training.loop import convert_model
 
     cfg = TrainConfig.from_dict(point.config)
     classes = int(cfg.data.split(":")[1]) if ":" in cfg.data else (100 if cfg.data == "cifar100" else 10)
@@ -75,6 +75,7 @@ def _point(panel, series, **values):
                 if pt.series == series and pt.values == values and pt.seed == 0)
 
 
+@pytest.mark.slow
 def test_rank_limits_land_on_the_intended_layers():
     ranks = _layer_ranks(_point("fig3a", "RAF", layer="fc3", r=2))
     assert ranks == {"fc1": 512, "fc2": 512, "fc3": 2, "fc4": 512, "out": 10}
@@ -99,7 +100,7 @@ def test_rank_limits_land_on_the_intended_layers():
 def test_fig4cd_draf_sends_the_last_vvs_convs_error_map_into_the_retina_per_pixel():
     from raftorch.direct_conv import ConvDirectPath
     from raftorch.models import build_model
-    from raftorch.train import convert_model
+    from raftorch.training.loop import convert_model
 
     point = _point("fig4cd", "dRAF from the VVS into the retina, bottleneck 4", r=4)
     cfg = TrainConfig.from_dict(point.config)
@@ -132,9 +133,10 @@ def _first_of_each_series(panel: str):
 CASES = [(panel, pt.series) for panel in TRAIN_PANELS for pt in _first_of_each_series(panel)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("panel,series", CASES, ids=[f"{p}-{s}" for p, s in CASES])
 def test_first_point_of_each_series_trains_one_step(panel, series, fake_data):
-    from raftorch.train import setup, train_epoch
+    from raftorch.training.loop import setup, train_epoch
 
     point = next(pt for pt in _first_of_each_series(panel) if pt.series == series)
     cfg = TrainConfig.from_dict({**point.config, "data_dir": str(fake_data), "device": "cpu", "threads": 1,
@@ -148,6 +150,7 @@ def test_first_point_of_each_series_trains_one_step(panel, series, fake_data):
 
 # --------------------------------------------------------------------------- the theory panel
 
+@pytest.mark.slow
 def test_fig2_claims_over_three_seeds_fail_only_where_the_paper_disagrees_with_the_theory():
     # the one failure is the paper's r = d claim for fixed feedback: on a noisy task the flow
     # stops at the closed-form plateau Sigma_yx Pi, not at A (raftorch.theory.exact)

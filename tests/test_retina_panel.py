@@ -13,10 +13,10 @@ import yaml
 from torch import nn
 
 from raftorch.cli import main as cli_main
-from raftorch.config import TrainConfig
+from raftorch.training.config import TrainConfig
 from raftorch.experiments.spec import SpecError, load_spec
 from raftorch.models import build_model, zero_output_layer_
-from raftorch.train import train
+from raftorch.training.loop import train
 
 TINY_RETINA = {"channels": 3, "bottleneck": 3, "kernel": 3, "vvs_layers": 1, "fc": 8}
 
@@ -93,6 +93,7 @@ def _rows(results: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_analysis_panel_scores_every_run_and_claims_read_them(tmp_path, capsys):
     spec = _write(tmp_path, PANEL)
     results = tmp_path / "results"

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from raftorch import data as D
+from raftorch.training import data as D
 from raftorch import functional as RF
 from raftorch.cli import main as cli_main
 from raftorch.experiments.spec import available, load_panel
@@ -50,6 +50,7 @@ def cifar10_only(tmp_path, monkeypatch):
     return data
 
 
+@pytest.mark.slow
 def test_paper_smoke_has_one_row_per_panel_and_announces_synthetic_data_where_cifar_is_missing(
         cifar10_only, capsys):
     rc = smoke_cli("all", "--data-dir", cifar10_only)
@@ -91,7 +92,7 @@ def test_a_failing_check_or_a_failing_point_makes_the_exit_status_non_zero(cifar
     monkeypatch.undo()
 
     # a point that diverges: its FAIL line, FAILED in the table, exit status 1
-    import raftorch.train as T
+    import raftorch.training.loop as T
 
     def diverge(run, **kw):
         raise T.TrainingDiverged("loss is nan at epoch 1, step 1: training diverged\nsecond line")
@@ -139,8 +140,8 @@ def test_synthetic_data_has_the_shape_and_classes_of_the_dataset_it_stands_in_fo
 
 
 def test_time_steps_times_the_optimizer_steps_after_the_warm_up_across_epochs(monkeypatch):
-    import raftorch.train as T
-    from raftorch.config import TrainConfig
+    import raftorch.training.loop as T
+    from raftorch.training.config import TrainConfig
     from raftorch.experiments.smoke import time_steps
 
     forwards = []

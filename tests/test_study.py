@@ -104,7 +104,7 @@ def test_the_report_lines_show_the_gap_per_epoch_and_the_differences(tmp_path):
 
 
 def test_the_gap_profile_specs_load_and_every_point_is_a_valid_run():
-    from raftorch.config import TrainConfig
+    from raftorch.training.config import TrainConfig
     from raftorch.experiments import spec as S
     names = S.available("gap")
     assert names == ["vgg-ablations", "vit-ablations", "vgg-convergence", "vit-convergence"]

@@ -112,6 +112,7 @@ def test_raf_ode_feedback_P_follows_oja_closed_form_on_targets():
 FOLLOW_CASES = [("bp", None), ("fa", None), ("fa-lowrank", 2), ("raf-q", 2), ("raf", 2), ("raf", 3)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule,rank", FOLLOW_CASES)
 def test_small_lr_simulation_follows_the_ode(rule, rank):
     task = small_task()
@@ -152,6 +153,7 @@ def fig2():
     return task, runs
 
 
+@pytest.mark.slow
 def test_bp_and_full_fa_recover_all_five_modes(fig2):
     task, runs = fig2
     for key in [("bp", None), ("fa", None)]:
@@ -227,6 +229,7 @@ def test_fixed_feedback_plateau_is_A_without_noise_and_off_A_with_it():
     assert np.linalg.norm(plateau - noisy.A) > 0.2 * np.linalg.norm(noisy.A)
 
 
+@pytest.mark.slow
 def test_fixed_rank_d_feedback_converges_to_its_plateau_not_to_A():
     # the flow reaches the closed-form plateau by t = 10 (not slow), and the plateau is off A
     task = LinearTask(**DEFAULT, seed=0)
@@ -315,6 +318,7 @@ def test_results_round_trip_through_json_and_the_figure_is_drawn_from_the_file(t
         load_results(path)
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table_and_writes_json_and_png(tmp_path, capsys):
     from raftorch.cli import main
 

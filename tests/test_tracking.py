@@ -14,13 +14,13 @@ import yaml
 from torch import nn
 
 import raftorch
-import raftorch.train as T
+import raftorch.training.loop as T
 from raftorch.analysis.curves import load_run, plot_curves
-from raftorch.analysis.subspace import (as_samples, capture_errors, error_covariance, participation_ratio,
+from raftorch.subspace import (as_samples, capture_errors, error_covariance, participation_ratio,
                                         plain_copy, principal_subspace, subspace_overlap, track_subspace)
-from raftorch.checkpoint import load_checkpoint
+from raftorch.training.checkpoint import load_checkpoint
 from raftorch.cli import main as cli_main
-from raftorch.config import TrainConfig
+from raftorch.training.config import TrainConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

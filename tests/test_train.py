@@ -12,10 +12,11 @@ import pytest
 import torch
 import yaml
 
-import raftorch.train as T
-from raftorch.checkpoint import load_checkpoint
+import raftorch.training.cli as train_cli
+import raftorch.training.loop as T
+from raftorch.training.checkpoint import load_checkpoint
 from raftorch.cli import main as cli_main
-from raftorch.config import TrainConfig
+from raftorch.training.config import TrainConfig
 
 # a tiny run on digits: an MLP with dropout and BatchNorm, RAF with the output layer's P on the
 # targets, augmentation: every source of randomness a resumed run must reproduce
@@ -94,9 +95,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
         splits.x_train[0, 0, 0, 0] = float("nan")
         return splits
 
-    monkeypatch.setattr(T, "load_dataset", poisoned)
     with pytest.raises(T.TrainingDiverged, match=r"loss is nan at epoch 2.*last good checkpoint.*epoch 1"):
-        T.train(dict(TINY, out=str(out)), resume=True, progress=False)
+        T.train(dict(TINY, out=str(out)), resume=True, progress=False, load=poisoned)
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
     assert_same_weights(weights(out), good)
     assert not (out / "final.json").exists()
@@ -163,6 +163,7 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, args, fragment):
     assert rc == 2 and fragment in err and "Traceback" not in err  # bad input: exit status 2
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """torchrun, 2 gloo processes, each taking half of every global batch of 16."""
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -174,7 +175,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
                            *common, "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single = T.train(T.config_from_args(_parse(common + ["--out", str(tmp_path / "one")])), progress=False)
+    single = T.train(train_cli.config_from_args(_parse(common + ["--out", str(tmp_path / "one")])), progress=False)
     ddp, one = weights(tmp_path / "ddp"), weights(tmp_path / "one")
     assert ddp.keys() == one.keys()
     for k in one:
@@ -191,7 +192,7 @@ def test_every_example_config_is_valid_and_takes_flag_overrides():
                    if "experiments" not in f.parts and "panel" not in (yaml.safe_load(f.read_text()) or {}))
     assert len(files) >= 8
     for f in files:
-        cfg = T.config_from_args(_parse(["--config", str(f), "--rule", "bp", "--rank", "none", "--out", "x"]))
+        cfg = train_cli.config_from_args(_parse(["--config", str(f), "--rule", "bp", "--rank", "none", "--out", "x"]))
         assert cfg.rule == "bp" and cfg.rank is None and cfg.out == "x"
         assert TrainConfig.from_dict(yaml.safe_load(f.read_text()), source=str(f)).epochs >= 1
 
@@ -200,7 +201,7 @@ def _parse(argv):
     import argparse
 
     parser = argparse.ArgumentParser()
-    T.add_arguments(parser)
+    train_cli.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -281,6 +282,7 @@ def test_a_corrupt_checkpoint_is_one_line(tmp_path):
     assert "is corrupt" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "raftorch", "train", "--data", "digits", "--model", "mlp", "--rule", "raf",

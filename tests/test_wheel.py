@@ -47,6 +47,7 @@ def run(py, *args, cwd):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_the_wheel_is_imported_from_the_venv_not_the_checkout(wheel_python):
     py, root = wheel_python
     where = subprocess.run([str(py), "-c", "import raftorch; print(raftorch.__file__)"], capture_output=True,
@@ -54,6 +55,7 @@ def test_the_wheel_is_imported_from_the_venv_not_the_checkout(wheel_python):
     assert str(root / "venv") in where and str(REPO) not in where
 
 
+@pytest.mark.slow
 def test_reproduce_finds_the_packaged_specs_outside_the_checkout(wheel_python):
     py, root = wheel_python
     out = run(py, "--version", cwd=root)
@@ -70,6 +72,7 @@ def test_reproduce_finds_the_packaged_specs_outside_the_checkout(wheel_python):
     assert configs.stdout.strip() == "True"
 
 
+@pytest.mark.slow
 def test_a_tiny_panel_runs_from_the_wheel_with_provenance(wheel_python):
     py, root = wheel_python
     spec = {"panel": "tiny", "title": "tiny", "paper": "-", "claim": "-", "notes": "-",

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
 
-from raftorch.functional import LossScale, _autocast, check_error_clamp, lowrank_feedback, no_double_backward
-from raftorch.layers import Linear, _parse_options, init_feedback_
+from raftorch.functional import LossScale, autocast_inputs, lowrank_feedback, no_double_backward
+from raftorch.layers import Linear, init_feedback_, parse_options
 from raftorch.rules import check_rank, get_rule
 
 __all__ = ["MultiheadAttention", "ProjectionFeedback"]
@@ -75,12 +75,7 @@ class ProjectionFeedback(nn.Module):
             raise ValueError(f"the {part} projection ({self.n_in} -> {self.n_out} features) with rule "
                              f"{self.rule.name!r}: a feedback rule needs at least one input and one output")
         self.rank = check_rank(self.rule, rank, min(n_in, n_out), layer=f"the {part} projection")
-        options = dict(options)
-        self.error_clamp = check_error_clamp(options.pop("error_clamp", None))
-        if self.error_clamp is not None and self.rule.path == "transpose":
-            raise ValueError("error_clamp changes the error sent down, so rule 'bp' would no longer be "
-                             "backprop; use it with a feedback rule")
-        self.oja = _parse_options(self.rule, options)
+        self.oja, self.error_clamp = parse_options(self.rule, options)
         # the factor the current backward's loss was multiplied by (raftorch.loss_scale)
         self._loss_scale = LossScale() if self.oja is not None else None
         if self.oja is not None and self.oja.source == "target":
@@ -100,6 +95,8 @@ class ProjectionFeedback(nn.Module):
         return {}
 
     def tensors(self) -> list[Tensor]:
+        """The feedback parameters of this projection in the rule's ``feedback_names`` order (``B``, or ``Q``
+        and ``P``), as the projection's autograd function takes them."""
         return [getattr(self, n) for n in self.rule.feedback_names]
 
     @torch.no_grad()
@@ -116,7 +113,7 @@ class ProjectionFeedback(nn.Module):
         return f"{self.part}: {self.n_in} -> {self.n_out}, rule={self.rule.name!r}{rank}"
 
 
-class _Plan:
+class _ProjectionPlan:
     """The parts of one projection call: for each, its feedback path, Oja options, output
     width and how many feedback tensors it passes."""
 
@@ -132,8 +129,8 @@ class _Projection(Function):
     low-rank rules: ``Q_i P_i``; see the module docstring). ``bp`` does not come here."""
 
     @staticmethod
-    def forward(ctx, plan: _Plan, x, weight, bias, *feedback):
-        x, weight, bias, *feedback = _autocast(x, weight, bias, *feedback)
+    def forward(ctx, plan: _ProjectionPlan, x, weight, bias, *feedback):
+        x, weight, bias, *feedback = autocast_inputs(x, weight, bias, *feedback)
         ctx.plan = plan
         ctx.save_for_backward(x, *feedback)
         return F.linear(x, weight, bias)
@@ -264,7 +261,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         if fbs[0].rule.path == "transpose":  # bp: plain autograd (double backward included)
             return F.linear(x, weight, bias)
         tensors = [t for fb in fbs for t in fb.tensors()]
-        return _Projection.apply(_Plan(fbs), x, weight, bias, *tensors)
+        return _Projection.apply(_ProjectionPlan(fbs), x, weight, bias, *tensors)
 
     def _in_projection(self, q: Tensor, k: Tensor, v: Tensor):
         E = self.embed_dim
@@ -297,6 +294,10 @@ class MultiheadAttention(nn.MultiheadAttention):
                                    average_attn_weights, is_causal)
         if query.is_nested or key.is_nested or value.is_nested:
             raise ValueError("raftorch.MultiheadAttention does not take nested tensors when training")
+        # F._canonical_mask / F._none_or_dtype / F._mha_shape_check (private, no public API exists):
+        # nn.MultiheadAttention.forward and F.multi_head_attention_forward check and convert the masks
+        # (bool -> additive float in the query's dtype, with PyTorch's errors and warnings) and the
+        # input shapes with them; calling the same helpers keeps this forward equal to PyTorch's.
         key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
                                              other_type=F._none_or_dtype(attn_mask),
                                              other_name="attn_mask", target_type=query.dtype)
@@ -320,6 +321,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         inputs, with the input projection of :meth:`_in_projection` and ``out_proj`` called
         as a module."""
         h = self.num_heads
+        # private torch helpers, as in forward (no public API exists): PyTorch's own shape and mask checks
         batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, h)
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)

@@ -13,8 +13,8 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "compare": ("raftorch.compare", "train one MLP with several rules and ranks, print a table"),
-    "train": ("raftorch.train", "train one model on one dataset with one rule"),
+    "compare": ("raftorch.training.compare", "train one MLP with several rules and ranks, print a table"),
+    "train": ("raftorch.training.cli", "train one model on one dataset with one rule"),
     "theory": ("raftorch.theory.cli", "linear-network theory: simulations, ODEs, Figure 2"),
     "reproduce": ("raftorch.experiments.cli", "reproduce the paper's panels by name: sweeps, figures, claims"),
     "plot": ("raftorch.analysis.curves", "training curves of run folders: loss, accuracy, alignment, subspace"),
@@ -27,11 +27,22 @@ class Parser(argparse.ArgumentParser):
     wrong, and where the help is) and exit status 2, not the usage block and then the error;
     the subcommands' parsers are of this class too."""
 
+    def __init__(self, *args, **kwargs):
+        self.flags: list[str] = []  # every --flag, for the "did you mean" hint
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.flags += [o for o in action.option_strings if o.startswith("--")]
+        return action
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``raftorch`` parser: ``--version`` and a subcommand per :data:`COMMANDS` entry, with the flags its
+    module's ``add_arguments`` adds (a command whose module is missing is marked ``command_missing``)."""
     parser = Parser(
         prog="raftorch",
         description="Train neural networks with low-dimensional error feedback (RAF).",
@@ -42,13 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module, _parser=p)
+        p.set_defaults(command_module=module, command_parser=p)
         try:
             importlib.import_module(module).add_arguments(p)
         except ModuleNotFoundError as exc:  # a subcommand whose module is not written yet
             if exc.name is None or not module.startswith(exc.name):
                 raise
-            p.set_defaults(_missing=True)
+            p.set_defaults(command_missing=True)
     return parser
 
 
@@ -86,10 +97,10 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> None:
+def _unrecognized(parser: Parser, extra: list[str]) -> None:
     import difflib
 
-    flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    flags = parser.flags
     first = next((e.split("=")[0] for e in extra if e.startswith("-")), None)
     close = difflib.get_close_matches(first, flags, n=1) if first else []
     hint = f" (did you mean {close[0]}?)" if close else ""
@@ -97,18 +108,20 @@ def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``raftorch`` command: parse ``argv`` (default: the process's arguments) and return the exit status
+    of the chosen command's ``run`` (2 without a command or on a ``ValueError`` it left uncaught)."""
     _show_progress_messages()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # said by the subcommand's parser, with the flag meant when one is close
-        _unrecognized(getattr(args, "_parser", parser), extra)
+        _unrecognized(getattr(args, "command_parser", parser), extra)
     if args.command is None:
         parser.print_help()
         return 2
-    if getattr(args, "_missing", False):
+    if getattr(args, "command_missing", False):
         parser.error(f"the '{args.command}' command is not available in this version")
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        return int(importlib.import_module(args.command_module).run(args) or 0)
     except ValueError as exc:  # a bad setting a subcommand did not catch itself: one line, no traceback
         print(f"raftorch {args.command}: error: {exc}", file=sys.stderr)
         return 2

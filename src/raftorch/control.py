@@ -24,7 +24,7 @@ feedback parameters of an already converted model). So:
 The output layer is the last weight layer (``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``, a
 raftorch layer included) in ``named_modules()`` order, outside any ``nn.MultiheadAttention``:
 the same layer whose error the direct rules broadcast with ``source="output"``
-(:func:`raftorch.direct.weight_layer_names`, one definition for both). A parameter
+(:func:`raftorch.replace.weight_layer_names`, one definition for both). A parameter
 shared with it (a tied embedding) is the same ``Parameter`` and so learns with it; the report
 lists every name it has.
 """
@@ -33,6 +33,8 @@ from __future__ import annotations
 import copy
 
 from torch import nn
+
+from raftorch.replace import ConversionReport, weight_layer_names
 
 __all__ = ["convert_frozen", "output_layer", "check_frozen_arguments"]
 
@@ -44,8 +46,6 @@ def output_layer(model: nn.Module) -> str:
     """The name of ``model``'s output layer: its last ``Linear`` / ``Conv1d`` / ``Conv2d`` in
     ``named_modules()`` order, not inside an attention module (``""`` if the model itself is
     that layer). The same layer as the direct rules' ``source="output"``."""
-    from raftorch.direct import weight_layer_names  # direct builds on convert, which imports this
-
     names = weight_layer_names(model)
     if not names:
         raise ValueError("rule 'frozen' trains the output layer, the model's last Linear / Conv1d / "
@@ -81,8 +81,6 @@ def convert_frozen(model: nn.Module, *, inplace: bool = False, report: bool = Fa
     the parameter names that learn and ``frozen`` those frozen (every name of a shared
     parameter), and ``converted`` is empty (no layer is swapped).
     """
-    from raftorch.convert import ConversionReport  # convert dispatches here
-
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:

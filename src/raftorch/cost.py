@@ -1,5 +1,5 @@
 r"""Multiply-adds of one training step, counted per layer from the shapes (the arithmetic limit
-of a rule's speed-up; issue "speed" of the benchmarks).
+of a rule's speed-up, which the benchmarks compare with measured step times).
 
 For a weight layer that sees ``M`` rows (samples x tokens, or samples x output pixels for a
 convolution) with ``n_in`` inputs (``C_in k^2`` for a convolution) and ``n_out`` outputs:
@@ -39,6 +39,8 @@ class LayerCost:
     first: bool
 
     def macs(self) -> int:
+        """Multiply-adds of this layer in one training step: forward and ``grad_W``, the input gradient (not for
+        the first layer) and the learning of ``Q`` / ``P``, as the module docstring counts them."""
         m, a, b = self.rows, self.n_in, self.n_out
         total = 2 * m * a * b  # forward and grad_W
         if not self.first:

@@ -1,7 +1,7 @@
 r"""Direct feedback (``dfa``, ``draf``): the error of one **source** layer sent straight to
 earlier **target** layers, with no backprop through the layers in between.
 
-Math (``ALGORITHM.md``, "Direct variants"; row convention, a batch of ``N`` samples):
+Math (see docs/rules.md, sections "Direct feedback alignment: dfa" and "Direct RAF: draf"; row convention, a batch of ``N`` samples):
 
 * ``e_s`` ``(N, d_s)``: the error at the source's output (``grad_output`` there), flattened
   per sample. ``"output"``: the model's output, i.e. ``dLoss/dlogits``. A module name: the
@@ -79,10 +79,16 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 
-from raftorch.functional import LossScale, OjaOptions, check_error_clamp, lowrank_feedback, no_double_backward
-from raftorch.layers import init_feedback_
-from raftorch.rules import DIRECT_RULES, Rule, check_rank
+from raftorch.control import check_frozen_arguments, convert_frozen
+from raftorch.direct_conv import ConvDirectPath, conv_direct_backward
+from raftorch.direct_dense import DirectPath
+from raftorch.functional import LossScale, OjaOptions, lowrank_feedback, no_double_backward
+from raftorch.layers import parse_options
+from raftorch.replace import (attention_around, check_model, convert_layers, is_weight_layer,
+                              weight_layer_names)
+from raftorch.rules import CONTROL_RULES, DIRECT_RULES, Rule
 
+# DirectPath (raftorch.direct_dense) and weight_layer_names (raftorch.replace) are importable from here too
 __all__ = ["DirectFeedback", "DirectPath", "convert_direct", "injection_point"]
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU,
@@ -95,23 +101,6 @@ _ELEMENTWISE = _ACTIVATIONS + (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, n
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
           nn.AdaptiveMaxPool2d)
 _PATH_FORMS = ("auto", "conv", "dense")  # DirectFeedback(path=...): per-pixel or flattened paths
-_OJA_KEYS = {"oja_center": "center", "oja_scale": "scale", "oja_reduce": "reduce", "oja_ddof": "ddof"}
-
-
-def _weight_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
-
-
-def _attention_around(model: nn.Module, name: str) -> str | None:
-    """The name of the ``nn.MultiheadAttention`` that ``name`` lies inside, if any: its
-    projections run inside one attention call (PyTorch's never calls them as modules), so no
-    error can be injected at their outputs."""
-    parts = name.split(".")
-    for i in range(len(parts) - 1, -1, -1):
-        outer = ".".join(parts[:i])
-        if isinstance(model.get_submodule(outer), nn.MultiheadAttention):
-            return outer
-    return None
 
 
 def injection_point(model: nn.Module, target: str) -> str:
@@ -119,7 +108,7 @@ def injection_point(model: nn.Module, target: str) -> str:
     module docstring): for a weight layer inside an ``nn.Sequential``, the last module of the
     activation / norm / dropout / pooling run that follows it; otherwise ``target`` itself."""
     module = model.get_submodule(target)
-    if not _weight_layer(module) or not target:
+    if not is_weight_layer(module) or not target:
         return target
     parent_name, _, child = target.rpartition(".")
     parent = model.get_submodule(parent_name)
@@ -169,74 +158,6 @@ def _static_size(model: nn.Module, target: str, point: str) -> int | None:
     return module.out_features
 
 
-class DirectPath(nn.Module):
-    r"""The feedback from the source to one target: ``B`` ``(n_target, d_source)`` (``dfa``,
-    fixed) or ``Q`` ``(n_target, r)`` and ``P`` ``(r, d_source)`` (``draf``, both learned).
-
-    Initialisation, as for a layer-wise feedback path whose virtual forward map goes from
-    the target's ``n_target`` units to the source's ``d_source`` (fan-in ``n_target``):
-    :func:`raftorch.layers.init_feedback_`.
-
-    The activity and the error are flattened per sample (for convolutional ends see
-    :class:`raftorch.direct_conv.ConvDirectPath`, the per-pixel form).
-    """
-
-    conv = False  # the dense form: B over the flattened per-sample activity
-
-    def __init__(self, target: str, point: str, rule: Rule, rank, n_target: int, d_source: int,
-                 *, device=None, dtype=None):
-        super().__init__()
-        self.n_target, self.d_source = int(n_target), int(d_source)
-        if min(self.n_target, self.d_source) < 1:
-            raise ValueError(f"target {target!r}: a direct path needs at least one target unit and one "
-                             f"source value per sample, got {self.n_target} and {self.d_source}")
-        self._make_feedback(target, point, rule, check_rank(rule, rank, min(n_target, d_source),
-                                                             layer=f"target {target!r}"),
-                            (self.n_target, self.d_source), device, dtype)
-
-    def _make_feedback(self, target: str, point: str, rule: Rule, rank: int | None, sides: tuple[int, int],
-                       device, dtype) -> None:
-        """Register ``B`` or ``Q``, ``P`` for a feedback matrix of shape ``sides`` = (target
-        side, source side) and draw them (shared with the per-pixel form)."""
-        self.target, self.point, self.rule, self.rank = target, point, rule, rank
-        self._sides = sides
-        factory = {"device": device, "dtype": dtype}
-        for name, shape in self.feedback_shapes().items():
-            self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory),
-                                                       requires_grad=name in rule.learns))
-        self.reset_feedback()
-
-    def feedback_shapes(self) -> dict[str, tuple[int, ...]]:
-        rows, cols = self._sides
-        if self.rule.low_rank:
-            return {"Q": (rows, self.rank), "P": (self.rank, cols)}
-        return {"B": (rows, cols)}
-
-    @torch.no_grad()
-    def reset_feedback(self) -> None:
-        """Draw new random feedback weights (see the class docstring)."""
-        init_feedback_(self, self._sides[0])
-
-    @torch.no_grad()
-    def feedback_matrix(self) -> Tensor:
-        """The effective ``B_l`` ``(n_target, d_source)``: ``B`` or ``Q P``."""
-        return self.Q @ self.P if self.rule.low_rank else self.B.detach().clone()
-
-    def check_activity(self, h: Tensor, source: Tensor, source_name: str) -> None:
-        """A ``RuntimeError`` unless ``h`` and ``source`` have the sizes this path was built for."""
-        if h.shape[0] != source.shape[0] or h.shape[1:].numel() != self.n_target:
-            raise RuntimeError(
-                f"target {self.target!r}: expected activity (N={source.shape[0]}, {self.n_target} "
-                f"per sample), got {tuple(h.shape)}; build DirectFeedback with example_input=")
-        if source.shape[1:].numel() != self.d_source:
-            raise RuntimeError(f"source {source_name!r}: expected {self.d_source} values per sample, "
-                               f"got {tuple(source.shape)}; build DirectFeedback with example_input=")
-
-    def extra_repr(self) -> str:
-        shapes = ", ".join(f"{k}={tuple(s)}" for k, s in self.feedback_shapes().items())
-        return f"target={self.target!r}, at={self.point!r}, {shapes}"
-
-
 class _DirectFeedbackFn(Function):
     """Identity on the source output; backward sends ``e_s`` on unchanged and ``B_l e_s`` to
     every stashed ``h_l``, with the local ``.grad`` of ``Q_l``, ``P_l``."""
@@ -265,7 +186,7 @@ class _DirectFeedbackFn(Function):
                 j = 2 * i if plan.low_rank else i
                 n = 2 if plan.low_rank else 1
                 h = hs[i] if plan.learns_q and need_p[j] else None
-                out = plan.conv_backward(
+                out = conv_direct_backward(
                     e, h, shape, params[j:j + n], plan.low_rank, plan.oja, need_h[i], need_p[j],
                     need_p[j + 1] if plan.low_rank else False, scale=plan.scale, clamp=plan.clamp)
                 grad_h[i] = out[0]
@@ -291,16 +212,12 @@ class _DirectFeedbackFn(Function):
         return (None, e, *grad_h, *grad_p)
 
 
-class _Plan:
+class _DirectPlan:
     """What the Function needs to know, fixed at construction."""
 
     def __init__(self, paths, rule: Rule, oja, clamp=None, conv=None):
         self.paths = paths
         self.conv = list(conv or [False] * len(paths))  # per path: per-pixel (direct_conv) or dense
-        if any(self.conv):
-            from raftorch.direct_conv import conv_direct_backward
-
-            self.conv_backward = conv_direct_backward
         self.clamp = clamp  # error_clamp: delta_l clamped to [-c, c]
         self.scale = LossScale()  # set by raftorch.loss_scale
         self.low_rank = rule.low_rank
@@ -338,13 +255,6 @@ class _ResetHook:
 
 def _named_index(model: nn.Module) -> dict[str, int]:
     return {n: i for i, (n, _) in enumerate(model.named_modules())}
-
-
-def weight_layer_names(model: nn.Module) -> list[str]:
-    """The weight layers that can be targets or the source, in ``named_modules()`` order (not
-    the projections inside an attention module, which learn by their rule from the error
-    reaching the attention); the last is the output layer (``source="output"``)."""
-    return [n for n, m in model.named_modules() if _weight_layer(m) and _attention_around(model, n) is None]
 
 
 class DirectFeedback(nn.Module):
@@ -405,9 +315,7 @@ class DirectFeedback(nn.Module):
         if "direct_feedback" in model._modules:
             raise ValueError("model already has a direct_feedback; call "
                              "model.direct_feedback.detach_from(model) first")
-        options = dict(options)
-        self.error_clamp = check_error_clamp(options.pop("error_clamp", None))
-        self.oja = self._parse_options(options)
+        self.oja, self.error_clamp = parse_options(self.rule, options)
         self.source, self._source_point, source_index = self._resolve_source(model, source)
         points = self._resolve_targets(model, targets, source_index)
 
@@ -416,25 +324,12 @@ class DirectFeedback(nn.Module):
         factory = {"device": None if ref is None else ref.device,
                    "dtype": None if ref is None else ref.dtype}
         self.paths = nn.ModuleList(self._build_path(t, p, rank, shapes, path, factory) for t, p in points)
-        self._plan = _Plan(list(range(len(self.paths))), self.rule, self.oja, self.error_clamp,
+        self._plan = _DirectPlan(list(range(len(self.paths))), self.rule, self.oja, self.error_clamp,
                            conv=[p.conv for p in self.paths])
         self._stash: dict[str, Tensor] = {}
         self._attach(model)
 
     # ------------------------------------------------------------------ construction
-
-    def _parse_options(self, options):
-        unknown = sorted(set(options) - set(_OJA_KEYS))
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for direct feedback; valid: "
-                             f"{[*_OJA_KEYS, 'error_clamp']}"
-                             + (" (oja_source='target' is for a layer-wise output layer only)"
-                                if "oja_source" in unknown else ""))
-        if options and not self.rule.low_rank:
-            raise ValueError(f"options {sorted(options)} set how P learns; rule 'dfa' has no P (use 'draf')")
-        if not self.rule.low_rank:
-            return None
-        return OjaOptions(**{_OJA_KEYS[k]: v for k, v in options.items()})
 
     def _resolve_source(self, model, source):
         weights = weight_layer_names(model)
@@ -473,7 +368,7 @@ class DirectFeedback(nn.Module):
                     shown = ", ".join(repr(w) for w in weight_layer_names(model)[:20])
                     raise ValueError(f"target {n!r} is not a module of the model; the weight layers "
                                      f"are: {shown}")
-                attn = _attention_around(model, n)
+                attn = attention_around(model, n)
                 if attn is not None or isinstance(model.get_submodule(n), (nn.MultiheadAttention, nn.RNNBase)):
                     what = type(model.get_submodule(n)).__name__
                     why = (f"lies inside the attention module {attn!r}, whose projections run in one "
@@ -571,27 +466,24 @@ class DirectFeedback(nn.Module):
         if form == "conv" and not maps:
             self._not_maps(target, point, ht, src)
         if maps and form != "dense":
-            from raftorch.direct_conv import ConvDirectPath  # it builds on this module
-
             return ConvDirectPath(target, point, self.rule, rank, ht[0], src[0], **factory)
         return DirectPath(target, point, self.rule, rank, math.prod(ht), math.prod(src), **factory)
 
     def _attach(self, model):
-        model.register_forward_pre_hook(_ResetHook(self))
+        # the handles register_forward_(pre_)hook returns: detach_from removes the hooks through them
+        # (copy.deepcopy copies them with the model, pointing at the copy's hooks)
+        self._handles = [model.register_forward_pre_hook(_ResetHook(self))]
         for path in self.paths:
-            model.get_submodule(path.point).register_forward_hook(_TargetHook(self, path.point))
-        model.get_submodule(self._source_point).register_forward_hook(_SourceHook(self))
+            self._handles.append(
+                model.get_submodule(path.point).register_forward_hook(_TargetHook(self, path.point)))
+        self._handles.append(model.get_submodule(self._source_point).register_forward_hook(_SourceHook(self)))
         model.direct_feedback = self
-
-    def _owned(self, hook) -> bool:
-        return getattr(hook, "owner", None) is self
 
     def detach_from(self, model: nn.Module) -> None:
         """Remove this object's hooks from ``model`` and the ``direct_feedback`` attribute."""
-        for m in model.modules():
-            for hooks in (m._forward_hooks, m._forward_pre_hooks):
-                for key in [k for k, h in hooks.items() if self._owned(h)]:
-                    del hooks[key]
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         if model._modules.get("direct_feedback") is self:
             del model._modules["direct_feedback"]
 
@@ -648,12 +540,16 @@ def convert_direct(model: nn.Module, rule: str, rank=None, *, source: str = "out
     non-target layers before a target, since the targets' own weight update is exact) and
     attach a :class:`DirectFeedback` as ``model.direct_feedback``. Arguments as
     :class:`DirectFeedback` and :func:`raftorch.convert`."""
-    from raftorch.convert import convert
-
     if rest_rule in DIRECT_RULES:
         raise ValueError(f"rest_rule={rest_rule!r}: the layers outside the direct paths need a "
                          "layer-wise rule ('bp', 'fa', 'kp', 'fa-lowrank', 'raf-q', 'raf')")
-    out = convert(model, rest_rule, rest_rank, inplace=inplace, report=report)
+    check_model(model)
+    name = rest_rule.name if isinstance(rest_rule, Rule) else rest_rule.lower() if isinstance(rest_rule, str) else None
+    if name in CONTROL_RULES:  # as raftorch.convert(model, "frozen"): every layer but the output frozen
+        check_frozen_arguments({"rank": rest_rank})
+        out = convert_frozen(model, inplace=inplace, report=report)
+    else:
+        out = convert_layers(model, rest_rule, rest_rank, inplace=inplace, report=report, stacklevel=3)
     model, result = out if report else (out, None)
     DirectFeedback(model, rule, rank, source=source, targets=targets,
                    example_input=example_input, path=path, **options)

@@ -1,10 +1,10 @@
 r"""Convolutional direct feedback: a ``dfa`` / ``draf`` path from a convolutional source into an
 earlier convolutional target whose feedback is itself convolutional (per pixel) and low-rank.
 
-A dense :class:`raftorch.direct.DirectPath` between two feature maps is a
+A dense :class:`raftorch.direct_dense.DirectPath` between two feature maps is a
 ``(C_t H_t W_t) x (C_s H_s W_s)`` matrix (for the paper's retina, 32768 x 32768). Here the
 feedback acts on **channels**, the same map at every pixel, as a layer-wise RAF convolution's
-``P`` does (``ALGORITHM.md``, "Convolutions" and "Direct variants"), with one fixed linear
+``P`` does (see docs/rules.md, sections "Convolutions" and "Direct RAF: draf"), with one fixed linear
 resampling between the two grids. :class:`ConvDirectPath` gives the equations;
 :class:`raftorch.direct.DirectFeedback` builds these paths (``path="auto"``: wherever the
 source's output and the target's activity are both ``(N, C, H, W)`` maps) and calls
@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from raftorch.direct import DirectPath
-from raftorch.functional import LossScale, OjaOptions, _clamp, _conv_oja, _cross
+from raftorch.direct_dense import DirectPath
+from raftorch.functional import LossScale, OjaOptions, clamp_error, conv_oja_grad, cross_sum
 from raftorch.rules import Rule, check_rank
 
 __all__ = ["ConvDirectPath", "area_matrix", "pool_to", "unpool_to", "conv_direct_backward"]
@@ -95,7 +95,7 @@ class ConvDirectPath(DirectPath):
 
     Oja: every source pixel is one row of the signal, with the :class:`OjaOptions` (``center``,
     ``scale``, ``reduce``, ``ddof``) and the loss-scale correction of the layer-wise
-    convolution path (the same code, :func:`raftorch.functional._conv_oja`); an empty batch
+    convolution path (the same code, :func:`raftorch.functional.conv_oja_grad`); an empty batch
     gives zero updates.
 
     Rank: ``r`` counts channels of the low-dimensional error ``z``; it is clamped to ``C_s``,
@@ -163,7 +163,7 @@ def conv_direct_backward(e: Tensor, h: Tensor | None, shape: torch.Size, params:
             return (None,)
         be = B @ e.to(B.dtype).reshape(n, c_s, hs * ws)  # (N, C_t, H_s W_s)
         delta = unpool_to(be.view(n, B.shape[0], hs, ws), size_t)
-        return (_clamp(delta.to(e.dtype).contiguous(), clamp),)
+        return (clamp_error(delta.to(e.dtype).contiguous(), clamp),)
     Q, P = params
     out_dtype = e.dtype
     e = e.to(P.dtype)
@@ -176,9 +176,9 @@ def conv_direct_backward(e: Tensor, h: Tensor | None, shape: torch.Size, params:
         u3 = u.reshape(n, u.shape[1], size_t[0] * size_t[1])
         if need_q:
             h3 = h.to(P.dtype).reshape(n, shape[1], size_t[0] * size_t[1])
-            grad_q = _cross(h3, u3)  # sum_{n,p} h u^T, (C_t, r)
+            grad_q = cross_sum(h3, u3)  # sum_{n,p} h u^T, (C_t, r)
         if need_h:
-            delta = _clamp((Q @ u3).view(n, Q.shape[0], *size_t).to(out_dtype), clamp)
+            delta = clamp_error((Q @ u3).view(n, Q.shape[0], *size_t).to(out_dtype), clamp)
     if need_p:
-        grad_p = _conv_oja(P, e, z, e3, z3, None, oja, scale)
+        grad_p = conv_oja_grad(P, e, z, e3, z3, None, oja, scale)
     return delta, grad_q, grad_p

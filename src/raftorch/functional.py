@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from raftorch import _ext
+from raftorch import extension
 
 OJA_SCALES = ("maxstd", "rms", "std", "none")
 OJA_REDUCES = ("mean", "sum")
@@ -204,6 +204,8 @@ class TargetSlot:
         self.owner = owner
 
     def take(self, rows: int, n_out: int, like: Tensor) -> Tensor:
+        """The held targets, emptying the slot: a ``(rows, n_out)`` tensor in ``like``'s dtype, integer class
+        labels one-hot encoded; a ``RuntimeError`` if none were fed or their number is not ``rows``."""
         t = self.value
         if t is None:
             raise RuntimeError(
@@ -384,7 +386,7 @@ def oja_grad_explicit(P: Tensor, e: Tensor, opts: OjaOptions, mult: float = 1.0,
 # --------------------------------------------------------------------------- autocast
 
 
-def _autocast(x: Tensor, *tensors):
+def autocast_inputs(x: Tensor, *tensors):
     """Under autocast, cast the floating inputs to the autocast dtype (custom Functions are
     not autocast by PyTorch), so the forward (where autocast then has nothing left to cast)
     and the saved tensors share one dtype. A device without autocast (``meta``, whose autocast
@@ -399,7 +401,8 @@ def _autocast(x: Tensor, *tensors):
 # --------------------------------------------------------------------------- Linear
 
 
-def _clamp(t: Tensor | None, c: float | None) -> Tensor | None:
+def clamp_error(t: Tensor | None, c: float | None) -> Tensor | None:
+    """``error_clamp``: ``t`` clamped to ``[-c, c]`` in place (``t`` itself when ``t`` or ``c`` is ``None``)."""
     return t if t is None or c is None else t.clamp_(-c, c)
 
 
@@ -409,7 +412,7 @@ class LinearFullFeedback(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, B, clamp=None):
-        x, weight, bias, B = _autocast(x, weight, bias, B)
+        x, weight, bias, B = autocast_inputs(x, weight, bias, B)
         ctx.save_for_backward(x, B)
         ctx.clamp = clamp
         return F.linear(x, weight, bias)
@@ -422,7 +425,7 @@ class LinearFullFeedback(Function):
         g2 = g.reshape(-1, g.shape[-1])
         grad_x = grad_w = grad_b = grad_B = None
         if need_x:
-            grad_x = _clamp((g2 @ B.t()).view(x.shape), ctx.clamp)
+            grad_x = clamp_error((g2 @ B.t()).view(x.shape), ctx.clamp)
         if need_w or need_B:
             grad_w = g2.t() @ x.reshape(-1, x.shape[-1])
             if need_B:
@@ -472,7 +475,7 @@ def lowrank_feedback(g: Tensor, x: Tensor, Q: Tensor, P: Tensor, oja: OjaOptions
     if need_Q:  # x^T z = (P grad_W)^T: r n_out n_in multiply-adds instead of r M n_in
         grad_Q = (P @ grad_w).t() if q_from_w else (zt @ x).t()
     if need_x:
-        grad_x = _clamp(zt.t() @ Q.t(), clamp)
+        grad_x = clamp_error(zt.t() @ Q.t(), clamp)
     return grad_x, grad_Q, grad_P, grad_w, grad_b if need_b else None
 
 
@@ -493,10 +496,10 @@ def linear_lowrank(x: Tensor, weight: Tensor, bias: Tensor | None, Q: Tensor, P:
                    oja: OjaOptions | None, targets: TargetSlot | None = None,
                    scale: LossScale | None = None, clamp: float | None = None) -> Tensor:
     """``y = x W^T + b`` with the low-rank feedback backward: the C++ fast path
-    (:mod:`raftorch._ext`) where :func:`_fast_path_fits`, otherwise
+    (:mod:`raftorch.extension`) where :func:`_fast_path_fits`, otherwise
     :class:`LinearLowRankFeedback`. Both compute the same thing (tested equal)."""
     if _fast_path_fits(x, P, oja, clamp, scale):
-        ext = _ext.get()
+        ext = extension.get()
         if ext is not None:
             mult = (scale or LossScale()).tensor
             if oja is None:  # P does not learn: the Oja settings are never read
@@ -512,7 +515,7 @@ class LinearLowRankFeedback(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, Q, P, oja: OjaOptions, targets: TargetSlot | None,
                 scale: LossScale | None = None, clamp: float | None = None):
-        x, weight, bias, Q, P = _autocast(x, weight, bias, Q, P)
+        x, weight, bias, Q, P = autocast_inputs(x, weight, bias, Q, P)
         ctx.save_for_backward(x, Q, P)
         ctx.oja, ctx.targets, ctx.scale, ctx.clamp = oja, targets, scale, clamp
         return F.linear(x, weight, bias)
@@ -546,6 +549,7 @@ class ConvGeometry:
     groups: int
 
     def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``F.conv2d`` of ``x`` with ``weight`` (and ``bias``) in this geometry."""
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def backward(self, g: Tensor, x: Tensor, weight: Tensor, mask, bias: bool = False):
@@ -565,8 +569,8 @@ class ConvGeometry:
         With stride 1 this is the *forward* convolution of ``z`` with the kernel transposed
         per group (``(C_in, C_z / groups, kH, kW)``) and flipped in space, padded by
         ``dilation (k - 1) - padding``. oneDNN runs a forward convolution with few input
-        channels (``z`` has ``r``) far better than the transposed one: 4x faster for ``r = 4``
-        and 9x9 kernels, ~1.6x for 3x3 with ``r = 10``, on this CPU. Other strides (or padding
+        channels (``z`` has ``r``) far better than the transposed one on a CPU (about 4x for
+        ``r = 4`` and 9x9 kernels, about 1.6x for 3x3 with ``r = 10``). Other strides (or padding
         beyond the kernel) use ``convolution_backward``."""
         k = kernel.shape[2:]
         pad = [d * (kk - 1) - p for d, kk, p in zip(self.dilation, k, self.padding)]
@@ -584,7 +588,7 @@ class Conv2dFullFeedback(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, B, geom: ConvGeometry, clamp: float | None = None):
-        x, weight, bias, B = _autocast(x, weight, bias, B)
+        x, weight, bias, B = autocast_inputs(x, weight, bias, B)
         ctx.save_for_backward(x, B)
         ctx.geom, ctx.clamp = geom, clamp
         return geom.conv(x, weight, bias)
@@ -598,7 +602,7 @@ class Conv2dFullFeedback(Function):
             g, x, B, (need_x, need_w or need_B), bias=need_b
         )
         grad_B = grad_w.clone() if need_B else None
-        return _clamp(grad_x, ctx.clamp), grad_w if need_w else None, grad_b, grad_B, None, None
+        return clamp_error(grad_x, ctx.clamp), grad_w if need_w else None, grad_b, grad_B, None, None
 
 
 class Conv2dLowRankFeedback(Function):
@@ -633,7 +637,7 @@ class Conv2dLowRankFeedback(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, Q, P, geom: ConvGeometry, oja: OjaOptions,
                 scale: LossScale | None = None, clamp: float | None = None):
-        x, weight, bias, Q, P = _autocast(x, weight, bias, Q, P)
+        x, weight, bias, Q, P = autocast_inputs(x, weight, bias, Q, P)
         ctx.save_for_backward(x, weight, Q, P)
         ctx.geom, ctx.oja, ctx.scale, ctx.clamp = geom, oja, scale, clamp
         return geom.conv(x, weight, bias)
@@ -654,7 +658,7 @@ class Conv2dLowRankFeedback(Function):
                 grad_Q = (P @ grad_w.reshape(grad_w.shape[0], -1)).view(Q.shape)
             if need_P:
                 grad_P = _conv_oja_gram(P, g, g3, grad_b, ctx.oja, ctx.scale)
-            return (_clamp(grad_x, ctx.clamp), grad_w if need_w else None, grad_b, grad_Q, grad_P,
+            return (clamp_error(grad_x, ctx.clamp), grad_w if need_w else None, grad_b, grad_Q, grad_P,
                     None, None, None, None)
         if need_w or need_b:
             _, grad_w, grad_b = geom.backward(g, x, weight, (False, need_w), bias=need_b)
@@ -671,8 +675,8 @@ class Conv2dLowRankFeedback(Function):
             if need_x:
                 grad_x = geom.input_grad(z, x, Q)
             if need_P:
-                grad_P = _conv_oja(P, g, z, g3, z3 if flat else None, grad_b, ctx.oja, ctx.scale)
-        return (_clamp(grad_x, ctx.clamp), grad_w if need_w else None, grad_b, grad_Q, grad_P,
+                grad_P = conv_oja_grad(P, g, z, g3, z3 if flat else None, grad_b, ctx.oja, ctx.scale)
+        return (clamp_error(grad_x, ctx.clamp), grad_w if need_w else None, grad_b, grad_Q, grad_P,
                 None, None, None, None)
 
 
@@ -692,11 +696,11 @@ def _combine_kernel(Q: Tensor, P: Tensor, need_P: bool) -> bool:
     return combined < factored
 
 
-def _cross(a3: Tensor, b3: Tensor) -> Tensor:
+def cross_sum(a3: Tensor, b3: Tensor) -> Tensor:
     """``sum_n a_n b_n^T`` ``(A, B)`` of ``(N, A, L)`` and ``(N, B, L)`` maps: per-sample
     products summed where the maps are long, one product of the ``(A, N L)`` and ``(B, N L)``
     copies where they are short (there the per-sample products are many thin ones, which run
-    far below the matrix unit's speed). ``_cross(g3, g3)`` is the error's Gram matrix."""
+    far below the matrix unit's speed). ``cross_sum(g3, g3)`` is the error's Gram matrix."""
     if a3.shape[2] >= max(a3.shape[1], b3.shape[1]):
         return torch.bmm(a3, b3.transpose(1, 2)).sum(0)
     a = a3.transpose(0, 1).reshape(a3.shape[1], -1)
@@ -708,24 +712,24 @@ def _conv_oja_gram(P: Tensor, g: Tensor, g3: Tensor, colsum: Tensor | None, oja:
                    scale: LossScale | None) -> Tensor:
     """Oja's ``grad_P`` of a convolution from the Gram matrix ``S = sum_n g_n g_n^T`` of the
     ``(N, C, H W)`` error ``g3``: ``z^T e = P S``, ``z^T 1 = P (e^T 1)``, the sums of squares
-    ``diag S``. Where :func:`_oja_from_stats` does not apply (see :func:`_conv_oja`), ``z`` is
-    formed and :func:`_conv_oja` takes over."""
+    ``diag S``. Where :func:`_oja_from_stats` does not apply (see :func:`conv_oja_grad`), ``z`` is
+    formed and :func:`conv_oja_grad` takes over."""
     mult = 1.0 if scale is None else scale.multiplier(oja)
     group = None if scale is None else scale.group
     rows = g.shape[0] * g.shape[2] * g.shape[3]
     if rows and _oja_fast_path_fits(oja, g.dtype, P, group):
         if colsum is None:
             colsum = g3.sum((0, 2))
-        S = _cross(g3, g3)
+        S = cross_sum(g3, g3)
         sq = S.diagonal().clone()
         if not (oja.center and _mean_dominates(colsum, sq, rows)):
             zsum = P @ colsum if oja.center else None
             return _oja_from_stats(P, P @ S, zsum, colsum, sq, rows, oja, mult)
     z3 = torch.bmm(P.expand(g.shape[0], *P.shape), g3)
-    return _conv_oja(P, g, z3.view(g.shape[0], P.shape[0], *g.shape[2:]), g3, z3, colsum, oja, scale)
+    return conv_oja_grad(P, g, z3.view(g.shape[0], P.shape[0], *g.shape[2:]), g3, z3, colsum, oja, scale)
 
 
-def _conv_oja(P: Tensor, g: Tensor, z: Tensor, g3: Tensor | None, z3: Tensor | None,
+def conv_oja_grad(P: Tensor, g: Tensor, z: Tensor, g3: Tensor | None, z3: Tensor | None,
               colsum: Tensor | None, oja: OjaOptions, scale: LossScale | None) -> Tensor:
     """Oja's ``grad_P`` of a convolution: every pixel of the ``(N, C, H, W)`` error map ``g``
     is one row of the signal (rows ``N H W``, features ``C``); ``z = P * g``. From the maps'
@@ -740,7 +744,7 @@ def _conv_oja(P: Tensor, g: Tensor, z: Tensor, g3: Tensor | None, z3: Tensor | N
             colsum = g3.sum((0, 2))
         sq = (g3 * g3).sum((0, 2)) if stats else None
         if not (oja.center and _mean_dominates(colsum, sq, rows)):
-            A = _cross(z3, g3)  # z^T e, (r, C)
+            A = cross_sum(z3, g3)  # z^T e, (r, C)
             zsum = z3.sum((0, 2)) if oja.center else None
             return _oja_from_stats(P, A, zsum, colsum, sq, rows, oja, mult)
     e = g.transpose(0, 1).reshape(g.shape[1], rows).t()

@@ -14,25 +14,46 @@ import torch
 from torch import Tensor, nn
 
 from raftorch import functional as RF
-from raftorch.rules import Rule, check_rank, get_rule
+from raftorch.rules import DIRECT_RULES, Rule, check_rank, get_rule
 
-_OJA_KEYS = {"oja_source": "source", "oja_center": "center", "oja_scale": "scale", "oja_reduce": "reduce",
-             "oja_ddof": "ddof"}
-OPTIONS = tuple(_OJA_KEYS) + ("error_clamp",)
+# layer option -> OjaOptions field
+OJA_OPTIONS = {"oja_source": "source", "oja_center": "center", "oja_scale": "scale", "oja_reduce": "reduce",
+               "oja_ddof": "ddof"}
+OPTIONS = tuple(OJA_OPTIONS) + ("error_clamp",)
+# a direct path's options: no oja_source (the targets are for a layer-wise output layer)
+DIRECT_OPTIONS = tuple(k for k in OPTIONS if k != "oja_source")
 
 
-def _parse_options(rule: Rule, options: dict) -> RF.OjaOptions | None:
-    unknown = sorted(set(options) - set(OPTIONS))
+def parse_options(rule: Rule, options: dict) -> tuple[RF.OjaOptions | None, float | None]:
+    """The layer options of a feedback path (a layer, an attention projection, a direct path)
+    checked against ``rule``: ``(oja, error_clamp)``, ``oja`` ``None`` unless the rule learns
+    ``P``. A ``ValueError`` names an unknown option, Oja options for a rule without a learned
+    ``P``, or ``error_clamp`` with ``bp``. A direct rule (``dfa``, ``draf``) takes
+    :data:`DIRECT_OPTIONS`, the others :data:`OPTIONS`."""
+    options = dict(options)
+    error_clamp = RF.check_error_clamp(options.pop("error_clamp", None))
+    if error_clamp is not None and rule.path == "transpose":
+        raise ValueError("error_clamp changes the error sent down, so rule 'bp' would no longer be "
+                         "backprop; use it with a feedback rule")
+    direct = rule.name in DIRECT_RULES
+    valid = DIRECT_OPTIONS if direct else OPTIONS
+    unknown = sorted(set(options) - set(valid))
+    if unknown and direct:
+        raise ValueError(f"unknown option(s) {unknown} for direct feedback; valid: {list(valid)}"
+                         + (" (oja_source='target' is for a layer-wise output layer only)"
+                            if "oja_source" in unknown else ""))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; valid options are {list(OPTIONS)}")
+        raise ValueError(f"unknown option(s) {unknown}; valid options are {list(valid)}")
+    if options and "P" not in rule.learns and direct:
+        raise ValueError(f"options {sorted(options)} set how P learns; rule {rule.name!r} has no P (use 'draf')")
     if options and "P" not in rule.learns:
         raise ValueError(
             f"options {sorted(options)} set how P learns (Oja's rule), but rule {rule.name!r} "
             "does not learn P; use rule='raf' or drop them"
         )
     if "P" not in rule.learns:
-        return None
-    return RF.OjaOptions(**{_OJA_KEYS[k]: v for k, v in options.items()})
+        return None, error_clamp
+    return RF.OjaOptions(**{OJA_OPTIONS[k]: v for k, v in options.items()}), error_clamp
 
 
 @torch.no_grad()
@@ -43,7 +64,7 @@ def init_feedback_(module: nn.Module, fan_in: int) -> None:
     ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``; ``P`` gets random orthonormal rows (Oja's rule
     keeps them orthonormal). ``Q`` on the forward weight's scale matters with Adam, which
     moves every entry by about the learning rate per step: a larger random ``Q`` takes
-    correspondingly longer to be overwritten by its Kolen-Pollack-like updates (measured on
+    correspondingly longer to be overwritten by its Kolen-Pollack-like updates (on
     Fashion-MNIST, MLP 4 x 512, r = 10, 2 epochs: 74.9% test accuracy with ``Q`` scaled so that
     ``Q P`` matched ``fa``'s ``B`` in entry variance, 83.7% with ``Q`` ten times smaller,
     85.3% for BP).
@@ -93,12 +114,7 @@ class FeedbackLayer:
     def _setup_feedback(self, rule, rank, rank_limit: int, options: dict) -> None:
         self.rule = get_rule(rule)
         self.rank = check_rank(self.rule, rank, rank_limit, layer=type(self).__name__)
-        options = dict(options)
-        self.error_clamp = RF.check_error_clamp(options.pop("error_clamp", None))
-        if self.error_clamp is not None and self.rule.path == "transpose":
-            raise ValueError("error_clamp changes the error sent down, so rule 'bp' would no longer be "
-                             "backprop; use it with a feedback rule")
-        self.oja = _parse_options(self.rule, options)
+        self.oja, self.error_clamp = parse_options(self.rule, options)
         # the factor the current backward's loss was multiplied by (raftorch.loss_scale)
         self._loss_scale = RF.LossScale() if self.oja is not None else None
         if self.oja is not None and self.oja.source == "target":
@@ -129,6 +145,8 @@ class FeedbackLayer:
         return {n: tuple(getattr(self, n).shape) for n in self.rule.feedback_names}
 
     def extra_repr(self) -> str:
+        """The torch layer's summary followed by ``rule=`` and, where set, ``rank=``, ``oja=`` (options other
+        than the defaults) and ``error_clamp=``: what ``print(model)`` shows."""
         base = super().extra_repr()
         rank = f", rank={self.rank}" if self.rank is not None else ""
         oja = ""

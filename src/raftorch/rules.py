@@ -4,7 +4,7 @@ Every rule sends the error arriving at a layer's output, ``delta_{l+1}`` (``grad
 PyTorch), back to the layer's input through a feedback matrix ``B_l``
 (``delta_l = B_l delta_{l+1}``, then the nonlinearity's own backward multiplies by ``f'``).
 The weight update is the same for every rule: ``grad_W = delta_{l+1} h_l^T``. Only ``B_l``
-differs (see ``shared/design/ALGORITHM.md`` for the equations):
+differs (see docs/rules.md for the equations):
 
 ============  ====================  =================================================
 rule          feedback ``B_l``      what learns in the feedback path

@@ -8,14 +8,14 @@ Receptive fields of convolutional units and their scores (paper Fig. 4d):
 on a finished run folder (:mod:`raftorch.analysis.cli`).
 
 Error signals during training (``raftorch train --track subspace``): :func:`subspace_overlap`,
-:func:`participation_ratio` and :func:`track_subspace` (:mod:`raftorch.analysis.subspace`);
+:func:`participation_ratio` and :func:`track_subspace` (:mod:`raftorch.subspace`);
 training curves of run folders, the ``raftorch plot`` command: :func:`plot_curves`
 (:mod:`raftorch.analysis.curves`).
 """
 from raftorch.analysis.cli import analyze_run, load_run_model
 from raftorch.analysis.fields import conv_layers, plain_copy, receptive_fields
 from raftorch.analysis.scores import centre_surround_index, field_dimensionality, orientedness, radial_fraction
-from raftorch.analysis.subspace import participation_ratio, subspace_overlap, track_subspace
+from raftorch.subspace import participation_ratio, subspace_overlap, track_subspace
 from raftorch.analysis.curves import plot_curves
 
 __all__ = ["receptive_fields", "plain_copy", "conv_layers", "orientedness", "centre_surround_index",

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raftorch import checkpoint as ckpt
+from raftorch.training import checkpoint as ckpt
 
 NPZ = "receptive_fields.npz"
 SCORES = "scores.json"
@@ -58,7 +58,7 @@ __all__ = ["analyze_run", "load_run_model", "initial_run_model", "input_shape_of
 
 def input_shape_of(cfg) -> tuple[tuple[int, int, int], int]:
     """``((C, H, W), num_classes)`` of the images a run with config ``cfg`` was trained on."""
-    from raftorch.data import dataset_shape
+    from raftorch.training.data import dataset_shape
 
     return dataset_shape(cfg.data, grayscale=cfg.grayscale, image_size=cfg.image_size)
 
@@ -70,7 +70,7 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, Any, tuple[int, int,
     Raises a ``ValueError`` with one clear sentence for a missing folder, an unfinished run,
     no or a corrupt checkpoint, or weights that do not fit the config's model.
     """
-    from raftorch.config import TrainConfig, load_config_file
+    from raftorch.training.config import TrainConfig, load_config_file
     from raftorch.models import build_model
 
     run_dir = Path(run_dir)
@@ -125,9 +125,9 @@ def _stats(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 def initial_run_model(cfg) -> nn.Module:
     """The plain model of the run config ``cfg`` at its initialisation (the weights its training
-    started from: :func:`raftorch.train.initial_model`), in eval mode. The global RNG is left as
+    started from: :func:`raftorch.training.loop.initial_model`), in eval mode. The global RNG is left as
     it was."""
-    from raftorch.train import initial_model
+    from raftorch.training.loop import initial_model
 
     shape, classes = input_shape_of(cfg)
     with torch.random.fork_rng(devices=[]):
@@ -244,6 +244,8 @@ def _positive(kind):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``raftorch analyze``: ``RUN_DIR``, ``--layer``, ``--method``, ``--steps``, ``--lr``,
+    ``--channels`` and ``--no-figure``."""
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder of raftorch train")
     parser.add_argument("--layer", default=None,
                         help="Conv2d module name (default: retina.conv2 for the retina model, else the first Conv2d)")
@@ -269,6 +271,9 @@ def _summary(scores: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``raftorch analyze``: :func:`analyze_run` on ``RUN_DIR``, then one line with the scores and the
+    files written. Exit status 0 done, 1 a corrupt checkpoint, 2 any other ``ValueError`` (a bad flag or
+    run folder)."""
     try:
         result = analyze_run(args.run_dir, args.layer, args.method, steps=args.steps, lr=args.lr,
                              channels=args.channels, figure=not args.no_figure)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raftorch import checkpoint as ckpt
+from raftorch.training import checkpoint as ckpt
 
 __all__ = ["RunCurves", "load_run", "plot_curves", "PANELS", "add_arguments", "run"]
 
@@ -118,7 +118,7 @@ def load_run(folder: str | os.PathLike) -> RunCurves:
 
 
 def _label(folder: Path, name: str) -> str:
-    from raftorch.config import load_config_file
+    from raftorch.training.config import load_config_file
 
     try:
         cfg = load_config_file(folder / ckpt.CONFIG)
@@ -273,6 +273,7 @@ def _save(fig, out: Path, dpi: int) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``raftorch plot``: the ``RUN_DIR`` folders, ``--out`` and ``--metrics``."""
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="raftorch train run folders")
     parser.add_argument("--out", metavar="FILE", default=None,
                         help="figure file (.png, .pdf, .svg); default RUN_DIR/curves.png for one run, "
@@ -283,6 +284,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``raftorch plot``: draw the curves with :func:`plot_curves` and print the path written. Exit
+    status 0 done, 2 a ``ValueError`` (an unreadable run folder, an unknown metric, a missing or bad ``--out``)."""
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     try:
         path = plot_curves(args.runs, args.out, metrics)

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from raftorch.checkpoint import atomic_write
+from raftorch.training.checkpoint import atomic_write
 
 _LINESTYLES = ("--", ":", "-.")
 

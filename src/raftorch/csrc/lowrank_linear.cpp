@@ -4,7 +4,7 @@
 // (see their docstrings for the equations). On float32 CPU tensors the thin (rank-r) part of
 // the backward runs as one fused, multithreaded pass over the rows (row_pass below); other
 // dtypes and layouts run the same steps as ATen operations. Built on first use by
-// raftorch._ext, with -fopenmp so that at::parallel_for shares PyTorch's OpenMP threads.
+// raftorch.extension, with -fopenmp so that at::parallel_for shares PyTorch's OpenMP threads.
 #include <torch/extension.h>
 
 #include <algorithm>

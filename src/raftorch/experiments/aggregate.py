@@ -31,9 +31,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from raftorch import checkpoint as ckpt
+from raftorch.training import checkpoint as ckpt
 from raftorch.experiments import stats
+from raftorch.experiments.stats import seed_values
 from raftorch.experiments.spec import Panel, Point
+from raftorch.training.summary import mean_std
 
 ERROR = "error.json"
 SCORES = "scores.json"
@@ -48,10 +50,12 @@ THEORY_COLUMNS = ["seed", "status", "rule", "rank", "method", "relative_error", 
 
 
 def panel_dir(root: str | Path, panel: Panel) -> Path:
+    """The folder of ``panel``'s results: ``root/PROFILE/PANEL``."""
     return Path(root) / panel.profile / panel.id
 
 
 def run_dir(root: str | Path, panel: Panel, point: Point) -> Path:
+    """The run folder of one point: ``root/PROFILE/PANEL/runs/POINT``."""
     return panel_dir(root, panel) / "runs" / point.id
 
 
@@ -75,7 +79,7 @@ def find_extra_seeds(root: str | Path, panel: Panel) -> dict[tuple, list[int]]:
 
 def chance(config: dict) -> float | str:
     """100 / the number of classes of a point's data (``""`` where it has none)."""
-    from raftorch.data import dataset_shape
+    from raftorch.training.data import dataset_shape
 
     try:
         return round(100.0 / dataset_shape(config["data"])[1], 4)
@@ -84,6 +88,8 @@ def chance(config: dict) -> float | str:
 
 
 def run_status(folder: Path) -> str:
+    """The ``status`` of a run folder: ``done`` (``final.json``), ``failed`` (``error.json``), ``partial``
+    (a checkpoint only) or ``missing``."""
     if (folder / ckpt.FINAL).exists():
         return "done"
     if (folder / ERROR).exists():
@@ -181,6 +187,8 @@ def analyze_finished(root: str | Path, panel: Panel, points: list[Point]) -> int
 
 
 def columns(panel: Panel) -> list[str]:
+    """The ``summary.csv`` columns of ``panel``: ``panel, point, series``, its grid variables, then the run
+    columns (the theory ones for a theory panel; with the score columns for a panel with ``analysis``)."""
     run_cols = THEORY_COLUMNS if panel.kind == "theory" else RUN_COLUMNS
     if panel.analysis:
         run_cols = run_cols[:3] + SCORE_COLUMNS + run_cols[3:]
@@ -188,6 +196,8 @@ def columns(panel: Panel) -> list[str]:
 
 
 def to_csv(rows: list[dict], cols: list[str]) -> str:
+    """``rows`` as CSV text with the columns ``cols`` and a header line (a value a row lacks is empty, keys
+    not in ``cols`` are left out)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -199,19 +209,6 @@ def to_csv(rows: list[dict], cols: list[str]) -> str:
 def done_values(rows: list[dict], metric: str) -> list[float]:
     """``metric`` of the finished runs among ``rows`` (failed, partial and missing ones left out)."""
     return [float(r[metric]) for r in rows if r.get("status") == "done" and r.get(metric) not in (None, "")]
-
-
-def seed_values(rows: list[dict], metric: str) -> dict[int, float]:
-    """``{seed: metric}`` of the finished runs among ``rows`` (a point's sample for the statistics)."""
-    return {int(r["seed"]): float(r[metric]) for r in rows
-            if r.get("status") == "done" and r.get(metric) not in (None, "")}
-
-
-def mean_std(values: list[float]) -> tuple[float, float, int] | None:
-    """(mean, sample std over seeds (0 for one value), n); ``None`` for no values."""
-    if not values:
-        return None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
 
 
 def point_stats(rows: list[dict], panel: Panel, metric: str = "test_accuracy") -> list[dict[str, Any]]:

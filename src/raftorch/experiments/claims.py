@@ -56,8 +56,7 @@ import statistics
 from typing import Any
 
 from raftorch.experiments import stats
-from raftorch.experiments.aggregate import seed_values
-from raftorch.experiments.stats import Interval
+from raftorch.experiments.stats import Interval, seed_values
 
 TYPES = {"at_least": {"a", "b", "value", "margin"}, "at_most": {"a", "b", "value", "margin"},
          "close": {"a", "b", "value", "tolerance"}, "ordered": {"points", "tolerance"},
@@ -89,7 +88,8 @@ def _label(sel: dict) -> str:
     return f"{sel.get('series', '?')}" + (f" ({rest})" if rest else "")
 
 
-def _matches(row: dict, sel: dict) -> bool:
+def matches(row: dict, sel: dict) -> bool:
+    """Whether ``row`` has every value the selector ``sel`` names."""
     return all(str(row.get(k, "")) == str(v) for k, v in sel.items())
 
 
@@ -109,7 +109,7 @@ class Table:
 
     def sample(self, sel: dict) -> dict[int, float]:
         """``{seed: metric}`` of the finished runs ``sel`` picks; :class:`MissingPoints` if none."""
-        known = [r for r in self.all_rows if _matches(r, sel)]
+        known = [r for r in self.all_rows if matches(r, sel)]
         got = seed_values(known, self.metric)
         if not got:
             why = (f"{len(known)} run(s) not finished or failed" if known else "no such run")
@@ -118,9 +118,11 @@ class Table:
 
     def points(self, sel: dict) -> set[str]:
         """The point ids (without seed) whose runs ``sel`` picks."""
-        return {point_prefix(str(r["point"])) for r in self.all_rows if _matches(r, sel) and r.get("point")}
+        return {point_prefix(str(r["point"])) for r in self.all_rows if matches(r, sel) and r.get("point")}
 
     def describe(self, sel: dict) -> str:
+        """``sel``'s label with the mean ± sample std of the metric over the finished runs it picks and their
+        number, ``(n=N)``; :class:`MissingPoints` if none."""
         v = list(self.sample(sel).values())
         sd = statistics.stdev(v) if len(v) > 1 else 0.0
         return f"{_label(sel)} {_fmt(statistics.fmean(v))} ± {_fmt(sd)} (n={len(v)})"
@@ -216,7 +218,7 @@ def _max_needed(needed: list) -> int | None:
 
 def _min_x_grows(claim: dict, table: Table) -> dict:
     x, over, tol = claim["x"], claim["over"], float(claim.get("tolerance", 1.0))
-    groups = sorted({r[over] for r in table.all_rows if _matches(r, claim["curve"]) and r.get(over) not in (None, "")},
+    groups = sorted({r[over] for r in table.all_rows if matches(r, claim["curve"]) and r.get(over) not in (None, "")},
                     key=_num)
     if not groups:
         raise MissingPoints(f"{_label(claim['curve'])}: no runs")
@@ -225,7 +227,7 @@ def _min_x_grows(claim: dict, table: Table) -> dict:
     for g in groups:
         ref_sel = {**claim["reference"], over: g}
         ref = table.sample(ref_sel)
-        xs = sorted({r[x] for r in table.all_rows if _matches(r, {**claim["curve"], over: g})}, key=_num)
+        xs = sorted({r[x] for r in table.all_rows if matches(r, {**claim["curve"], over: g})}, key=_num)
         low = high = math.inf
         for v in xs:
             sel = {**claim["curve"], over: g, x: v}
@@ -295,50 +297,3 @@ def evaluate_claims(claims: list[dict], rows: list[dict]) -> list[dict[str, Any]
         out["threads"] = threads
         results.append(out)
     return results
-
-
-def check_claim_specs(panel) -> None:
-    """Raise a :class:`~raftorch.experiments.spec.SpecError` for a malformed claim, or (for
-    training panels) a selector that does not pick exactly one point of the panel."""
-    from raftorch.experiments.spec import SpecError
-
-    keys = None
-    if panel.kind == "train":
-        keys = [dict(series=s, **dict(values)) for s, values in {p.key for p in panel.points()}]
-    for i, claim in enumerate(panel.claims):
-        where = f"{panel.path}: claim {i + 1}"
-        if not isinstance(claim, dict) or "type" not in claim or "text" not in claim:
-            raise SpecError(f"{where}: a claim needs 'text' and 'type' ({', '.join(TYPES)})")
-        if claim["type"] not in TYPES:
-            raise SpecError(f"{where}: unknown claim type {claim['type']!r}; choose one of {', '.join(TYPES)}")
-        unknown = sorted(set(claim) - TYPES[claim["type"]] - COMMON)
-        if unknown:
-            raise SpecError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for type "
-                            f"{claim['type']!r}; known: {', '.join(sorted(TYPES[claim['type']] | COMMON))}")
-        if not isinstance(claim.get("paired", True), bool):
-            raise SpecError(f"{where}: paired must be true (pair the points' seeds) or false (Welch), "
-                            f"got {claim['paired']!r}")
-        if claim.get("source", "paper") not in ("paper", "ours"):
-            raise SpecError(f"{where}: source must be 'paper' (the paper's claim) or 'ours', got {claim['source']!r}")
-        kind = claim["type"]
-        if kind in ("at_least", "at_most", "close"):
-            if "a" not in claim or ("b" in claim) == ("value" in claim):
-                raise SpecError(f"{where}: {kind} needs 'a' and exactly one of 'b' (a selector) or 'value'")
-            selectors = [claim["a"]] + ([claim["b"]] if "b" in claim else [])
-        elif kind == "ordered":
-            if not isinstance(claim.get("points"), list) or len(claim["points"]) < 2:
-                raise SpecError(f"{where}: ordered needs 'points', a list of at least two selectors")
-            selectors = claim["points"]
-        else:
-            missing = {"x", "over", "curve", "reference"} - set(claim)
-            if missing:
-                raise SpecError(f"{where}: min_x_grows needs {', '.join(sorted(missing))}")
-            selectors = []
-        for sel in selectors:
-            if not isinstance(sel, dict) or "series" not in sel:
-                raise SpecError(f"{where}: a selector is a mapping with 'series' and grid values, got {sel!r}")
-            if keys is not None:
-                n = sum(_matches(k, sel) for k in keys)
-                if n != 1:
-                    raise SpecError(f"{where}: selector {sel} picks {n} points of the panel; it must pick "
-                                    f"exactly one (name the series and every grid value)")

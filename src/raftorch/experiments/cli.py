@@ -1,7 +1,7 @@
 """``raftorch reproduce``: the paper's panels by name.
 
     raftorch reproduce --list                              # panels, claims, run counts, cost
-    raftorch reproduce fig3b --profile quick               # one panel on this CPU
+    raftorch reproduce fig3b --profile quick               # one panel on a CPU
     raftorch reproduce all --profile quick                 # every panel, results/quick/REPORT.md
     raftorch reproduce fig3a --profile paper --dry-run     # the run list and its estimated cost
     raftorch reproduce fig3a --profile paper --shard 3/40  # one slice of the sweep
@@ -23,14 +23,16 @@ from pathlib import Path
 from raftorch.experiments import smoke
 from raftorch.experiments.runner import StaleRun, parse_shard
 from raftorch.experiments.spec import SpecError, available, load_panel, load_spec
-from raftorch.experiments.suite import (_duration, dry_run, estimate, export_results, reproduce, summary_line, verdict,
+from raftorch.experiments.suite import (duration, dry_run, estimate, export_results, reproduce, summary_line, verdict,
                                         write_report)
-from raftorch.train import check_writable
+from raftorch.training.runlock import check_writable
 
 PROG = "raftorch reproduce"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``raftorch reproduce``: the ``PANEL`` ids, ``--profile``, ``--list``, ``--spec``, the
+    sweep's settings (``--results``, ``--jobs``, ``--shard``, ``--decide``, ...), ``--smoke`` and ``--export``."""
     p.add_argument("panels", nargs="*", metavar="PANEL",
                    help="panel ids (fig2, fig3a, ... as the paper labels them) or 'all'")
     p.add_argument("--profile", default="quick",
@@ -60,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="device of every run: cpu, cuda, cuda:N (default: the spec's / auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a line per finished point stays)")
     p.add_argument("--smoke", action="store_true",
-                   help="first command on a new cluster: the device checks (raftorch.devicecheck), then each "
+                   help="first command on a new cluster: the device checks (raftorch.training.devicecheck), then each "
                         "panel's first point for a few optimizer steps with its real model, batch, optimizer and "
                         "rule (synthetic data of the dataset's shape where the dataset is missing, said per "
                         "panel), then a table of seconds per step and the projected device-hours of every "
@@ -106,13 +108,13 @@ def _list(profile: str) -> str:
         est = estimate(p, pts)
         costs.append(est)
         rows.append((p.id, p.paper, len(pts), len(p.seeds), len(p.claims),
-                     f"{_duration(est)} on {p.cost.get('hardware', '?')}" if est is not None else "?", p.title))
+                     f"{duration(est)} on {p.cost.get('hardware', '?')}" if est is not None else "?", p.title))
     head = ("panel", "paper", "runs", "seeds", "claims", "estimated cost", "title")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
     if all(c is not None for c in costs):
-        out.append(f"total: {sum(r[2] for r in rows)} runs, {_duration(sum(costs))} of compute "
+        out.append(f"total: {sum(r[2] for r in rows)} runs, {duration(sum(costs))} of compute "
                    f"(an upper bound: a point identical in two panels runs once)")
     for p in panels:
         out.append(f"\n{p.id}: {p.claim}")
@@ -141,6 +143,9 @@ def _smoke(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``raftorch reproduce``: ``--list``, ``--smoke``, ``--dry-run``, or the panels' runs, claims, figures
+    and report. Exit status 0 done, 1 a failed ``--smoke``, 2 a bad spec or setting (or a stale run folder),
+    130 interrupted."""
     try:
         shard = parse_shard(args.shard)
         if args.list:
@@ -173,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         if args.export is not None:
             written = export_results(args.profile, results, args.results, args.export)
             print(f"exported {len(written)} file(s) to {args.export}")
-        print(f"{summary_line([c for r in results for c in r.claims])} ({_duration(wall)}); "
+        print(f"{summary_line([c for r in results for c in r.claims])} ({duration(wall)}); "
               f"results in {args.results / args.profile}")
         if shard:
             print(f"shard {shard[0]}/{shard[1]} done; when every shard has finished, "

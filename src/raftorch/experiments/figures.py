@@ -15,7 +15,8 @@ import math
 import textwrap
 from pathlib import Path
 
-from raftorch.experiments.aggregate import done_values, mean_std
+from raftorch.experiments.aggregate import done_values
+from raftorch.training.summary import mean_std
 from raftorch.experiments.spec import Panel
 
 

@@ -1,7 +1,7 @@
 """Run a panel's points: every point an ordinary ``raftorch train`` run folder.
 
 ``results/<profile>/<panel>/runs/<point>/`` holds the point's ``config.yaml``,
-``metrics.jsonl``, ``checkpoint.pt`` and ``final.json`` (see :mod:`raftorch.train`).
+``metrics.jsonl``, ``checkpoint.pt`` and ``final.json`` (see :mod:`raftorch.training.loop`).
 A point with ``final.json`` is done and skipped; one with only a checkpoint (killed) is
 resumed, ending with the same numbers as an uninterrupted run; one that fails (NaN, a crash,
 a bad setting) gets an ``error.json`` and the others go on (``retry_failed`` runs it again).
@@ -9,7 +9,7 @@ A folder whose ``config.yaml`` disagrees with the spec is refused before any wor
 changed since that run, and mixing the two would be silently wrong.
 
 One writer per point: a point is trained while holding its run folder's lock
-(:mod:`raftorch.runlock`), so two ``raftorch reproduce`` processes on the same results root (the
+(:mod:`raftorch.training.runlock`), so two ``raftorch reproduce`` processes on the same results root (the
 same command run twice, shards that overlap, a ``raftorch train`` into a point's folder) never
 train one point at once. The second process skips a point held by another, says so in one line
 (``toy bp_s0: busy, skipped (... is in use by pid 1234 on host ...)``) and goes on with the
@@ -21,9 +21,8 @@ taken as it is now: reported done, resumed, or reported failed, never trained ov
 Parallelism: ``jobs`` points at once, each in its own worker process with ``threads`` threads
 (``jobs x threads`` never more than the cores unless asked). By default each panel's points
 get the panel's ``threads_per_point`` (default 1) and as many jobs as fit in the idle usable
-cores (:func:`raftorch.train.auto_threads`). Measured on this project's 2-core machine, the
-whole quick profile ran in 12.8 min as 2 jobs x 1 thread, 15.6 min with the MLP panels as
-1 job x 2 threads.
+cores (:func:`raftorch.training.threads.auto_threads`): on small models, one thread per process
+and one process per core use a CPU best.
 Workers stay alive between points and keep the datasets they loaded, so a point costs its
 training time plus well under a second.
 """
@@ -41,10 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raftorch import checkpoint as ckpt
-from raftorch import runlock
 from raftorch.experiments.aggregate import ERROR, run_dir, run_status
 from raftorch.experiments.spec import Panel, Point, SpecError
+from raftorch.training import checkpoint as ckpt
+from raftorch.training import runlock
+from raftorch.training.data import DatasetCache
 
 
 # settings that say how and where a point ran, not what it computes (numbers may differ in the
@@ -105,7 +105,7 @@ def _check_stale(task: Task) -> None:
     saved = task.folder / ckpt.CONFIG
     if panel.kind != "train" or task.status == "missing" or not saved.exists():
         return
-    from raftorch.config import TrainConfig, load_config_file
+    from raftorch.training.config import TrainConfig, load_config_file
 
     have = TrainConfig.completed(load_config_file(saved))
     want = TrainConfig.from_dict(dict(task.point.config)).to_dict()
@@ -125,7 +125,7 @@ def plan(panel: Panel, root: str | Path, points: list[Point]) -> list[Task]:
 
 
 def _fingerprint(config: dict) -> str:
-    from raftorch.config import TrainConfig
+    from raftorch.training.config import TrainConfig
 
     full = TrainConfig.from_dict({k: v for k, v in config.items() if k != "out"}).to_dict()
     return json.dumps({k: v for k, v in full.items() if k not in RUN_ONLY}, sort_keys=True, default=str)
@@ -186,7 +186,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def _index_finished(profile_dir: Path, index: dict[str, Path]) -> None:
-    from raftorch.config import load_config_file
+    from raftorch.training.config import load_config_file
 
     for final in sorted(profile_dir.glob(f"*/runs/*/{ckpt.FINAL}")):
         folder = final.parent
@@ -200,40 +200,25 @@ def _index_finished(profile_dir: Path, index: dict[str, Path]) -> None:
 
 # --------------------------------------------------------------------------- one point (in a worker)
 
-_DATA_CACHE: dict[tuple, Any] = {}
-
-
-def _cached_loader(load):
-    """Wrap ``raftorch.data.load_dataset`` so a worker loads each distinct dataset once."""
-    import copy
-
-    def cached(name, **kw):
-        key = (name, tuple(sorted((k, str(v)) for k, v in kw.items())))
-        if key not in _DATA_CACHE:
-            if len(_DATA_CACHE) >= 4:
-                _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
-            _DATA_CACHE[key] = load(name, **kw)
-        return copy.copy(_DATA_CACHE[key])
-    cached._cached = True
-    return cached
+# The datasets of the points run in this process, loaded once (raftorch.training.data.DatasetCache):
+# a worker's for its life (it lives only as long as the sweep); the command's own for one sweep.
+_DATASETS: DatasetCache | None = None
 
 
 @contextlib.contextmanager
 def _dataset_cache():
     """Datasets loaded once for the points run in this process, dropped afterwards (so the
     command's process never keeps a dataset, nor a stale copy of one, beyond the sweep)."""
-    import raftorch.train as T
-
-    real = T.load_dataset
-    if getattr(real, "_cached", False):
+    global _DATASETS
+    if _DATASETS is not None:
         yield
         return
-    T.load_dataset = _cached_loader(real)
+    _DATASETS = DatasetCache()
     try:
         yield
     finally:
-        T.load_dataset = real
-        _DATA_CACHE.clear()
+        _DATASETS.clear()
+        _DATASETS = None
 
 
 def _init_worker(threads: int) -> None:
@@ -243,16 +228,15 @@ def _init_worker(threads: int) -> None:
 
     import torch
 
-    import raftorch.train as T
-
+    global _DATASETS
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the command's to handle: it stops the workers
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    if not getattr(T.load_dataset, "_cached", False):
-        T.load_dataset = _cached_loader(T.load_dataset)
+    if _DATASETS is None:
+        _DATASETS = DatasetCache()
 
 
 BUSY_ADVICE = "this process leaves the point to it; run the same command again once it has finished"
@@ -299,9 +283,10 @@ def _execute_held(kind: str, config: dict, theory: dict, folder: Path, resume: b
         if kind == "theory":
             final = _run_theory(theory, config, folder)
         else:
-            from raftorch.train import train
+            from raftorch.training.data import load_dataset
+            from raftorch.training.loop import train
 
-            final = train(config, resume=resume, progress=False)
+            final = train(config, resume=resume, progress=False, load=_DATASETS or load_dataset)
         return {"status": "done", "test_accuracy": final.get("test_accuracy"),
                 "seconds": time.perf_counter() - start}
     except KeyboardInterrupt:
@@ -345,10 +330,10 @@ def parallelism(jobs: int | None, threads: int | None, n_tasks: int, device: str
                 preferred_threads: int = 1) -> tuple[int, int]:
     """(jobs, threads per job). By default ``preferred_threads`` per job (a panel's measured
     ``threads_per_point``) and as many jobs as fit in the idle usable cores
-    (:func:`raftorch.train.auto_threads`), never more jobs than points; one job on a GPU.
+    (:func:`raftorch.training.threads.auto_threads`), never more jobs than points; one job on a GPU.
     ``jobs x threads`` above the usable cores is allowed when both are given explicitly, with a
     warning: oversubscribed OpenMP threads make a CPU run many times slower."""
-    from raftorch.train import auto_threads, usable_cores
+    from raftorch.training.threads import auto_threads, usable_cores
 
     for name, v in (("--jobs", jobs), ("--threads", threads)):
         if v is not None and (not isinstance(v, int) or v < 1):
@@ -460,7 +445,7 @@ def _run_pool(todo: list[Task], args, finished, jobs: int, threads: int) -> None
                         res = {"status": "failed", "error": msg, "seconds": 0.0}
                     finished(t, res)
             except KeyboardInterrupt:  # stop now: the workers' points resume from their last checkpoint
-                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                for proc in mp.active_children():  # the pool's workers (no public API of the pool)
                     proc.terminate()
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
@@ -468,6 +453,6 @@ def _run_pool(todo: list[Task], args, finished, jobs: int, threads: int) -> None
 
 def _warm_extension() -> None:
     """Build (or load) the C++ fast path once here, not in every worker at the same time."""
-    from raftorch import _ext
+    from raftorch import extension
 
-    _ext.warm()
+    extension.warm()

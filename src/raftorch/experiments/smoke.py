@@ -7,17 +7,17 @@ first command on a new cluster, before any sweep (designed to take under 5 minut
 
 It does three things and prints them:
 
-1. **Device checks**: :func:`raftorch.devicecheck.run_checks` on the device (the layers' forward
+1. **Device checks**: :func:`raftorch.training.devicecheck.run_checks` on the device (the layers' forward
    and backward against their definitions computed in float64 on the CPU; tiny layers with
    ``--smoke-scale tiny``), one ``PASS`` / ``FAIL`` line each.
 2. **One point per panel**: the panel's *first* point in spec order (its first series, RAF in
    every paper panel, at its first grid value, seed 0: the series most of a panel's points
-   belong to) is set up exactly as the sweep would (:func:`raftorch.train.setup`: the panel's
+   belong to) is set up exactly as the sweep would (:func:`raftorch.training.loop.setup`: the panel's
    model, rule, optimizer, batch size, augmentation) on the device and trained for
-   :data:`WARMUP` + ``--smoke-steps N`` optimizer steps (:func:`raftorch.train.train_epoch`).
+   :data:`WARMUP` + ``--smoke-steps N`` optimizer steps (:func:`raftorch.training.loop.train_epoch`).
    Its data is the panel's dataset where it is found (``--data-dir``, ``$RAFTORCH_DATA``, the
    cache); where it is missing, random data of the same shape, number of classes and number
-   of training images (:func:`raftorch.data.synthetic_like`; at tiny scale only the images the
+   of training images (:func:`raftorch.training.data.synthetic_like`; at tiny scale only the images the
    steps use) stands in, and one line per panel says which. On a CPU the point runs with
    ``--threads`` threads, else the idle cores, as a sweep's point would.
    A theory panel (``fig2``: numpy on the CPU) runs its first point whole, about 3 s.
@@ -29,7 +29,7 @@ It does three things and prints them:
    peak device memory of the point (CUDA; its data on the device included), the panel's
    points x optimizer steps per point (from the spec: ``epochs x ceil(ceil(train images /
    batch) / accumulate)``, the train images from each point's data settings,
-   :func:`raftorch.data.train_images`), the projected
+   :func:`raftorch.training.data.train_images`), the projected
    device-hours of the whole panel on this device (seconds per step x the steps of every
    point), and the spec's own estimate (``cost.seconds_per_point``, as ``--list`` and
    ``--dry-run`` show it); then the total. The projection counts training steps only (the
@@ -57,8 +57,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from raftorch.config import TrainConfig
-from raftorch.data import DatasetNotFoundError, data_root, dataset_shape, load_dataset, synthetic_like, train_images
+from raftorch.training.config import TrainConfig
+from raftorch.training.data import DatasetNotFoundError, data_root, dataset_shape, load_dataset, synthetic_like, train_images
 from raftorch.experiments.spec import Panel, Point
 from raftorch.experiments.suite import estimate
 
@@ -105,7 +105,7 @@ def smoke_point(panel: Panel) -> Point:
 
 def steps_per_point(config: dict) -> int:
     """Optimizer steps of one training point: ``epochs x ceil(ceil(n / batch) / accumulate)``,
-    ``n`` the training images its data settings keep (:func:`raftorch.data.train_images`)."""
+    ``n`` the training images its data settings keep (:func:`raftorch.training.data.train_images`)."""
     cfg = TrainConfig.from_dict(dict(config))
     n = train_images(cfg.data, val_fraction=cfg.val_fraction, train_size=cfg.train_size)
     return cfg.epochs * math.ceil(math.ceil(n / cfg.batch_size) / cfg.accumulate)
@@ -169,7 +169,7 @@ def time_steps(cfg: TrainConfig, data, steps: int, warmup: int = WARMUP) -> tupl
     """Set up ``cfg`` on ``data`` and train ``warmup + steps`` optimizer steps; returns the
     seconds of the last ``steps`` (each from the end of the previous optimizer step to the end
     of its own, the device synchronised) and the peak device memory in bytes (CUDA, else None)."""
-    from raftorch.train import setup, train_epoch
+    from raftorch.training.loop import setup, train_epoch
 
     run = setup(cfg, data=data)
     cuda = run.device.type == "cuda"
@@ -196,6 +196,8 @@ def time_steps(cfg: TrainConfig, data, steps: int, warmup: int = WARMUP) -> tupl
 
 def smoke_training(panel: Panel, *, device: str, steps: int, scale: str, data_dir: str | None,
                    threads: int | None, cache: dict, echo=print) -> SmokeRow:
+    """Train the panel's first point (:func:`smoke_point`) on ``device`` for the warm-up and ``steps`` timed
+    optimizer steps, on its data or synthetic data of its shape; its :class:`SmokeRow` (``error`` if it failed)."""
     point = smoke_point(panel)
     row = SmokeRow(panel, point, steps_per_point=[steps_per_point(p.config) for p in panel.points()])
     row.device = device
@@ -280,9 +282,9 @@ def smoke(panels: list[Panel], *, device: str | None = None, steps: int = DEFAUL
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"--threads must be a positive whole number, got {threads!r}")
     from raftorch import __version__
-    from raftorch.devicecheck import run_checks
+    from raftorch.training.devicecheck import run_checks
 
-    from raftorch.train import auto_threads
+    from raftorch.training.threads import auto_threads
 
     device = resolve_device(device)
     dev = torch.device(device)

@@ -39,7 +39,7 @@ parent's other model options; ``{}`` clears); ``series``, ``claims``, ``figure``
 other key are replaced whole (a variant that gives its own ``series`` drops the parent's
 ``control`` unless it names one again).
 
-Grid variables that are :class:`~raftorch.config.TrainConfig` fields (``rank``, ``lr``, ...)
+Grid variables that are :class:`~raftorch.training.config.TrainConfig` fields (``rank``, ``lr``, ...)
 set that field; any other name is a template variable for ``set``: a string ``"{layer}"``
 becomes the variable's value (its type kept), ``"fashion-mnist:{K}"`` is formatted, and
 mapping keys are formatted too (``ranks: {"{layer}": "{rank}"}``). A grid value may also be
@@ -64,7 +64,8 @@ from typing import Any
 
 import yaml
 
-from raftorch.config import TrainConfig, load_config_file
+from raftorch.experiments.claims import COMMON, TYPES, matches
+from raftorch.training.config import TrainConfig, load_config_file
 
 # the panel specs ship inside the package (raftorch/configs/experiments, package data): found the
 # same way from a checkout (where ./configs links to them) and from an installed wheel
@@ -165,6 +166,7 @@ class Panel:
         return names
 
     def series_named(self, name: str) -> Series:
+        """The series called ``name``; ``KeyError`` if the panel has none."""
         for s in self.series:
             if s.name == name:
                 return s
@@ -284,6 +286,8 @@ def _check_study(figure: dict, names: set[str], bad) -> None:
 
 
 def spec_path(panel: str, profile: str, spec_dir: Path | None = None) -> Path:
+    """The YAML file of ``panel`` in ``profile``: ``PROFILE/PANEL.yaml`` under ``spec_dir`` (default
+    :data:`SPEC_DIR`)."""
     return Path(spec_dir or SPEC_DIR) / profile / f"{panel}.yaml"
 
 
@@ -402,8 +406,6 @@ def load_spec(path: str | Path, profile: str | None = None) -> Panel:
                   theory=dict(raw.get("theory") or {}), threads_per_point=tpp,
                   analysis=dict(analysis), max_seeds=max_seeds,
                   control=None if control is None else str(control))
-    from raftorch.experiments.claims import check_claim_specs
-
     check_claim_specs(panel)
     for pub in panel.published:
         if not isinstance(pub, dict) or "series" not in pub or "value" not in pub:
@@ -456,3 +458,48 @@ def _check_variables(path: Path, item: dict, grid: dict) -> None:
                 isinstance(v, dict) and v.get("set") for v in grid[name]):
             raise SpecError(f"{path}: series {item['name']!r}: grid variable {name!r} is neither a training "
                             f"setting nor used in 'set' (as '{{{name}}}'), so it would change nothing")
+
+
+def check_claim_specs(panel) -> None:
+    """Raise a :class:`SpecError` for a malformed claim, or (for training panels) a selector
+    that does not pick exactly one point of the panel."""
+    keys = None
+    if panel.kind == "train":
+        keys = [dict(series=s, **dict(values)) for s, values in {p.key for p in panel.points()}]
+    for i, claim in enumerate(panel.claims):
+        where = f"{panel.path}: claim {i + 1}"
+        if not isinstance(claim, dict) or "type" not in claim or "text" not in claim:
+            raise SpecError(f"{where}: a claim needs 'text' and 'type' ({', '.join(TYPES)})")
+        if claim["type"] not in TYPES:
+            raise SpecError(f"{where}: unknown claim type {claim['type']!r}; choose one of {', '.join(TYPES)}")
+        unknown = sorted(set(claim) - TYPES[claim["type"]] - COMMON)
+        if unknown:
+            raise SpecError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for type "
+                            f"{claim['type']!r}; known: {', '.join(sorted(TYPES[claim['type']] | COMMON))}")
+        if not isinstance(claim.get("paired", True), bool):
+            raise SpecError(f"{where}: paired must be true (pair the points' seeds) or false (Welch), "
+                            f"got {claim['paired']!r}")
+        if claim.get("source", "paper") not in ("paper", "ours"):
+            raise SpecError(f"{where}: source must be 'paper' (the paper's claim) or 'ours', got {claim['source']!r}")
+        kind = claim["type"]
+        if kind in ("at_least", "at_most", "close"):
+            if "a" not in claim or ("b" in claim) == ("value" in claim):
+                raise SpecError(f"{where}: {kind} needs 'a' and exactly one of 'b' (a selector) or 'value'")
+            selectors = [claim["a"]] + ([claim["b"]] if "b" in claim else [])
+        elif kind == "ordered":
+            if not isinstance(claim.get("points"), list) or len(claim["points"]) < 2:
+                raise SpecError(f"{where}: ordered needs 'points', a list of at least two selectors")
+            selectors = claim["points"]
+        else:
+            missing = {"x", "over", "curve", "reference"} - set(claim)
+            if missing:
+                raise SpecError(f"{where}: min_x_grows needs {', '.join(sorted(missing))}")
+            selectors = []
+        for sel in selectors:
+            if not isinstance(sel, dict) or "series" not in sel:
+                raise SpecError(f"{where}: a selector is a mapping with 'series' and grid values, got {sel!r}")
+            if keys is not None:
+                n = sum(matches(k, sel) for k in keys)
+                if n != 1:
+                    raise SpecError(f"{where}: selector {sel} picks {n} points of the panel; it must pick "
+                                    f"exactly one (name the series and every grid value)")

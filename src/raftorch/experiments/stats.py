@@ -62,6 +62,7 @@ class Interval:
         return self.hi - self.lo
 
     def as_dict(self) -> dict:
+        """The fields as a JSON-ready dict, a non-finite float (an unbounded interval end) as ``None``."""
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
@@ -136,3 +137,9 @@ def seeds_to_decide(iv: Interval, gap: float, alpha: float = ALPHA, cap: int = N
         if t_quantile(1 - alpha / 2, df) * iv.spread / math.sqrt(n) < gap:
             return n
     return NO_DECISION
+
+
+def seed_values(rows: list[dict], metric: str) -> dict[int, float]:
+    """``{seed: metric}`` of the finished runs among ``rows`` (a point's sample for the statistics)."""
+    return {int(r["seed"]): float(r[metric]) for r in rows
+            if r.get("status") == "done" and r.get(metric) not in (None, "")}

@@ -30,7 +30,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from raftorch import checkpoint as ckpt
+from raftorch.training import checkpoint as ckpt
 from raftorch.experiments import stats
 from raftorch.experiments.aggregate import panel_dir, run_dir, run_status, to_csv
 from raftorch.experiments.claims import signed

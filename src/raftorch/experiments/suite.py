@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raftorch import checkpoint as ckpt
+from raftorch.training import checkpoint as ckpt
 from raftorch.experiments.aggregate import analyze_finished, find_extra_seeds, panel_dir, write_summary
 from raftorch.experiments.claims import NOT_EVALUATED, UNDECIDED, VERDICTS, evaluate_claims, signed
 from raftorch.experiments.figures import draw_panel
@@ -55,6 +55,8 @@ def verdict(claim: dict) -> str:
 
 
 def count_verdicts(claims: list[dict]) -> dict[str, int]:
+    """How many of ``claims`` have each verdict: ``{verdict: count}`` over every one of
+    :data:`~raftorch.experiments.claims.VERDICTS`."""
     return {v: sum(c["verdict"] == v for c in claims) for v in VERDICTS}
 
 
@@ -71,7 +73,8 @@ def estimate(panel: Panel, points) -> float | None:
     return None if any(c is None for c in costs) else float(sum(costs))
 
 
-def _duration(seconds: float | None) -> str:
+def duration(seconds: float | None) -> str:
+    """Seconds as a short human reading: "45 s", "12.5 min", "3.4 h"; "?" for unknown."""
     if seconds is None:
         return "?"
     if seconds < 120:
@@ -112,8 +115,8 @@ def dry_run(panel: Panel, root: str | Path, shard=None, jobs: int | None = None)
     hw = panel.cost.get("hardware", "one worker")
     if est is not None:
         j = jobs or 1
-        lines.append(f"estimated cost: {_duration(est)} ({est / 3600:.2f} h) on {hw}"
-                     + (f", about {_duration(est / j)} wall time with {j} jobs" if j > 1 else ""))
+        lines.append(f"estimated cost: {duration(est)} ({est / 3600:.2f} h) on {hw}"
+                     + (f", about {duration(est / j)} wall time with {j} jobs" if j > 1 else ""))
     else:
         lines.append("estimated cost: unknown (the spec gives no cost)")
     return "\n".join(lines)
@@ -286,6 +289,21 @@ def claims_table(results: list[PanelResult], source: str) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+PANEL_SUMMARY_HEADER = ["| panel | paper | what it varies | claims | hold | fail | undecided | not evaluated |",
+                        "|---|---|---|---|---|---|---|---|"]
+
+
+def panel_summary_table(results: list[PanelResult]) -> list[str]:
+    """The report's "Summary by panel" table: per panel its claims (the paper's and ours
+    together) counted by verdict. The README carries this table as it is written here."""
+    lines = list(PANEL_SUMMARY_HEADER)
+    for r in results:
+        n = count_verdicts(r.claims)
+        lines.append(f"| {r.panel.id} | {_cell(r.panel.paper)} | {_cell(r.panel.title)} | {len(r.claims)} | "
+                     f"{n['holds']} | {n['fails']} | {n['undecided']} | {n['not evaluated']} |")
+    return lines
+
+
 def control_lines(r: PanelResult, root: str | Path) -> list[str]:
     """What the no-feedback control shows in a panel: its accuracy, chance, and the points whose
     95% interval of the gain over the control lies below 0 (worse than no feedback)."""
@@ -340,13 +358,14 @@ def cpu_name() -> str:
 
 def write_report(profile: str, results: list[PanelResult], root: str | Path, *, wall_seconds: float,
                  jobs_threads: str = "", redraw: bool = False) -> Path:
-    """``results/<profile>/REPORT.md``: a summary line, the paper's claims and ours as tables
+    """``results/<profile>/REPORT.md``: a summary line, the claims counted by verdict per panel,
+    the paper's claims and ours as tables
     (the paper's number, ours with its 95% interval and n, the verdict), what the no-feedback
     controls show, then every figure."""
     import torch
 
     from raftorch import __version__
-    from raftorch.train import usable_cores
+    from raftorch.training.threads import usable_cores
 
     folder = Path(root) / profile
     claims = [c for r in results for c in r.claims]
@@ -357,13 +376,14 @@ def write_report(profile: str, results: list[PanelResult], root: str | Path, *, 
              f"{torch.__version__}, Python {platform.python_version()}, {cpu_name()}, "
              f"{usable_cores()} usable cores{', ' + jobs_threads if jobs_threads else ''}; "
              + ("redrawn from the saved runs (no training). " if redraw else
-                f"this command took {_duration(wall_seconds)}"
+                f"this command took {duration(wall_seconds)}"
                 + (f" with {rounds} --decide round(s). " if rounds else ". "))
              + "Accuracies are final-epoch test accuracies in percent. Each claim is decided on the 95% "
              "interval of the difference it is about (paired by seed where the points share seeds, "
              "else Welch; see raftorch.experiments.claims): **holds** when the whole interval is on the "
              "claim's side of its line, **fails** when it is on the other side, **undecided** when it "
              "crosses the line. `n` is the number of seeds (pairs).", ""]
+    lines += ["## Summary by panel", "", *panel_summary_table(results), ""]
     paper = claims_table(results, "paper")
     ours = claims_table(results, "ours")
     if paper:

@@ -77,7 +77,7 @@ def zero_output_layer_(model: nn.Module) -> str:
     """Set the weight and bias of ``model``'s output layer (its last ``nn.Linear`` / ``nn.Conv2d``
     in module order) to zero, in place; returns the layer's name.
 
-    Why (measured, ``TrainConfig.output_init="zero"``): with a feedback rule the error a hidden
+    Why (``TrainConfig.output_init="zero"``): with a feedback rule the error a hidden
     layer receives is ``B e``, and it helps the loss only once the output weight ``W`` has come
     to align with ``B^T``. From a random ``W`` that alignment is slow (``W`` must move as far
     as its initial size), while every layer below follows ``B e`` at once. In a net with no

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from torch import nn
 
-from raftorch.models import _check
+from raftorch.models import checks
 
 
 class MLP(nn.Sequential):
@@ -53,7 +53,7 @@ class MLP(nn.Sequential):
     def check(input_shape: Sequence[int], num_classes: int, hidden, batchnorm,
               dropout) -> tuple[tuple[int, ...], bool, float]:
         """The options as the constructor uses them; a ``ValueError`` naming the first bad one."""
-        _check.input_shape("mlp", input_shape)
-        _check.classes("mlp", num_classes)
-        return (_check.widths("mlp", "hidden", hidden, "[512,512]", allow_empty=True),
-                _check.flag("mlp", "batchnorm", batchnorm), _check.probability("mlp", "dropout", dropout))
+        checks.input_shape("mlp", input_shape)
+        checks.classes("mlp", num_classes)
+        return (checks.widths("mlp", "hidden", hidden, "[512,512]", allow_empty=True),
+                checks.flag("mlp", "batchnorm", batchnorm), checks.probability("mlp", "dropout", dropout))

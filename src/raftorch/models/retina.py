@@ -7,7 +7,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from raftorch.models import _check
+from raftorch.models import checks
 
 
 class RetinaVVS(nn.Module):
@@ -70,14 +70,14 @@ class RetinaVVS(nn.Module):
     def check(input_shape: Sequence[int], num_classes: int, channels, bottleneck, kernel, vvs_layers, fc,
               dropout) -> tuple[int, int, int, int, int, float]:
         """The options as the constructor uses them; a ``ValueError`` naming the first bad one."""
-        _check.image_shape("retina", input_shape)
-        _check.classes("retina", num_classes)
-        return (_check.whole("retina", "channels", channels, 32),
-                _check.whole("retina", "bottleneck", bottleneck, 4),
-                _check.whole("retina", "kernel", kernel, 9),
-                _check.whole("retina", "vvs_layers", vvs_layers, 3, minimum=0),
-                _check.whole("retina", "fc", fc, 1024),
-                _check.probability("retina", "dropout", dropout))
+        checks.image_shape("retina", input_shape)
+        checks.classes("retina", num_classes)
+        return (checks.whole("retina", "channels", channels, 32),
+                checks.whole("retina", "bottleneck", bottleneck, 4),
+                checks.whole("retina", "kernel", kernel, 9),
+                checks.whole("retina", "vvs_layers", vvs_layers, 3, minimum=0),
+                checks.whole("retina", "fc", fc, 1024),
+                checks.probability("retina", "dropout", dropout))
 
     @staticmethod
     def _out_hw(h: int, w: int, kernel: int, pad: int, n: int) -> tuple[int, int]:

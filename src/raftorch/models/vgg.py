@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from raftorch.models import _check
+from raftorch.models import checks
 
 
 class VGG(nn.Module):
@@ -78,13 +78,13 @@ class VGG(nn.Module):
               bn_before_relu) -> tuple[tuple[int, ...], float, int, float, bool]:
         """The options as the constructor uses them; a ``ValueError`` naming the first bad one,
         and one for images too small for the pools, with the smallest size that works."""
-        _, h, w = _check.image_shape("vgg", input_shape)
-        _check.classes("vgg", num_classes)
-        widths = _check.widths("vgg", "widths", widths, "[16,32,64,128]", allow_empty=False)
-        width_mult = _check.positive("vgg", "width_mult", width_mult, "0.25")
-        fc = _check.whole("vgg", "fc", fc, 256)
-        dropout = _check.probability("vgg", "dropout", dropout)
-        bn_before_relu = _check.flag("vgg", "bn_before_relu", bn_before_relu)
+        _, h, w = checks.image_shape("vgg", input_shape)
+        checks.classes("vgg", num_classes)
+        widths = checks.widths("vgg", "widths", widths, "[16,32,64,128]", allow_empty=False)
+        width_mult = checks.positive("vgg", "width_mult", width_mult, "0.25")
+        fc = checks.whole("vgg", "fc", fc, 256)
+        dropout = checks.probability("vgg", "dropout", dropout)
+        bn_before_relu = checks.flag("vgg", "bn_before_relu", bn_before_relu)
         pools = len(widths) - 1
         smallest = 2 ** pools
         if min(h, w) < smallest:

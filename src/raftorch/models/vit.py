@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raftorch.models import _check
+from raftorch.models import checks
 
 
 class Attention(nn.Module):
@@ -119,14 +119,14 @@ class ViT(nn.Module):
               dropout) -> tuple[int, int, int, int, float, float]:
         """The options as the constructor uses them; a ``ValueError`` naming the first bad one
         (a patch that does not divide the image: with the patch sizes that do)."""
-        _, h, w = _check.image_shape("vit", input_shape)
-        _check.classes("vit", num_classes)
-        patch = _check.whole("vit", "patch", patch, 4)
-        dim = _check.whole("vit", "dim", dim, 384)
-        depth = _check.whole("vit", "depth", depth, 7, minimum=0)
-        heads = _check.whole("vit", "heads", heads, 4)
-        mlp_ratio = _check.positive("vit", "mlp_ratio", mlp_ratio, "2")
-        dropout = _check.probability("vit", "dropout", dropout)
+        _, h, w = checks.image_shape("vit", input_shape)
+        checks.classes("vit", num_classes)
+        patch = checks.whole("vit", "patch", patch, 4)
+        dim = checks.whole("vit", "dim", dim, 384)
+        depth = checks.whole("vit", "depth", depth, 7, minimum=0)
+        heads = checks.whole("vit", "heads", heads, 4)
+        mlp_ratio = checks.positive("vit", "mlp_ratio", mlp_ratio, "2")
+        dropout = checks.probability("vit", "dropout", dropout)
         if h % patch or w % patch:
             fits = [p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]
             raise ValueError(f"vit: model option patch={patch} does not divide the {h}x{w} images; choose "

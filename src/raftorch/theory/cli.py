@@ -37,6 +37,8 @@ def _path(text: str) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``raftorch theory``: ``--out``, ``--seed``, ``--method``, the task (``--strengths``, sizes,
+    samples, noise), the ranks, the flow and SGD settings, ``--tol`` and ``--redraw``."""
     t = DEFAULT_TASK
     parser.add_argument("--out", type=_path, default=None,
                         help="folder for theory.json and figure2.png (default: print the table only)")
@@ -82,6 +84,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``raftorch theory``: the Figure-2 runs, their table, and with ``--out`` ``theory.json`` and
+    ``figure2.png`` (or only ``--redraw``). Exit status 0 done, 2 a bad flag or a JSON it cannot redraw from."""
     try:
         check_arguments(args)
     except ValueError as exc:
@@ -104,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         if args.out is not None:  # before the work, not after it
-            from raftorch.train import check_writable
+            from raftorch.training.runlock import check_writable
 
             check_writable(args.out)
         linear_task, results = run_figure2(config)

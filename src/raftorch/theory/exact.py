@@ -5,7 +5,7 @@
   strength ``u = a^2`` follows ``du/dt = 2 u (s - u)`` (``tau = 1``), so
   ``u(t) = s e^{2st} / (e^{2st} - 1 + s/u0)``.
 - Oja's subspace flow ``dP/dt = P C (I - P^T P)`` with ``C`` fixed (Yan, Helmke & Moore 1994;
-  ALGORITHM.md): with ``W0 = P0^T``, ``Z = e^{Ct} W0`` and ``M = I - W0^T W0 + Z^T Z``,
+  docs/theory.md): with ``W0 = P0^T``, ``Z = e^{Ct} W0`` and ``M = I - W0^T W0 + Z^T Z``,
   ``P^T P(t) = Z M^{-1} Z^T``. (Check: ``K = P^T P`` obeys ``dK/dt = CK + KC - 2KCK``, and so
   does ``Z M^{-1} Z^T`` since ``dZ/dt = CZ``, ``dM/dt = 2 Z^T C Z``.)
 - The plateau of a fixed feedback ``B = Q P`` (``fa-lowrank``; ``raf-q``, whose ``P`` is fixed

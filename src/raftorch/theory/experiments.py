@@ -14,7 +14,7 @@ from raftorch.theory.result import TheoryResult, plateau_distance
 from raftorch.theory.simulate import simulate
 from raftorch.theory.task import LinearTask
 
-# the setting of ALGORITHM.md's check
+# the reference setting of the linear theory (paper Fig. 2; docs/theory.md)
 DEFAULT_TASK = {"n_in": 30, "n_hidden": 60, "n_out": 30, "strengths": [8.0, 6.0, 4.5, 3.0, 2.0],
                 "n_samples": 1000, "noise": 0.5}
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raftorch.checkpoint import write_text
+from raftorch.training.checkpoint import write_text
 from raftorch.theory.rules import Weights
 from raftorch.theory.task import LinearTask
 
@@ -114,6 +114,8 @@ class TheoryResult:
         return [int(i) for i in np.flatnonzero(ok)]
 
     def to_dict(self) -> dict:
+        """The result as a JSON-ready dict (arrays as lists), as :func:`save_results` writes it and
+        :meth:`from_dict` reads it back."""
         def arr(a):
             return None if a is None else np.asarray(a).tolist()
 

@@ -67,7 +67,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from raftorch.theory.task import LinearTask, _random_orthonormal
+from raftorch.theory.task import LinearTask, random_orthonormal
 
 RULES = ("bp", "fa", "fa-lowrank", "raf-q", "raf")
 LOW_RANK_RULES = ("fa-lowrank", "raf-q", "raf")
@@ -87,6 +87,7 @@ class Weights:
     P: np.ndarray | None = None
 
     def copy(self) -> "Weights":
+        """A copy with every array copied (``None`` stays ``None``)."""
         return replace(self, **{k: (None if v is None else v.copy()) for k, v in self.__dict__.items()})
 
     def feedback(self) -> np.ndarray:
@@ -97,6 +98,7 @@ class Weights:
 
 
 def check_rule(rule: str) -> str:
+    """``rule`` if it is one of :data:`RULES`, else a ``ValueError`` that lists them."""
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     return rule
@@ -146,7 +148,7 @@ def init_weights(
         w.B = rng.standard_normal((n_h, n_out)) / np.sqrt(n_h)
     elif rule in LOW_RANK_RULES:
         w.Q = rng.standard_normal((n_h, rank)) / np.sqrt(n_h)
-        w.P = _random_orthonormal(rng, n_out, rank).T
+        w.P = random_orthonormal(rng, n_out, rank).T
     return w
 
 

@@ -1,6 +1,6 @@
 """Discrete learning of the linear network on the task's samples (full-batch or mini-batch SGD).
 
-This is the per-sample rule of ALGORITHM.md, averaged over a batch; it never uses the
+This is the per-sample rule of docs/theory.md, averaged over a batch; it never uses the
 covariances or the SVD (those belong to ``ode.py``), so the two paths check each other.
 The step of each rule is written out in ``rules.py``.
 """

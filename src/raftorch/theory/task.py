@@ -5,7 +5,7 @@ orthonormal, drawn at random from the task's seed; ``s_i``: the mode strengths, 
 order the caller gives them). Inputs are drawn ``x ~ N(0, I)`` and then whitened so that
 the *sample* covariance is exactly the identity (**choice**: the theory assumes
 ``Sigma_xx = I``; whitening the sample makes the flow on the empirical loss exactly the one
-written in ALGORITHM.md instead of an approximation). Targets are ``y = A x + noise * xi``,
+written in docs/theory.md instead of an approximation). Targets are ``y = A x + noise * xi``,
 ``xi ~ N(0, I)``.
 
 Shapes follow the paper's column convention: ``X`` is ``(n_in, n_samples)``,
@@ -19,7 +19,7 @@ from functools import cached_property
 import numpy as np
 
 
-def _random_orthonormal(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+def random_orthonormal(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     """``(n, k)`` matrix with orthonormal columns, uniformly distributed (QR with sign fix)."""
     q, r = np.linalg.qr(rng.standard_normal((n, k)))
     return q * np.sign(np.diag(r))
@@ -99,8 +99,8 @@ class LinearTask:
         self.n_in, self.n_hidden, self.n_out = int(n_in), int(n_hidden), int(n_out)
         self.n_samples, self.noise, self.seed = int(n_samples), float(noise), int(seed)
         self.strengths = s
-        self.U = _random_orthonormal(rng, n_out, d)
-        self.V = _random_orthonormal(rng, n_in, d)
+        self.U = random_orthonormal(rng, n_out, d)
+        self.V = random_orthonormal(rng, n_in, d)
         self.A = (self.U * s) @ self.V.T
 
         x = rng.standard_normal((n_in, n_samples))

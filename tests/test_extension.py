@@ -1,11 +1,11 @@
-"""The C++ fast path (raftorch._ext) computes exactly what the Python path computes."""
+"""The C++ fast path (raftorch.extension) computes exactly what the Python path computes."""
 import warnings
 
 import pytest
 import torch
 
 import raftorch
-from raftorch import _ext
+from raftorch import extension
 from raftorch import functional as RF
 
 
@@ -32,9 +32,9 @@ def ext():
     """The built fast path. Turned off (``RAFTORCH_EXTENSION=0``, as on a machine without a
     compiler) the tests that compare against it skip; turned on, a test that needs it fails
     (never skips) where it did not build."""
-    if _ext.setting() == "0":
+    if extension.setting() == "0":
         pytest.skip("RAFTORCH_EXTENSION=0: the C++ fast path is turned off, nothing to compare it with")
-    module = _ext.get()
+    module = extension.get()
     assert module is not None, (
         "the C++ fast path is off (RAFTORCH_EXTENSION=0) or did not build (see the "
         "RaftorchExtensionWarning): nothing to compare")
@@ -114,30 +114,30 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
         raise OSError("no compiler here")
 
     monkeypatch.setattr(cpp, "load", broken)
-    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setattr(extension, "_state", {})
     monkeypatch.setenv("RAFTORCH_EXTENSION", "auto")
-    with pytest.warns(_ext.RaftorchExtensionWarning, match="no compiler here"):
-        assert _ext.get() is None
+    with pytest.warns(extension.RaftorchExtensionWarning, match="no compiler here"):
+        assert extension.get() is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _ext.get() is None  # decided once
+        assert extension.get() is None  # decided once
         lin = raftorch.Linear(5, 4, rule="raf", rank=2)
         y = lin(torch.randn(3, 5, requires_grad=True))
     assert y.grad_fn.name() == "LinearLowRankFeedbackBackward"
 
-    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setattr(extension, "_state", {})
     monkeypatch.setenv("RAFTORCH_EXTENSION", "1")
     with pytest.raises(RuntimeError, match="RAFTORCH_EXTENSION=1 but the C\\+\\+ fast path failed"):
-        _ext.get()
+        extension.get()
 
-    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setattr(extension, "_state", {})
     monkeypatch.setenv("RAFTORCH_EXTENSION", "fast")
     with pytest.raises(ValueError, match="RAFTORCH_EXTENSION='fast' is not valid"):
-        _ext.get()
+        extension.get()
 
-    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setattr(extension, "_state", {})
     monkeypatch.setenv("RAFTORCH_EXTENSION", "0")
-    assert _ext.get() is None
+    assert extension.get() is None
 
 
 def test_fused_column_statistics_stay_accurate_over_many_rows(ext):
@@ -167,10 +167,10 @@ def test_a_compiler_without_openmp_gets_a_build_without_it(monkeypatch):
         return "module"
 
     monkeypatch.setattr(cpp, "load", load)
-    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setattr(extension, "_state", {})
     monkeypatch.setattr(torch.backends.openmp, "is_available", lambda: True)
     monkeypatch.setenv("RAFTORCH_EXTENSION", "1")
-    assert _ext.get() == "module"
+    assert extension.get() == "module"
     assert tried == [["-O3", "-fopenmp"], ["-O3"]]
 
 
@@ -180,7 +180,7 @@ def float64_reference(lin, x, g):
 
     lin64 = copy.deepcopy(lin).double()
     x64 = x.detach().double().requires_grad_(x.requires_grad)
-    with _ext.disabled():
+    with extension.disabled():
         RF.linear_lowrank(x64, lin64.weight, lin64.bias, lin64.Q, lin64.P, lin64.oja).backward(g.double())
     out = {n: p.grad for n, p in lin64.named_parameters()}
     out["input"] = x64.grad
@@ -263,12 +263,12 @@ def test_the_cli_announces_a_compile_and_stays_quiet_on_a_load(monkeypatch, caps
     monkeypatch.setattr(cpp, "load", lambda **kwargs: built)
     monkeypatch.setenv("RAFTORCH_EXTENSION", "auto")
     for compiles, count in ((True, 1), (False, 0)):
-        monkeypatch.setattr(_ext, "_state", {})
-        monkeypatch.setattr(_ext, "will_compile", lambda: compiles)
+        monkeypatch.setattr(extension, "_state", {})
+        monkeypatch.setattr(extension, "will_compile", lambda: compiles)
         _show_progress_messages()
         _show_progress_messages()  # a second call adds no second handler
-        assert _ext.get() is built
-        assert _ext.get() is built  # decided once
+        assert extension.get() is built
+        assert extension.get() is built  # decided once
         err = capsys.readouterr().err
         assert err.count("raftorch: compiling raftorch's C++ fast path (first use on this machine") == count, err
 
@@ -279,12 +279,12 @@ def test_it_compiles_only_without_a_library_as_new_as_its_source(monkeypatch, tm
     from torch.utils.cpp_extension import LIB_EXT
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert _ext.will_compile()  # an empty cache
-    library = tmp_path / _ext._NAME / f"{_ext._NAME}{LIB_EXT}"
+    assert extension.will_compile()  # an empty cache
+    library = tmp_path / extension._NAME / f"{extension._NAME}{LIB_EXT}"
     library.parent.mkdir(exist_ok=True)
     library.write_bytes(b"")
-    source_time = _ext._SOURCE.stat().st_mtime
+    source_time = extension._SOURCE.stat().st_mtime
     os.utime(library, (source_time + 10, source_time + 10))
-    assert not _ext.will_compile()
+    assert not extension.will_compile()
     os.utime(library, (source_time - 10, source_time - 10))  # the source changed since the build
-    assert _ext.will_compile()
+    assert extension.will_compile()

@@ -15,7 +15,7 @@ error against the tolerance:
   ``grad_input`` and ``grad_Q`` the input and weight gradients of ``conv(x, Q)`` for output
   gradient ``z``, Oja's rule by hand (on a CPU one case also runs with
   ``raftorch.functional.HOST_SCALARS = False``, the branch a GPU takes);
-* (iv) the C++ fast path (``raftorch._ext``) is CPU only: on CUDA the check says so (and that
+* (iv) the C++ fast path (``raftorch.extension``) is CPU only: on CUDA the check says so (and that
   the layer runs the Python path there); on CPU it compares the C++ path with the Python path.
 
 ``quick=True``: tiny layers (a CPU smoke test). Used by ``benchmarks/gpu_check.py`` (part 1 of
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import raftorch
-from raftorch import _ext
+from raftorch import extension
 from raftorch import functional as RF
 
 # Tolerances: |got - want| <= ATOL * max|want| + RTOL * |want| elementwise (float32 sums round
@@ -62,6 +62,7 @@ class Checks:
         self.results = []  # (name, status, detail)
 
     def report(self, name, status, detail=""):
+        """Record one check's ``(name, status, detail)`` and print it as a line."""
         self.results.append((name, status, detail))
         print(f"{status:4s}  {name}{'  ' + detail if detail else ''}", flush=True)
 
@@ -103,6 +104,8 @@ class Checks:
         return [n for n, s, _ in self.results if s == "FAIL"]
 
     def summary(self):
+        """``N/M PASS`` over the checks that passed or failed (``SKIP``, ``N/A`` not counted), with the number
+        of FAILs if any."""
         counted = [s for _, s, _ in self.results if s in ("PASS", "FAIL")]
         text = f"{counted.count('PASS')}/{len(counted)} PASS"
         if self.failed:
@@ -123,6 +126,8 @@ def grads(module, x, w):
 
 
 def compare(got, want, keys, tol):
+    """The ``(key, got, want, tol)`` entries :meth:`Checks.run` takes, for ``keys`` of two result dicts (a
+    key one lacks gives ``None``)."""
     return [(k, got.get(k), want.get(k), tol) for k in keys]
 
 
@@ -166,6 +171,8 @@ def conv_definitions(conv, x, g):
 
 
 def linear_definitions(lin, x, g):
+    """The low-rank Linear backward from its definitions, on the CPU in float64: input, weight, bias, ``Q``
+    and ``P`` (Oja) gradients for output gradient ``g``."""
     x = x.detach().to("cpu", torch.float64).reshape(-1, lin.in_features)
     g = g.to("cpu", torch.float64).reshape(-1, lin.out_features)
     P, Q = lin.P.detach().to("cpu", torch.float64), lin.Q.detach().to("cpu", torch.float64)
@@ -310,11 +317,11 @@ def _checks(checks, device, quick):
         lin = raftorch.Linear(n_in, n_out, rule="raf", rank=r).to(device)
         name = lin(torch.randn(rows, n_in, device=device, requires_grad=True)).grad_fn.name()
         python = name == "LinearLowRankFeedbackBackward"
-        checks.report("(iv) C++ fast path (raftorch._ext)", "N/A",
+        checks.report("(iv) C++ fast path (raftorch.extension)", "N/A",
                       f"CPU only, not applicable on {device.type}; the layer's backward here is {name}"
                       + (" (the Python path)" if python else " (expected LinearLowRankFeedbackBackward)"))
-    elif _ext.get() is None:
-        checks.report("(iv) C++ fast path (raftorch._ext)", "SKIP",
+    elif extension.get() is None:
+        checks.report("(iv) C++ fast path (raftorch.extension)", "SKIP",
                       "not built here (RAFTORCH_EXTENSION=0 or no compiler)")
     else:
         for shape, label in [((4 * rows, n_in), "batch"), ((tokens, rows, n_in), "tokens")]:
@@ -324,7 +331,7 @@ def _checks(checks, device, quick):
                 x = torch.randn(*shape)
                 w = torch.randn(*shape[:-1], n_out)
                 got = grads(lin, x, w)
-                with _ext.disabled():
+                with extension.disabled():
                     want = grads(lin, x, w)
                 return compare(got, want, ("output", "input", "weight", "bias", "Q", "P"), (1e-5, 1e-5))
             checks.run(f"(iv) C++ fast path = Python path (CPU), raf Linear, {label}", ext_path)

@@ -681,6 +681,8 @@ class Augmentation:
         return bool(self.crop_padding or self.flip or self.cutout)
 
     def sample(self, n: int, height: int, width: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """Draw the random parameters for :meth:`apply` of ``n`` images ``height x width`` from ``generator``:
+        ``crop`` offsets, ``flip`` flags and ``cutout`` centres, each only for an augmentation that is on."""
         params = {}
         if self.crop_padding:
             params["crop"] = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=generator)
@@ -732,3 +734,33 @@ def batch_indices(n: int, batch_size: int, *, shuffle: bool, generator: torch.Ge
 def shard(batch: Tensor, rank: int, world_size: int) -> Tensor:
     """This process's contiguous part of a global batch (sizes differ by at most one)."""
     return torch.tensor_split(batch, world_size)[rank]
+
+
+class DatasetCache:
+    """A loader with :func:`load_dataset`'s signature that keeps the last ``size`` distinct
+    datasets in memory: a sweep of many runs on one dataset (``raftorch reproduce``) loads it
+    once per process. Pass it to :func:`raftorch.training.loop.train` (``load=``); each call
+    returns a shallow copy, so a run's ``.to(device)`` never changes the cached tensors.
+    ``clear()`` drops them."""
+
+    def __init__(self, load=None, size: int = 4):
+        self._load = load or load_dataset
+        self._size = size
+        self._kept: dict[tuple, DataSplits] = {}
+
+    def __call__(self, name: str, **kwargs) -> DataSplits:
+        import copy
+
+        key = (name, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+        if key not in self._kept:
+            if len(self._kept) >= self._size:
+                self._kept.pop(next(iter(self._kept)))
+            self._kept[key] = self._load(name, **kwargs)
+        return copy.copy(self._kept[key])
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def clear(self) -> None:
+        """Drop every kept dataset."""
+        self._kept.clear()

@@ -45,6 +45,7 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` to ``path`` atomically as indented JSON."""
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
@@ -71,6 +72,7 @@ def write_metrics_csv(path: str | Path, records: list[dict]) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically with ``torch.save`` (read back by :func:`load_checkpoint`)."""
     atomic_write(Path(path), lambda f: torch.save(state, f), "wb")
 
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raftorch.convert import plain_copy
+from raftorch.metrics import capture_errors, error_layer_names
 
 __all__ = ["as_samples", "error_covariance", "principal_subspace", "subspace_overlap",
            "participation_ratio", "plain_copy", "capture_errors", "track_subspace"]
@@ -186,113 +187,6 @@ def participation_ratio(errors: Tensor | None = None, *, cov: Tensor | None = No
 # --------------------------------------------------------------------------- models
 
 
-def _weight_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, nn.Conv2d))
-
-
-class _Capture:
-    """Forward hooks (run before any other hook of the module) that keep each named module's
-    output and hand on a clone, so an in-place op after the module (``ReLU(inplace=True)``)
-    or another hook cannot change the tensor whose gradient is asked for."""
-
-    def __init__(self, model: nn.Module, names: list[str]):
-        self.outputs: dict[str, list[Tensor]] = {n: [] for n in names}
-        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n), prepend=True)
-                        for n in names]
-
-    def _hook(self, name):
-        def hook(module, args, output):
-            if isinstance(output, Tensor) and output.requires_grad:
-                self.outputs[name].append(output)
-                return output.clone()
-            return None
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def _grads_at(model: nn.Module, names: list[str], x: Tensor, y: Tensor, loss_fn) -> dict[str, Tensor]:
-    """``dLoss/d(output)`` of each named module for one forward pass of ``model`` on ``x``,
-    by ``torch.autograd.grad`` (nothing is accumulated into any ``.grad``); samples of a
-    module called several times are concatenated along dim 0."""
-    cap = _Capture(model, names)
-    try:
-        with torch.enable_grad():
-            loss = loss_fn(model(x), y)
-    finally:
-        cap.remove()
-    flat = [(n, t) for n in names for t in cap.outputs[n]]
-    if not flat:
-        return {}
-    grads = torch.autograd.grad(loss, [t for _, t in flat], allow_unused=True)
-    out: dict[str, list[Tensor]] = {}
-    for (n, _), g in zip(flat, grads):
-        if g is not None:
-            out.setdefault(n, []).append(g.detach())
-    return {n: gs[0] if len(gs) == 1 else torch.cat(gs) for n, gs in out.items()}
-
-
-class _Frozen:
-    """Eval mode, the targets fed to ``oja_source="target"`` layers and a forked RNG for one
-    measurement; every module's training flag, every target slot and the RNG state are put
-    back afterwards."""
-
-    def __init__(self, model: nn.Module, y: Tensor):
-        self.model, self.y = model, y
-
-    def __enter__(self):
-        from raftorch.convert import feedback_layers
-
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        self.slots = [layer._targets for _, layer in feedback_layers(self.model)
-                      if getattr(layer, "_targets", None) is not None]
-        self.saved = [s.value for s in self.slots]
-        devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
-        self.rng = torch.random.fork_rng(devices=devices)
-        self.rng.__enter__()
-        self.model.eval()
-        for s in self.slots:
-            s.value = self.y.detach()
-        return self
-
-    def __exit__(self, *exc):
-        for s, v in zip(self.slots, self.saved):
-            s.value = v
-        for m, t in self.flags:
-            m.training = t
-        return self.rng.__exit__(*exc)
-
-
-def capture_errors(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable | None = None,
-                   names: list[str] | None = None) -> dict[str, Tensor]:
-    """The error each named module's output receives (``dLoss/d output``) under ``model``'s
-    own learning rule, for one forward / backward pass on ``(x, y)`` in eval mode.
-
-    ``names`` default: every ``Linear`` / ``Conv2d`` (raftorch or plain) outside a
-    direct-feedback object. For a raftorch layer this is the ``grad_output`` its backward gets
-    (``delta_{l+1}``); under ``dfa``/``draf`` a target layer's output receives the direct
-    path's ``B_l e_s`` after the exact backward of the modules up to its injection point.
-    ``loss_fn(output, y)`` defaults to the mean cross-entropy. Outputs whose gradient does not
-    exist (nothing above them learns) are left out.
-
-    Nothing of the model changes: parameters, ``.grad`` (``torch.autograd.grad`` is used),
-    buffers (eval mode: BatchNorm uses and keeps its running statistics, dropout is off),
-    training flags, the RNG state and the targets fed to ``oja_source="target"`` layers
-    (``y`` is fed for this pass and the previous value put back).
-    """
-    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-    if names is None:
-        names = [n for n, m in model.named_modules() if _weight_layer(m) and not _in_direct(n)]
-    with _Frozen(model, y):
-        return _grads_at(model, list(names), x, y, loss_fn)
-
-
-def _in_direct(name: str) -> bool:
-    return name == "direct_feedback" or name.startswith("direct_feedback.")
-
-
 def _label(name: str) -> str:
     return name or "<root>"
 
@@ -338,7 +232,7 @@ def track_subspace(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable | N
     from raftorch.layers import FeedbackLayer
 
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-    layers = [(n, m) for n, m in model.named_modules() if _weight_layer(m) and not _in_direct(n)]
+    layers = [(n, model.get_submodule(n)) for n in error_layer_names(model)]
     names = [n for n, _ in layers]
     direct = model._modules.get("direct_feedback")
     source = None

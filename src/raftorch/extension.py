@@ -89,6 +89,8 @@ def will_compile() -> bool:
     rebuilds after other changes, such as new PyTorch headers: that build runs unannounced.)
     Only then does raftorch announce the ~30 s wait; an ordinary run loads it silently."""
     try:
+        # _get_build_directory is private (no public API gives the folder torch.utils.cpp_extension.load
+        # builds into: TORCH_EXTENSIONS_DIR or the default root, plus a Python / accelerator subfolder)
         from torch.utils.cpp_extension import LIB_EXT, _get_build_directory
 
         library = Path(_get_build_directory(_NAME, verbose=False)) / f"{_NAME}{LIB_EXT}"

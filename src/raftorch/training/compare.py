@@ -17,7 +17,7 @@ The results go to ``OUT.json`` / ``OUT.csv``; without ``--out`` the name says th
 two comparisons never overwrite each other. An explicit ``--out`` whose ``OUT.json`` holds
 other settings is refused unless ``--force``, and one that another ``raftorch compare`` is
 writing right now is refused with one line naming it (the lock file ``.OUT.lock`` next to the
-results, :mod:`raftorch.runlock`), so two comparisons started together never lose one.
+results, :mod:`raftorch.training.runlock`), so two comparisons started together never lose one.
 
 Exit status: 0 done; 2 a bad argument (one line saying which, the value, and the fix);
 1 a failure at run time (no dataset, an output in use or holding other settings).
@@ -30,22 +30,20 @@ import hashlib
 import io
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-import raftorch
-from raftorch import runlock
-from raftorch.checkpoint import write_json, write_text
-from raftorch.data import DATASETS, DataSplits, load_dataset
-from raftorch.experiments.aggregate import mean_std
+from raftorch.training import runlock
+from raftorch.training.checkpoint import write_json, write_text
+from raftorch.training.data import DATASETS, DataSplits, load_dataset
 from raftorch.models import MODELS, build_model
 from raftorch.rules import CONTROL_RULES, DIRECT_RULES, get_rule
-from raftorch.train import evaluate
+from raftorch.training.config import TrainConfig
+from raftorch.training.loop import train
+from raftorch.training.summary import mean_std
 
 DEFAULT_RULES = ("bp", "fa-lowrank", "raf", "frozen")
 DEFAULT_RANKS = (1, 10)
@@ -85,34 +83,11 @@ def plan(rules, ranks) -> list[tuple[str, int | None]]:
     return runs
 
 
-def fit(model, data: DataSplits, *, epochs: int, lr: float, batch_size: int, seed: int,
-        progress=None) -> float:
-    """Adam on cross-entropy; returns the last epoch's mean training loss."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    gen = torch.Generator().manual_seed(seed)
-    n = len(data.x_train)
-    model.train()
-    loss_sum = 0.0
-    for _ in range(epochs):
-        loss_sum, order = 0.0, torch.randperm(n, generator=gen)
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            x, y = data.x_train[idx], data.y_train[idx]
-            loss = F.cross_entropy(model(x), y)
-            raftorch.feed_targets(model, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(idx)
-        if progress is not None:
-            progress.update(1)
-    return loss_sum / n
-
-
 def run_compare(*, rules=DEFAULT_RULES, ranks=DEFAULT_RANKS, dataset="digits", hidden=(256,) * 4,
                 epochs=30, lr=1e-3, batch_size=32, seed=0, seeds=None, source="output", progress=True,
                 data: DataSplits | None = None, data_dir=None, model: str = "mlp",
-                model_options: dict | None = None, train_size: int | None = None) -> list[Row]:
+                model_options: dict | None = None, train_size: int | None = None,
+                device: str = "auto") -> list[Row]:
     """Train the same model once per (rule, rank) and seed; one :class:`Row` per run.
 
     ``seeds`` (default ``[seed]``) are run one after the other; within a seed every rule gets
@@ -134,28 +109,25 @@ def run_compare(*, rules=DEFAULT_RULES, ranks=DEFAULT_RANKS, dataset="digits", h
     data = data or load_dataset(dataset, seed=seed, data_dir=data_dir, train_size=train_size)
     build_model(model, data.input_shape, data.num_classes, **options)  # bad options fail before training
     runs = plan(rules, ranks)
-    from raftorch import _ext
+    from raftorch import extension
 
-    _ext.warm()  # a first-use build of the C++ fast path is not counted as a run's time
+    extension.warm()  # a first-use build of the C++ fast path is not counted as a run's time
     rows = []
     # disable=None: no bar when stderr is not a terminal (logs, CI, pipes), as in raftorch train
-    bar = tqdm(total=len(runs) * epochs * len(seeds), desc="compare", unit="epoch",
-               disable=None if progress else True)
+    bar = tqdm(total=len(runs) * len(seeds), desc="compare", unit="run", disable=None if progress else True)
     for s in seeds:
         for rule, rank in runs:
-            torch.manual_seed(s)
-            net = build_model(model, data.input_shape, data.num_classes, **options)
-            torch.manual_seed(s + 1)  # feedback weights drawn after the same forward weights
-            extra = {"source": source} if rule in DIRECT_RULES else {}
-            if rule in DIRECT_RULES:
-                extra["example_input"] = data.x_train[:2]
-            net = raftorch.convert(net, rule, rank, **extra)
+            # raftorch train's own loop (raftorch.training.loop.train) on the data in memory:
+            # the same seed gives every rule the same initial weights and the same batches
+            cfg = TrainConfig(data=dataset, model=model, model_options=options, rule=rule, rank=rank,
+                              rule_options={"source": source} if rule in DIRECT_RULES else {},
+                              lr=lr, batch_size=batch_size, epochs=epochs, seed=s, eval_every=0,
+                              threads=torch.get_num_threads(), device=device)
             bar.set_postfix_str(f"{rule}" + (f" r={rank}" if rank else "") + f" seed {s}")
-            start = time.perf_counter()
-            loss = fit(net, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=s, progress=bar)
-            seconds = time.perf_counter() - start
-            _, acc = evaluate(net, data.x_test, data.y_test, batch_size=1024)
-            rows.append(Row(rule, rank, acc, loss, seconds, source if rule in DIRECT_RULES else None, s))
+            final = train(cfg, progress=False, load=lambda name, **kw: data)
+            rows.append(Row(rule, rank, final["test_accuracy"], final["train_loss"], final["seconds_total"],
+                            source if rule in DIRECT_RULES else None, s))
+            bar.update(1)
     bar.close()
     return rows
 
@@ -177,6 +149,8 @@ def summarize(rows: list[Row]) -> list[dict]:
 
 
 def format_table(rows: list[Row]) -> str:
+    """The Markdown table of :func:`summarize`: per rule, rank (and source) the test accuracy mean ± std,
+    the seeds, the final train loss and the seconds per run."""
     lines = ["| rule | rank | test accuracy (%) | seeds | final train loss | time per run (s) |",
              "|---|---|---|---|---|---|"]
     for g in summarize(rows):
@@ -209,6 +183,8 @@ def _csv(kind):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``raftorch compare``: the rules and ranks, the data, model and training settings, the
+    seeds, ``--out`` / ``--force``, ``--threads`` and ``--no-progress``."""
     p.add_argument("--rules", type=_csv(str), default=DEFAULT_RULES,
                    help="comma-separated rules (bp, fa, kp, fa-lowrank, raf-q, raf, dfa, draf, and frozen: "
                         "the no-feedback control, only the output layer learns); "
@@ -278,12 +254,14 @@ def check_arguments(args) -> None:
 
 
 def run(args) -> int:
+    """Run ``raftorch compare`` on ``--threads`` torch threads (default: the idle cores; restored after).
+    Exit status 0 done, 1 a failure at run time, 2 a bad argument."""
     try:
         check_arguments(args)
     except ValueError as exc:
         print(f"raftorch compare: error: {exc}", file=sys.stderr)
         return 2
-    from raftorch.train import auto_threads
+    from raftorch.training.threads import auto_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(args.threads or auto_threads())
@@ -300,10 +278,12 @@ _RUN_ONLY = ("out", "force", "threads", "no_progress", "data_dir")
 def settings(args) -> dict:
     """The settings that decide the numbers, JSON-ready (tuples as lists)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-            if not k.startswith("_") and k not in ("command", *_RUN_ONLY)}
+            if not k.startswith("command") and k not in _RUN_ONLY}
 
 
 def default_out(args) -> str:
+    """The output prefix when ``--out`` is not given: ``results/compare-DATA-MODEL-HASH``, the hash over
+    :func:`settings`."""
     digest = hashlib.sha256(json.dumps(settings(args), sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"results/compare-{args.data.replace(':', '_')}-{args.model}-{digest}"
 
@@ -311,7 +291,7 @@ def default_out(args) -> str:
 def default_data(data_dir=None) -> tuple[str, str | None]:
     """``("fashion-mnist", None)`` where Fashion-MNIST is found (``data_dir``, ``$RAFTORCH_DATA``,
     the cache, the Debian package), else ``("digits", a line saying why)``."""
-    from raftorch.data import find_fashion_mnist
+    from raftorch.training.data import find_fashion_mnist
 
     if find_fashion_mnist(data_dir) is None:
         return "digits", ("Fashion-MNIST is not installed, so this compares on scikit-learn's digits "
@@ -334,8 +314,9 @@ def _check_out(prefix: str, want: dict, force: bool) -> None:
 
 
 def _run(args) -> int:
-    from raftorch.data import CorruptDatasetError, DatasetNotFoundError, dataset_shape
-    from raftorch.train import _parse_pairs, check_writable
+    from raftorch.training.data import CorruptDatasetError, DatasetNotFoundError, dataset_shape
+    from raftorch.training.cli import parse_pairs
+    from raftorch.training.runlock import check_writable
 
     if args.data is None:
         args.data, note = default_data(args.data_dir)
@@ -350,7 +331,7 @@ def _run(args) -> int:
             raise ValueError(f"--train-size must be a positive whole number of images, got {args.train_size}")
         if args.model != "mlp" and tuple(args.hidden) != (256,) * 4:
             raise ValueError(f"--hidden sets the MLP's widths; model {args.model!r} takes --model-option instead")
-        options = _parse_pairs(args.model_option, "--model-option")
+        options = parse_pairs(args.model_option, "--model-option")
         shape, classes = dataset_shape(args.data)
         build_model(args.model, shape, classes,  # bad model options: before any work
                     **({"hidden": tuple(args.hidden), **options} if args.model == "mlp" else options))

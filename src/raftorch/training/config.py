@@ -22,71 +22,106 @@ FEEDBACK_INITS = ("random", "svd")  # TrainConfig.feedback_init
 CLASS_SAMPLES = ("first", "random")  # TrainConfig.class_sample
 
 
+def setting(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None):
+    """A :class:`TrainConfig` field: its default (a type such as ``dict`` for a fresh empty one
+    per config), its help text, the values it may take (``choices``) and, where it is not
+    ``--field-name``, its command-line flag."""
+    meta = {"help": help, "choices": choices, "flag": flag}
+    if isinstance(default, type):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
-    """One training run. YAML keys and ``--flag-names`` are these field names."""
+    """One training run. YAML keys and ``--flag-names`` are these field names; each field's
+    type, default and help text are declared here once (:func:`setting`), and the command
+    line's flags (:func:`raftorch.training.cli.add_arguments`) and the checks of
+    :meth:`validate` are derived from them."""
 
     # data
-    data: str = "digits"  # digits | fashion-mnist | cifar10 | cifar100 | cifar100:K
-    # which K classes a "name:K" dataset keeps: "first" (labels 0..K-1) or "random" (K drawn with
-    # the run's seed, relabelled 0..K-1 in label order: the paper's "sampling" of Fig. 3c)
-    class_sample: str = "first"
-    data_dir: str | None = None  # else $RAFTORCH_DATA, else ~/.cache/raftorch
-    download: bool = False  # fetch a missing dataset (needs a network)
-    grayscale: bool = False  # one luma channel (paper Fig. 4)
-    val_fraction: float = 0.0  # stratified held-out part of the training set
-    crop_padding: int = 0  # random crop after zero-padding by this many pixels (0: off)
-    flip: bool = False  # random horizontal flip
-    cutout: int = 0  # side of the cutout square (0: off)
-    train_size: int | None = None  # a stratified random subset of this many training images; None: all
-    image_size: int | None = None  # resize images to image_size x image_size (area averaging); None: as stored
+    data: str = setting("digits", "dataset: digits, fashion-mnist, cifar10, cifar100, cifar100:K (K classes, "
+                        "see --class-sample)")
+    # "random": K classes drawn with the run's seed, relabelled 0..K-1 in label order (the
+    # paper's "sampling" of Fig. 3c)
+    class_sample: str = setting("first", "which K classes a name:K dataset keeps: first (labels 0..K-1) or random "
+                                "(drawn with the seed)", choices=CLASS_SAMPLES)
+    data_dir: str | None = setting(None, "folder with the datasets (else $RAFTORCH_DATA, else ~/.cache/raftorch)")
+    download: bool = setting(False, "download a missing dataset (needs a network)")
+    grayscale: bool = setting(False, "convert images to one grayscale (luma) channel (paper Fig. 4)")
+    val_fraction: float = setting(0.0, "hold out this stratified fraction of the training set for validation")
+    crop_padding: int = setting(0, "random-crop augmentation: pad by this many pixels (0: off)")
+    flip: bool = setting(False, "random horizontal flip augmentation")
+    cutout: int = setting(0, "cutout augmentation: side of the square (0: off)")
+    train_size: int | None = setting(None, "train on a stratified random subset of this many images (default: all)")
+    image_size: int | None = setting(None, "resize images to N x N pixels by area averaging (default: as stored)")
     # model
-    model: str = "mlp"  # mlp | vgg | vit | retina
-    model_options: dict[str, Any] = field(default_factory=dict)  # keyword options of the model
-    # None: the model's own initialisation; "zero": the output layer (the model's last Linear /
-    # Conv2d) starts at zero weight and bias (raftorch.models.zero_output_layer_), which lets a
-    # feedback rule's error align before a net without normalisation layers runs away
-    output_init: str | None = None
+    model: str = setting("mlp", "model: mlp, vgg, vit, retina")
+    model_options: dict[str, Any] = setting(dict, "a model option as KEY=VALUE (YAML value), repeatable: "
+                                            "--model-option hidden=[64,64]", flag="--model-option")
+    # "zero" (raftorch.models.zero_output_layer_): the model's last Linear / Conv2d starts at zero
+    # weight and bias, which lets a feedback rule's error align before a net without
+    # normalisation layers runs away
+    output_init: str | None = setting(None, "initialisation of the output layer: 'zero' (weight and bias 0; helps "
+                                      "feedback rules in nets without normalisation layers) or none (the model's "
+                                      "own)", choices=OUTPUT_INITS)
     # learning rule (raftorch.convert)
-    rule: str = "bp"  # bp | fa | kp | fa-lowrank | raf-q | raf | dfa | draf | frozen (the control)
-    rank: int | str | None = None  # feedback rank of every converted layer; "full": no limit
-    ranks: dict[str, int | str] = field(default_factory=dict)  # per layer: module name / glob -> rank
-    rule_options: dict[str, Any] = field(default_factory=dict)  # other convert() options, every layer
-    layer_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # name / glob -> options
+    rule: str = setting("bp", "learning rule: bp, fa, kp, fa-lowrank, raf-q, raf, dfa, draf; or frozen (the "
+                        "no-feedback control: hidden layers frozen at initialisation, only the output layer learns)")
+    rank: int | str | None = setting(None, "feedback rank of every converted layer: a number, 'full', or 'none' "
+                                     "(full-rank rules)")
+    ranks: dict[str, int | str] = setting(dict, "rank of one layer as NAME=R (glob patterns allowed), repeatable: "
+                                          "--layer-rank fc2=10", flag="--layer-rank")
+    rule_options: dict[str, Any] = setting(dict, "a raftorch.convert option as KEY=VALUE (YAML value), repeatable",
+                                           flag="--rule-option")
+    layer_options: dict[str, dict[str, Any]] = setting(dict, "options of some layers as NAME={KEY: VALUE} (YAML), "
+                                                       "repeatable: --layer-option 'out={oja_source: target}'",
+                                                       flag="--layer-option")
     # optimisation
-    optimizer: str = "adam"  # adam | adamw | sgd | rmsprop
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    amsgrad: bool = False  # Adam / AdamW only (the paper uses Adam with AMSGrad)
-    momentum: float = 0.0  # SGD / RMSProp only
-    lr_decay: float = 1.0  # the learning rate is multiplied by this after every epoch
-    feedback_lr: float | None = None  # learning rate of feedback parameters (B, Q, P); None: lr
-    feedback_weight_decay: float | None = None  # None: weight_decay
-    # the feedback weights' start (raftorch.feedback_init): B and Q times feedback_init_scale;
-    # feedback_init "svd" sets B = W^T and Q P = the truncated SVD of W^T (weight transport at
-    # initialisation, not the paper's random start: an ablation, never a default)
-    feedback_init: str = "random"  # random | svd
-    feedback_init_scale: float = 1.0
-    batch_size: int = 32  # global batch: split over the processes of a distributed run
-    # gradient accumulation: one optimizer step per `accumulate` batches of batch_size (the
-    # micro-batch), so the effective batch is accumulate x batch_size (train.train_epoch)
-    accumulate: int = 1
-    # distributed runs: nn.SyncBatchNorm (batch statistics over every process; needs CUDA)
-    sync_bn: bool = False
-    epochs: int = 20
-    seed: int = 0
+    optimizer: str = setting("adam", "adam, adamw, sgd, rmsprop")
+    lr: float = setting(1e-3, "learning rate")
+    weight_decay: float = setting(0.0, "weight decay (L2, added to the gradient; decoupled for adamw)")
+    amsgrad: bool = setting(False, "AMSGrad variant of Adam / AdamW (the paper's optimizer)")
+    momentum: float = setting(0.0, "momentum of sgd / rmsprop")
+    lr_decay: float = setting(1.0, "multiply the learning rate by this after every epoch (paper: 0.975)")
+    feedback_lr: float | None = setting(None, "learning rate of the feedback parameters B, Q, P (default: --lr)")
+    feedback_weight_decay: float | None = setting(None, "weight decay of the feedback parameters (default: "
+                                                  "--weight-decay)")
+    # raftorch.feedback_init: "svd" is weight transport at initialisation, not the paper's random start
+    feedback_init: str = setting("random", "start of the feedback weights: random (the paper's) or svd (B = W^T "
+                                 "and Q P the truncated SVD of W^T: weight transport at initialisation, for "
+                                 "ablations)", choices=FEEDBACK_INITS)
+    feedback_init_scale: float = setting(1.0, "multiply the initial B and Q by this")
+    batch_size: int = setting(32, "global batch size of one forward/backward (split over the processes of a "
+                              "distributed run); with --accumulate K, the micro-batch")
+    # one optimizer step per `accumulate` batches (raftorch.training.loop.train_epoch)
+    accumulate: int = setting(1, "gradient accumulation: one optimizer step per K batches, effective batch K x "
+                              "--batch-size; P's Oja update is corrected by raftorch.loss_scale")
+    sync_bn: bool = setting(False, "distributed runs: BatchNorm statistics over the global batch "
+                            "(nn.SyncBatchNorm; GPUs only); one process: no effect")
+    epochs: int = setting(20, "number of epochs")
+    seed: int = setting(0, "random seed (same seed, same numbers on CPU)")
     # runtime
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    bf16: bool = False  # bfloat16 autocast for the forward pass
-    fp16: bool = False  # float16 autocast with torch.amp.GradScaler (P told by raftorch.loss_scale)
-    eval_batch_size: int = 1000
-    eval_every: int = 1  # evaluate every N epochs and after the last one; 0: after the last only
-    threads: int | None = None  # CPU threads (torch.set_num_threads); None: the idle usable cores (train.auto_threads)
-    out: str | None = None  # run folder; None: write nothing
-    # representation metrics logged per epoch on a fixed held-out batch (train.track_run), e.g.
-    # [subspace]; a comma list is split; None (or empty): none. Never changes the training.
-    track: list[str] | None = None
-    tensorboard: bool = False  # also write every epoch's numbers as TensorBoard scalars into out/tensorboard
+    device: str = setting("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    bf16: bool = setting(False, "bfloat16 autocast for the forward pass")
+    fp16: bool = setting(False, "float16 autocast with a GradScaler (raftorch.loss_scale keeps P's step right)")
+    eval_batch_size: int = setting(1000, "batch size of evaluation")
+    eval_every: int = setting(1, "evaluate (val, test, alignment) every N epochs and after the last; 0: after "
+                              "the last only")
+    # None is resolved by raftorch.training.threads.auto_threads when the run starts
+    threads: int | None = setting(None, "CPU threads (torch.set_num_threads); default: the usable cores not "
+                                  "already busy")
+    # the Python API's None writes nothing; the command line's default is runs/MODEL-DATA-RULE[-rRANK]-sSEED
+    out: str | None = setting(None, "run folder (default: runs/MODEL-DATA-RULE[-rRANK]-sSEED)")
+    # raftorch.training.loop.track_run; a comma list is split; never changes the training
+    track: list[str] | None = setting(None, "log representation metrics every epoch on a fixed held-out batch, "
+                                      "repeatable or a comma list: subspace (P's overlap with the error's "
+                                      "principal subspace, the error's effective dimensionality), error_alignment "
+                                      "(angle between the error each layer receives and backprop's); default: "
+                                      "none", choices=TRACKERS)
+    tensorboard: bool = setting(False, "also write every epoch's numbers as TensorBoard scalars into "
+                                "OUT/tensorboard (needs the tensorboard package: pip install "
+                                "'raftorch[tensorboard]')")
 
     # Fields that may differ when a run is resumed. A resumed run repeats an uninterrupted one
     # exactly when device and threads are also the same (they change the float rounding).
@@ -104,7 +139,13 @@ class TrainConfig:
 
     @classmethod
     def fields(cls) -> dict[str, dataclasses.Field]:
+        """The settings by name (``dataclasses.Field``: ``.type``, ``.default``, ``.metadata["help"]``)."""
         return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def names_of(cls, *types: str) -> list[str]:
+        """The settings declared with one of these types (as written), e.g. ``"float"``, ``"int | None"``."""
+        return [name for name, f in cls.fields().items() if f.type in types]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
@@ -118,6 +159,7 @@ class TrainConfig:
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as a plain dict (``dataclasses.asdict``)."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -130,20 +172,20 @@ class TrainConfig:
         return {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
 
     def replace(self, **changes) -> "TrainConfig":
+        """A new config with ``changes`` applied, built and checked by :meth:`from_dict`."""
         return self.from_dict({**self.to_dict(), **changes})
 
     def validate(self, source: str = "config") -> None:
         """Raise one clear :class:`ConfigError` for the first bad setting: it names the setting
         (and its flag), the value and what to give instead; ``source`` (a file) prefixes it."""
-        from raftorch.data import dataset_shape, parse_dataset_name
+        from raftorch.training.data import dataset_shape, parse_dataset_name
         from raftorch.models import MODELS, check_model, model_options
 
         def bad(setting: str, msg: str):
             raise ConfigError(f"{source}: {msg}" if source else msg, setting)
 
-        defaults = TrainConfig()
-        for name in self.fields():  # true / false settings
-            if isinstance(getattr(defaults, name), bool) and not isinstance(getattr(self, name), bool):
+        for name in self.names_of("bool"):  # true / false settings
+            if not isinstance(getattr(self, name), bool):
                 bad(name, f"{name} (--{_flag(name)}) must be true or false, got {getattr(self, name)!r}")
         for name, example in (("out", "runs/NAME"), ("data_dir", "~/data")):  # folders: null or a name
             value = getattr(self, name)
@@ -184,16 +226,14 @@ class TrainConfig:
             bad("optimizer", f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.amsgrad and self.optimizer not in ("adam", "adamw"):
             bad("amsgrad", f"amsgrad applies to adam / adamw only, not {self.optimizer!r}")
-        for name in ("lr", "weight_decay", "momentum", "lr_decay", "val_fraction", "feedback_lr",
-                     "feedback_weight_decay", "feedback_init_scale"):
+        for name in self.names_of("float", "float | None"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
                                       or not math.isfinite(value)):
                 bad(name, f"{name} (--{_flag(name)}) must be a finite number, got {value!r}")
         if self.momentum and self.optimizer not in ("sgd", "rmsprop"):
             bad("momentum", f"momentum applies to sgd / rmsprop only, not {self.optimizer!r}")
-        for name in ("batch_size", "accumulate", "epochs", "eval_batch_size", "seed", "crop_padding", "cutout",
-                     "eval_every"):
+        for name in self.names_of("int"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 bad(name, f"{name} (--{_flag(name)}) must be a non-negative whole number, got {value!r}")
@@ -202,10 +242,7 @@ class TrainConfig:
                 bad(name, f"{name} must be a positive number, got {getattr(self, name)!r} (--{_flag(name)})")
         if self.bf16 and self.fp16:
             bad("fp16", "bf16 and fp16 are two autocast dtypes; choose one")
-        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
-                                         or self.threads < 1):
-            bad("threads", f"threads (--threads) must be a positive whole number or null, got {self.threads!r}")
-        for name in ("train_size", "image_size"):
+        for name in self.names_of("int | None"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 bad(name, f"{name} (--{_flag(name)}) must be a positive whole number or null, got {value!r}")
@@ -352,4 +389,5 @@ def settings(file_values: dict[str, Any], file: str | Path | None, flags: dict[s
 
 
 def dump_config(cfg: TrainConfig) -> str:
+    """``cfg`` as YAML text, the fields in their declared order."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

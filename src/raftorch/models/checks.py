@@ -18,10 +18,12 @@ def _bad(model: str, name: str, what: str, value: Any, example: str) -> None:
 
 
 def is_whole(value: Any) -> bool:
+    """True for an integer that is not a ``bool``."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_number(value: Any) -> bool:
+    """True for a finite real number that is not a ``bool``."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -59,6 +61,7 @@ def probability(model: str, name: str, value: Any) -> float:
 
 
 def flag(model: str, name: str, value: Any) -> bool:
+    """A ``true`` / ``false`` option (a ``bool``; a number or text is refused)."""
     if not isinstance(value, bool):
         _bad(model, name, "true or false", value, "true")
     return value
@@ -81,6 +84,7 @@ def image_shape(model: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 def classes(model: str, num_classes: Any) -> int:
+    """``num_classes``: a positive whole number."""
     if not is_whole(num_classes) or num_classes < 1:
         raise ValueError(f"{model}: num_classes must be a positive whole number, got {num_classes!r}")
     return int(num_classes)

@@ -1,4 +1,4 @@
-"""``raftorch train``: train one model on one dataset with one learning rule.
+"""The training loop: train one model on one dataset with one learning rule.
 
 The whole training path is :func:`train`: load the data into memory, build the model,
 ``raftorch.convert`` it to the rule, then per epoch: shuffled batches sliced from the tensors,
@@ -17,7 +17,6 @@ record, measured after the epoch on a fixed held-out batch (:func:`track_run`).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -25,7 +24,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -34,13 +33,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import raftorch
-from raftorch import checkpoint as ckpt
-from raftorch import runlock
-from raftorch.config import CLASS_SAMPLES, FEEDBACK_INITS, TrainConfig, dump_config, load_config_file, settings
-from raftorch.data import (Augmentation, CorruptDatasetError, DatasetNotFoundError, DataSplits, batch_indices,
+from raftorch.training import checkpoint as ckpt
+from raftorch.training import runlock
+from raftorch.training.config import TrainConfig, dump_config
+from raftorch.training.data import (Augmentation, DataSplits, batch_indices,
                            load_dataset, shard)
 from raftorch.models import build_model, zero_output_layer_
 from raftorch.rules import DIRECT_RULES
+from raftorch.training.threads import auto_threads
 
 FEEDBACK_SUFFIXES = (".B", ".Q", ".P")
 TRACK_BATCH = 256  # images in the fixed held-out batch of the tracked metrics (TrainConfig.track)
@@ -245,53 +245,6 @@ def _check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> dict[str, An
     return state
 
 
-# --------------------------------------------------------------------------- threads
-
-def usable_cores() -> int:
-    """Cores this process may run on (CPU affinity: ``taskset``, SLURM and container cpusets)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def busy_cores(window: float = 0.25) -> float:
-    """How many cores other work keeps busy right now: CPU time not idle over ``window``
-    seconds (Linux ``/proc/stat``), else the 1-minute load average (which lags: it still
-    counts work that ended a minute ago)."""
-    def sample():
-        with open("/proc/stat") as f:
-            fields = [float(v) for v in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-        return sum(fields), idle
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(window)
-        total1, idle1 = sample()
-        if total1 > total0:
-            return os.cpu_count() * (1.0 - (idle1 - idle0) / (total1 - total0))
-    except (OSError, ValueError, IndexError, TypeError):
-        pass
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return 0.0
-
-
-def auto_threads() -> int:
-    """The thread count ``threads: null`` resolves to: the usable cores that other work does not
-    keep busy right now (:func:`busy_cores`), at least 1.
-
-    PyTorch's own default, one OpenMP thread per core, makes small models 20-60x slower as
-    soon as anything else runs on the machine (threads wait for each other at every operation);
-    leaving the busy cores alone avoids that, and on an idle machine every core is used.
-    """
-    cores = usable_cores()
-    busy = int(round(busy_cores()))
-    return max(1, min(cores, cores - busy))
-
-
 # --------------------------------------------------------------------------- the training function
 
 @dataclass
@@ -315,7 +268,7 @@ class Run:
     epoch: int = 0  # finished epochs
     track_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, y) for track_run
     elapsed: float = 0.0  # training seconds of the finished epochs
-    tensorboard: Any = None  # raftorch.tensorboard.Logger when cfg.tensorboard (rank 0, with out)
+    tensorboard: Any = None  # raftorch.training.tensorboard.Logger when cfg.tensorboard (rank 0, with out)
     scaler: Any = None  # torch.amp.GradScaler under fp16
 
     @property
@@ -324,7 +277,7 @@ class Run:
 
 
 def train(config: TrainConfig | dict[str, Any], *, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, load: Callable[..., DataSplits] = load_dataset) -> dict[str, Any]:
     """Train one run and return its final numbers (also written to ``out/final.json``).
 
     The whole path, one step a function: :func:`setup` (data, model, rule, optimizer, and the
@@ -339,17 +292,19 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = False, progres
         progress: show a progress bar per epoch and a summary line per epoch.
         stop_after: stop after this many finished epochs (as if the job were killed then),
             leaving a resumable run folder; for time-limited job slots and tests.
+        load: the dataset loader, :func:`raftorch.training.data.load_dataset` or one with its
+            signature (a :class:`raftorch.training.data.DatasetCache` in a sweep).
 
     Raises:
         TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
-        ValueError: a bad setting. :class:`raftorch.data.DatasetNotFoundError`: no data.
-        raftorch.runlock.FolderInUse: another process is writing ``out`` (:func:`hold_run_folder`).
+        ValueError: a bad setting. :class:`raftorch.training.data.DatasetNotFoundError`: no data.
+        raftorch.training.runlock.FolderInUse: another process is writing ``out`` (:func:`hold_run_folder`).
     """
     cfg = TrainConfig.from_dict(config.to_dict() if isinstance(config, TrainConfig) else config)
     threads = torch.get_num_threads()
     try:
         with hold_run_folder(cfg, resume):
-            run = setup(cfg, resume=resume)
+            run = setup(cfg, resume=resume, load=load)
             last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
             while run.epoch < last_epoch:
                 record = train_epoch(run, progress=progress)
@@ -366,9 +321,9 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = False, progres
 
 
 def hold_run_folder(cfg: TrainConfig, resume: bool = False):
-    """The run folder's lock (:func:`raftorch.runlock.hold`), held by :func:`train` from before
+    """The run folder's lock (:func:`raftorch.training.runlock.hold`), held by :func:`train` from before
     the folder is checked to after ``final.json``: a second run into the same ``out`` (a typo in
-    a job array, a second ``--resume``) is refused with :class:`raftorch.runlock.FolderInUse`
+    a job array, a second ``--resume``) is refused with :class:`raftorch.training.runlock.FolderInUse`
     naming the holder, and writes nothing. Taken by the process that writes (rank 0); none
     without ``out``, nor for a ``resume`` of a folder that does not exist (that is an error)."""
     if not cfg.out or int(os.environ.get("RANK", "0")) != 0 or (resume and not Path(cfg.out).is_dir()):
@@ -376,13 +331,14 @@ def hold_run_folder(cfg: TrainConfig, resume: bool = False):
     return runlock.hold(cfg.out, what="raftorch train")
 
 
-def setup(cfg: TrainConfig, *, resume: bool = False, data: DataSplits | None = None) -> Run:
+def setup(cfg: TrainConfig, *, resume: bool = False, data: DataSplits | None = None,
+          load: Callable[..., DataSplits] = load_dataset) -> Run:
     """Data in memory, the model built and converted to the rule, optimizer and schedule;
     the run folder checked (and the checkpoint loaded when resuming); ``config.yaml`` written.
 
     ``data``: the splits already in memory (``raftorch reproduce --smoke`` passes its
-    synthetic stand-in where a dataset is missing); ``None``: ``load_dataset`` of ``cfg``'s
-    data settings.
+    synthetic stand-in where a dataset is missing); ``None``: ``load`` (by default
+    :func:`~raftorch.training.data.load_dataset`) of ``cfg``'s data settings.
 
     ``cfg.threads`` set to ``None`` is resolved here (:func:`auto_threads`, CPU runs) and
     written back into ``cfg``, so ``config.yaml`` and ``final.json`` say what was used.
@@ -398,7 +354,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False, data: DataSplits | None = N
     if resume and out is None:
         raise ValueError("resume needs the run folder: set out / --out")
     if cfg.tensorboard:
-        from raftorch import tensorboard as tb
+        from raftorch.training import tensorboard as tb
 
         if out is None:
             raise ValueError("tensorboard writes into the run folder: set out / --out")
@@ -412,10 +368,9 @@ def setup(cfg: TrainConfig, *, resume: bool = False, data: DataSplits | None = N
     if world > 1 and not lead:
         dist.barrier()  # rank 0 downloads, if it has to, before the others look
     if data is None:
-        data = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download and lead,
-                            grayscale=cfg.grayscale, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                            train_size=cfg.train_size, image_size=cfg.image_size,
-                            class_sample=cfg.class_sample)
+        data = load(cfg.data, data_dir=cfg.data_dir, download=cfg.download and lead,
+                    grayscale=cfg.grayscale, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                    train_size=cfg.train_size, image_size=cfg.image_size, class_sample=cfg.class_sample)
     data = data.to(device)
     if world > 1 and lead:
         dist.barrier()
@@ -455,7 +410,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False, data: DataSplits | None = N
             _set_rng_state(state["rng"][rank], device)
         run.history, run.epoch, run.elapsed = list(state["history"]), int(state["epoch"]), float(state["elapsed"])
     if out and lead and cfg.tensorboard:
-        from raftorch import tensorboard as tb
+        from raftorch.training import tensorboard as tb
 
         earlier = (out / tb.SUBDIR).exists()
         run.tensorboard = tb.Logger(out)
@@ -598,14 +553,14 @@ def track_run(run: Run) -> dict[str, Any]:
     """The representation metrics ``run.cfg.track`` asks for, on :func:`held_out_batch`
     (rank 0 only; ``{}`` elsewhere). ``"subspace"``: the mappings ``subspace``, ``error_dim``
     and ``error_dim_received`` (layer name -> float) of
-    :func:`raftorch.analysis.subspace.track_subspace`; ``"error_alignment"``: the mapping
+    :func:`raftorch.subspace.track_subspace`; ``"error_alignment"``: the mapping
     ``error_alignment`` (layer name -> degrees) of :func:`raftorch.metrics.error_alignment`,
     the angle between the error each layer receives and backprop's; and ``track_seconds``.
     Measured in eval mode in float32 (no autocast); the training is unchanged, bit for bit
     (tested)."""
     if not run.lead or not run.cfg.track:
         return {}
-    from raftorch.analysis.subspace import track_subspace
+    from raftorch.subspace import track_subspace
 
     t0 = time.perf_counter()
     record: dict[str, Any] = {}
@@ -673,200 +628,3 @@ def finish(run: Run) -> dict[str, Any]:
     return final
 
 
-# --------------------------------------------------------------------------- command line
-
-_FLAG_HELP = {
-    "data": "dataset: digits, fashion-mnist, cifar10, cifar100, cifar100:K (K classes, see --class-sample)",
-    "class_sample": "which K classes a name:K dataset keeps: first (labels 0..K-1) or random (drawn with the seed)",
-    "data_dir": "folder with the datasets (else $RAFTORCH_DATA, else ~/.cache/raftorch)",
-    "download": "download a missing dataset (needs a network)",
-    "grayscale": "convert images to one grayscale channel",
-    "val_fraction": "hold out this fraction of the training set for validation",
-    "crop_padding": "random-crop augmentation: pad by this many pixels (0: off)",
-    "flip": "random horizontal flip augmentation",
-    "cutout": "cutout augmentation: side of the square (0: off)",
-    "model": "model: mlp, vgg, vit, retina",
-    "model_options": "a model option as KEY=VALUE (YAML value), repeatable: --model-option hidden=[64,64]",
-    "output_init": "initialisation of the output layer: 'zero' (weight and bias 0; helps feedback rules "
-                   "in nets without normalisation layers) or none (the model's own)",
-    "rule": ("learning rule: bp, fa, kp, fa-lowrank, raf-q, raf, dfa, draf; or frozen (the no-feedback "
-             "control: hidden layers frozen at initialisation, only the output layer learns)"),
-    "rank": "feedback rank of every converted layer: a number, 'full', or 'none' (full-rank rules)",
-    "ranks": "rank of one layer as NAME=R (glob patterns allowed), repeatable: --layer-rank fc2=10",
-    "rule_options": "a raftorch.convert option as KEY=VALUE (YAML value), repeatable",
-    "layer_options": "options of some layers as NAME={KEY: VALUE} (YAML), repeatable: --layer-option 'out={oja_source: target}'",
-    "optimizer": "adam, adamw, sgd, rmsprop",
-    "lr": "learning rate",
-    "weight_decay": "weight decay (L2, added to the gradient; decoupled for adamw)",
-    "amsgrad": "AMSGrad variant of Adam (the paper's optimizer)",
-    "momentum": "momentum of sgd / rmsprop",
-    "lr_decay": "multiply the learning rate by this after every epoch (paper: 0.975)",
-    "feedback_lr": "learning rate of the feedback parameters B, Q, P (default: --lr)",
-    "feedback_weight_decay": "weight decay of the feedback parameters (default: --weight-decay)",
-    "batch_size": ("global batch size of one forward/backward (split over the processes of a distributed "
-                   "run); with --accumulate K, the micro-batch"),
-    "accumulate": ("gradient accumulation: one optimizer step per K batches, effective batch K x "
-                   "--batch-size; P's Oja update is corrected by raftorch.loss_scale (default: 1)"),
-    "epochs": "number of epochs",
-    "seed": "random seed (same seed, same numbers on CPU)",
-    "device": "auto, cpu, cuda or cuda:N",
-    "bf16": "bfloat16 autocast for the forward pass",
-    "fp16": "float16 autocast with a GradScaler (raftorch.loss_scale keeps P's step right)",
-    "sync_bn": ("distributed runs: BatchNorm statistics over the global batch (nn.SyncBatchNorm; GPUs "
-                "only); one process: no effect"),
-    "eval_batch_size": "batch size of evaluation",
-    "eval_every": "evaluate (val, test, alignment) every N epochs and after the last; 0: after the last only",
-    "threads": "CPU threads (torch.set_num_threads); default: the usable cores not already busy (load average)",
-    "train_size": "train on a stratified random subset of this many images (default: all)",
-    "image_size": "resize images to N x N pixels by area averaging (default: as stored)",
-    "tensorboard": "also write every epoch's numbers as TensorBoard scalars into OUT/tensorboard "
-                   "(needs the tensorboard package: pip install 'raftorch[tensorboard]')",
-    "out": "run folder (default: runs/MODEL-DATA-RULE[-rRANK]-sSEED)",
-    "track": ("log representation metrics every epoch on a fixed held-out batch, repeatable or a comma "
-              "list: subspace (P's overlap with the error's principal subspace, the error's "
-              "effective dimensionality), error_alignment (angle between the error each layer "
-              "receives and backprop's); default: none"),
-}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags for every :class:`TrainConfig` field, plus ``--config``, ``--resume``, ``--no-progress``.
-
-    Flags left out keep the value of the config file, or the default.
-    """
-    parser.add_argument("--config", metavar="YAML", help="YAML file of settings (flags override it)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its last checkpoint (its config.yaml is used)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars or epoch lines")
-    defaults = TrainConfig()
-    for name, f in TrainConfig.fields().items():
-        flag = "--" + name.replace("_", "-")
-        default = getattr(defaults, name)
-        help_text = _FLAG_HELP.get(name, name)
-        if "default" not in help_text and not isinstance(default, (bool, dict)):
-            help_text += f" (default: {default})"
-        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif name == "track":
-            parser.add_argument(flag, action="append", metavar="METRIC", **kw)
-        elif name in ("model_options", "rule_options", "layer_options", "ranks"):
-            parser.add_argument(flag.rstrip("s") if name != "ranks" else "--layer-rank", action="append",
-                                metavar="KEY=VALUE", **kw)
-        elif name in ("lr", "weight_decay", "momentum", "lr_decay", "val_fraction",
-                      "feedback_lr", "feedback_weight_decay", "feedback_init_scale"):
-            parser.add_argument(flag, type=float, **kw)
-        elif name == "rank":
-            parser.add_argument(flag, type=_rank, **kw)
-        elif name == "feedback_init":
-            parser.add_argument(flag, choices=FEEDBACK_INITS, **kw)
-        elif name == "class_sample":
-            parser.add_argument(flag, choices=CLASS_SAMPLES, **kw)
-        elif name == "output_init":
-            parser.add_argument(flag, type=lambda t: None if t.lower() in ("none", "null") else t,
-                                choices=[None, "zero"], metavar="{zero,none}", **kw)
-        elif name in ("threads", "batch_size", "accumulate", "epochs", "seed", "eval_batch_size", "eval_every", "crop_padding", "cutout",
-                      "train_size", "image_size"):
-            parser.add_argument(flag, type=int, **kw)
-        else:
-            parser.add_argument(flag, **kw)
-
-
-def _rank(text: str) -> int | str | None:
-    if text == "full":
-        return text
-    if text.lower() in ("none", "null"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a rank is a positive whole number or 'full', not {text!r}") from None
-
-
-def _parse_pairs(items: list[str], flag: str) -> dict[str, Any]:
-    import yaml
-
-    from raftorch.config import load_yaml, yaml_problem
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        example = {"--model-option": "hidden=[64,64]", "--layer-rank": "fc2=10",
-                   "--layer-option": "'out={oja_source: target}'"}.get(flag, "oja_source=target")
-        if not sep or not key.strip():
-            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}; e.g. {flag} {example}")
-        try:
-            out[key.strip()] = load_yaml(value)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{flag} {item!r}: the value is not valid YAML ({yaml_problem(exc)}); close every "
-                             f"bracket and quote the whole KEY=VALUE for the shell, e.g. {flag} {example}") from None
-    return out
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < the run folder's config.yaml (with --resume) or --config < flags."""
-    values: dict[str, Any] = {}
-    given = {k: v for k, v in vars(args).items() if k in TrainConfig.fields()}
-    for name, flag in (("model_options", "--model-option"), ("rule_options", "--rule-option"),
-                       ("layer_options", "--layer-option"), ("ranks", "--layer-rank")):
-        if name in given:
-            given[name] = _parse_pairs(given[name], flag)
-    saved = Path(given["out"]) / ckpt.CONFIG if given.get("out") else None
-    file = None
-    if getattr(args, "config", None):
-        file = args.config
-    elif getattr(args, "resume", False) and saved is not None and saved.exists():
-        file = saved
-    if file is not None:
-        values.update(load_config_file(file))
-    cfg = settings(values, file, given)  # run() prefixes "raftorch train: error:"; names the file
-    if cfg.out is None:
-        rank = f"-r{cfg.rank}" if cfg.rank is not None else ""
-        cfg.out = f"runs/{cfg.model}-{cfg.data.replace(':', '_')}-{cfg.rule}{rank}-s{cfg.seed}"
-    return cfg
-
-
-def check_writable(folder: str | Path, flag: str = "--out") -> None:
-    """Raise one clear ``ValueError`` when ``folder`` cannot be created or written, before any work."""
-    import tempfile
-
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".raftorch-write-check")
-        os.close(fd)
-        os.remove(tmp)
-    except OSError as exc:
-        raise ValueError(f"{flag} {folder} is not a writable folder ({exc.strerror or exc}); "
-                         f"choose another with {flag} DIR") from None
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = None
-    try:
-        cfg = config_from_args(args)
-        if int(os.environ.get("RANK", "0")) == 0 and not args.resume:
-            check_writable(cfg.out)
-        final = train(cfg, resume=args.resume, progress=not args.no_progress)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # every process done (rank 0 writing files) before gloo is torn down
-    except (CorruptDatasetError, ckpt.CorruptCheckpointError, TrainingDiverged, runlock.FolderInUse) as exc:
-        print(f"raftorch train: error: {exc}", file=sys.stderr)  # the run failed: exit status 1
-        return 1
-    except (ValueError, DatasetNotFoundError) as exc:
-        print(f"raftorch train: error: {exc}", file=sys.stderr)  # a bad setting: exit status 2
-        return 2
-    except KeyboardInterrupt:
-        where = Path(cfg.out) if cfg is not None and cfg.out else None
-        kept = where is not None and (where / ckpt.CHECKPOINT).exists()
-        print("\nraftorch train: interrupted; " + (
-            f"the last finished epoch is kept: continue with raftorch train --resume --out {where}" if kept
-            else "no epoch had finished, so there is nothing to resume"), file=sys.stderr)
-        return 130
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0 and not args.no_progress:
-        print(f"test accuracy {final['test_accuracy']:.4f} after {final['epochs']} epochs "
-              f"({final['seconds_per_epoch']:.1f} s/epoch); results in {cfg.out}")
-    return 0

@@ -1,6 +1,6 @@
 """One writer per output folder: an OS lock held for a run's whole life.
 
-    from raftorch.runlock import hold
+    from raftorch.training.runlock import hold
 
     with hold("runs/x", what="raftorch train"):
         ...  # no other process holds runs/x until the block ends
@@ -32,7 +32,7 @@ Mechanism, by platform:
 
 The lock is per process and re-entrant: a :func:`hold` nested inside another :func:`hold` of
 the same folder in the same process (``raftorch reproduce`` holds a point's folder, and the
-:func:`raftorch.train.train` it calls holds it again) passes straight through. Threads of one
+:func:`raftorch.training.loop.train` it calls holds it again) passes straight through. Threads of one
 process are not kept apart.
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ import errno
 import json
 import logging
 import os
+import tempfile
 import shlex
 import socket
 import sys
@@ -265,3 +266,16 @@ def _read_record(fd: int, wait: float = 1.0) -> dict:
         if time.monotonic() > deadline:
             return {}
         time.sleep(0.02)
+
+
+def check_writable(folder: str | Path, flag: str = "--out") -> None:
+    """Raise one clear ``ValueError`` when ``folder`` cannot be created or written, before any work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".raftorch-write-check")
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as exc:
+        raise ValueError(f"{flag} {folder} is not a writable folder ({exc.strerror or exc}); "
+                         f"choose another with {flag} DIR") from None

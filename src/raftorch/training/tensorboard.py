@@ -15,6 +15,7 @@ SUBDIR = "tensorboard"
 
 
 def available() -> bool:
+    """Whether the ``tensorboard`` package can be imported."""
     try:
         import tensorboard  # noqa: F401
     except ImportError:
@@ -53,10 +54,13 @@ class Logger:
         self.writer = SummaryWriter(log_dir=str(self.folder))
 
     def log(self, record: dict[str, Any]) -> None:
+        """Write the numbers of one epoch's record as scalars at step ``record["epoch"]`` (:func:`scalars`), then
+        flush."""
         step = int(record.get("epoch", 0))
         for name, value in scalars({k: v for k, v in record.items() if k != "epoch"}).items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
     def close(self) -> None:
+        """Close the writer."""
         self.writer.close()
