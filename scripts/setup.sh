@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,docs]"
 # Fashion-MNIST, the offline data of the quick profile (raftorch reproduce --profile quick):
 # Debian's dataset-fashion-mnist package, installed where this runs as root with apt and the
 # files are not there yet (RAFTORCH_NO_APT=1 skips it; elsewhere use --download or --data-dir).
