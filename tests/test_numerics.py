@@ -168,7 +168,7 @@ def test_k_accumulated_micro_batches_give_the_mean_of_their_P_grads(model):
 
 def test_loss_scale_nests_restores_and_rejects_bad_factors():
     net = raf_mlp()
-    holder = net[0]._loss_scale
+    holder = net[0].scale_slot
     with raftorch.loss_scale(net, 4.0):
         with raftorch.loss_scale(net, 0.5):
             assert holder.value == 2.0
@@ -178,7 +178,7 @@ def test_loss_scale_nests_restores_and_rejects_bad_factors():
         with pytest.raises(ValueError, match="loss_scale"):
             with raftorch.loss_scale(net, bad):
                 pass
-    assert copy.deepcopy(net)[0]._loss_scale is not holder
+    assert copy.deepcopy(net)[0].scale_slot is not holder
 
 
 # --------------------------------------------------------------------------- item 2: fp16 / bf16

@@ -261,10 +261,10 @@ def test_tracking_leaves_the_model_and_the_next_training_step_unchanged():
     before = copy.deepcopy((a.state_dict(), [p.grad for p in a.parameters()], opt_a.state_dict()))
     rng = torch.get_rng_state()
     sentinel = torch.arange(24) % 5
-    a[5]._targets.value = sentinel  # targets fed but not used yet: tracking must put them back
+    a[5].target_slot.value = sentinel  # targets fed but not used yet: tracking must put them back
     track_subspace(a, x, y)
-    assert a[5]._targets.value is sentinel
-    a[5]._targets.value = None
+    assert a[5].target_slot.value is sentinel
+    a[5].target_slot.value = None
     assert torch.equal(torch.get_rng_state(), rng)
     assert a.training and all(m.training for m in a.modules())
     after = (a.state_dict(), [p.grad for p in a.parameters()], opt_a.state_dict())

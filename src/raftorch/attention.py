@@ -77,7 +77,7 @@ class ProjectionFeedback(nn.Module):
         self.rank = check_rank(self.rule, rank, min(n_in, n_out), layer=f"the {part} projection")
         self.oja, self.error_clamp = parse_options(self.rule, options)
         # the factor the current backward's loss was multiplied by (raftorch.loss_scale)
-        self._loss_scale = LossScale() if self.oja is not None else None
+        self.scale_slot = LossScale() if self.oja is not None else None
         if self.oja is not None and self.oja.source == "target":
             raise ValueError("oja_source='target' is only meaningful for a Linear output layer, "
                              "not an attention projection")
@@ -120,7 +120,7 @@ class _ProjectionPlan:
     def __init__(self, parts: list[ProjectionFeedback]):
         self.path = parts[0].rule.path
         self.clamp = parts[0].error_clamp
-        self.parts = [(p.oja, p._loss_scale, p.n_out, len(p.rule.feedback_names)) for p in parts]
+        self.parts = [(p.oja, p.scale_slot, p.n_out, len(p.rule.feedback_names)) for p in parts]
 
 
 class _Projection(Function):

@@ -105,8 +105,8 @@ def feed_targets(model: nn.Module, targets: torch.Tensor) -> None:
     that learn ``P`` on the targets (``oja_source="target"``); a no-op for the others.
     Call it every step before ``loss.backward()``."""
     for _, layer in feedback_layers(model):
-        if layer._targets is not None:
-            layer._targets.value = targets.detach()
+        if layer.target_slot is not None:
+            layer.target_slot.value = targets.detach()
 
 
 class LayerTable:

@@ -316,7 +316,7 @@ class DirectFeedback(nn.Module):
             raise ValueError("model already has a direct_feedback; call "
                              "model.direct_feedback.detach_from(model) first")
         self.oja, self.error_clamp = parse_options(self.rule, options)
-        self.source, self._source_point, source_index = self._resolve_source(model, source)
+        self.source, self.source_point, source_index = self._resolve_source(model, source)
         points = self._resolve_targets(model, targets, source_index)
 
         shapes = self._shapes(model, points, example_input, path)
@@ -324,7 +324,7 @@ class DirectFeedback(nn.Module):
         factory = {"device": None if ref is None else ref.device,
                    "dtype": None if ref is None else ref.dtype}
         self.paths = nn.ModuleList(self._build_path(t, p, rank, shapes, path, factory) for t, p in points)
-        self._plan = _DirectPlan(list(range(len(self.paths))), self.rule, self.oja, self.error_clamp,
+        self.plan = _DirectPlan(list(range(len(self.paths))), self.rule, self.oja, self.error_clamp,
                            conv=[p.conv for p in self.paths])
         self._stash: dict[str, Tensor] = {}
         self._attach(model)
@@ -380,7 +380,7 @@ class DirectFeedback(nn.Module):
         points, seen = [], {}
         for n in names:
             p = injection_point(model, n)
-            if index[p] >= source_index or n == self._source_point:
+            if index[p] >= source_index or n == self.source_point:
                 raise ValueError(f"target {n!r} (error lands at {p!r}) does not come before source "
                                  f"{src}; targets must run before the source")
             if p in seen:
@@ -435,7 +435,7 @@ class DirectFeedback(nn.Module):
             return hook
 
         handles = [model.get_submodule(p).register_forward_hook(record(p)) for _, p in points]
-        handles.append(model.get_submodule(self._source_point).register_forward_hook(record(None)))
+        handles.append(model.get_submodule(self.source_point).register_forward_hook(record(None)))
         flags = {m: m.training for m in model.modules()}
         try:
             model.eval()
@@ -476,7 +476,7 @@ class DirectFeedback(nn.Module):
         for path in self.paths:
             self._handles.append(
                 model.get_submodule(path.point).register_forward_hook(_TargetHook(self, path.point)))
-        self._handles.append(model.get_submodule(self._source_point).register_forward_hook(_SourceHook(self)))
+        self._handles.append(model.get_submodule(self.source_point).register_forward_hook(_SourceHook(self)))
         model.direct_feedback = self
 
     def detach_from(self, model: nn.Module) -> None:
@@ -519,7 +519,7 @@ class DirectFeedback(nn.Module):
             hs.append(h)
         self._stash.clear()
         params = [p for path in self.paths for p in path.parameters()]
-        return _DirectFeedbackFn.apply(self._plan, output, *hs, *params)
+        return _DirectFeedbackFn.apply(self.plan, output, *hs, *params)
 
     def forward(self, input):
         """The identity. The object works through hooks; it is only called because an

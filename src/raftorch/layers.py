@@ -116,13 +116,13 @@ class FeedbackLayer:
         self.rank = check_rank(self.rule, rank, rank_limit, layer=type(self).__name__)
         self.oja, self.error_clamp = parse_options(self.rule, options)
         # the factor the current backward's loss was multiplied by (raftorch.loss_scale)
-        self._loss_scale = RF.LossScale() if self.oja is not None else None
+        self.scale_slot = RF.LossScale() if self.oja is not None else None
         if self.oja is not None and self.oja.source == "target":
             if not isinstance(self, nn.Linear):
                 raise ValueError("oja_source='target' is only meaningful for a Linear output layer")
-            self._targets = RF.TargetSlot(f"{type(self).__name__}({self.extra_repr()})")
+            self.target_slot = RF.TargetSlot(f"{type(self).__name__}({self.extra_repr()})")
         else:
-            self._targets = None
+            self.target_slot = None
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         for name, shape in self._feedback_shapes().items():
             p = nn.Parameter(torch.empty(shape, **factory), requires_grad=name in self.rule.learns)
@@ -202,7 +202,7 @@ class Linear(FeedbackLayer, nn.Linear):
         path = self.rule.path
         if path == "lowrank":
             return RF.linear_lowrank(input, self.weight, self.bias, self.Q, self.P, self.oja,
-                                     self._targets, self._loss_scale, self.error_clamp)
+                                     self.target_slot, self.scale_slot, self.error_clamp)
         if path == "transpose":  # bp: exactly nn.Linear (double backward included)
             return nn.Linear.forward(self, input)
         return RF.LinearFullFeedback.apply(input, self.weight, self.bias, self.B, self.error_clamp)
@@ -306,7 +306,7 @@ class Conv2d(FeedbackLayer, nn.Conv2d):
         if path == "lowrank":
             return RF.Conv2dLowRankFeedback.apply(
                 input, self.weight, self.bias, self.Q, self.P, self.geometry, self.oja,
-                self._loss_scale, self.error_clamp
+                self.scale_slot, self.error_clamp
             )
         if path == "transpose":  # bp: exactly nn.Conv2d (double backward included)
             return nn.Conv2d.forward(self, input)
@@ -406,7 +406,7 @@ class Conv1d(FeedbackLayer, nn.Conv1d):
         if self.rule.path == "lowrank":
             out = RF.Conv2dLowRankFeedback.apply(
                 x, w, self.bias, self.Q.unsqueeze(2), self.P, self.geometry, self.oja,
-                self._loss_scale, self.error_clamp)
+                self.scale_slot, self.error_clamp)
         else:
             out = RF.Conv2dFullFeedback.apply(x, w, self.bias, self.B.unsqueeze(2), self.geometry,
                                               self.error_clamp)

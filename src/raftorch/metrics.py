@@ -156,8 +156,8 @@ class _Frozen:
 
     def __enter__(self):
         self.flags = [(m, m.training) for m in self.model.modules()]
-        self.slots = [layer._targets for _, layer in feedback_layers(self.model)
-                      if getattr(layer, "_targets", None) is not None]
+        self.slots = [layer.target_slot for _, layer in feedback_layers(self.model)
+                      if getattr(layer, "target_slot", None) is not None]
         self.saved = [s.value for s in self.slots]
         devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
         self.rng = torch.random.fork_rng(devices=devices)

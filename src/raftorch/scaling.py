@@ -57,7 +57,7 @@ __all__ = ["loss_scale", "sync_oja"]
 def _holders(model: nn.Module) -> list[LossScale]:
     out, seen = [], set()
     for m in model.modules():
-        for h in (getattr(m, "_loss_scale", None), getattr(getattr(m, "_plan", None), "scale", None)):
+        for h in (getattr(m, "scale_slot", None), getattr(getattr(m, "plan", None), "scale", None)):
             if isinstance(h, LossScale) and id(h) not in seen:
                 seen.add(id(h))
                 out.append(h)

@@ -237,7 +237,7 @@ def track_subspace(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable | N
     direct = model._modules.get("direct_feedback")
     source = None
     if direct is not None and getattr(direct, "rule", None) is not None and direct.rule.low_rank:
-        source = direct._source_point
+        source = direct.source_point
     exact = _learns_exactly(model)
     received = capture_errors(model, x, y, loss_fn, names + ([source] if source not in (None, *names) else []))
     bp = received if exact else capture_errors(plain_copy(model), x, y, loss_fn, names)
