@@ -2,7 +2,8 @@
 profile and the gap study) is what raftorch writes from the committed claims.json / points.csv
 (and the study tables) and the current specs, and the README's quick-profile tables are that
 report's, not numbers typed by hand. When a spec or a result changes, `raftorch reproduce all
---profile P --redraw --export docs/results/P` regenerates the report, and the README's compact
+--profile P --redraw --export docs/results/P` regenerates the report (after an edit of a spec's
+text alone, scripts/regenerate_reports.py does it from the committed files), and the README's compact
 block (the summary line and the "Summary by panel" table) is copied from it. The docs pages
 include the reports themselves (pymdownx.snippets), so they hold no copy to check."""
 from __future__ import annotations
