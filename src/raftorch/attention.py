@@ -225,6 +225,8 @@ class MultiheadAttention(nn.MultiheadAttention):
     def to_torch(self) -> nn.MultiheadAttention:
         """A plain ``nn.MultiheadAttention`` with this module's parameters (the same
         ``Parameter`` objects) and no feedback paths."""
+        # assembled from this module's attributes: nn.MultiheadAttention's constructor would draw
+        # new weights and cannot take existing Parameters
         plain = nn.MultiheadAttention.__new__(nn.MultiheadAttention)
         nn.Module.__init__(plain)
         for key, value in self.__dict__.items():

@@ -144,7 +144,7 @@ def describe(model: nn.Module) -> LayerTable:
     labelled by the direct rule and the rank of its path (its own error comes from that
     path, not from the layer above). An attention module gets a row (its rule and rank) and
     one row per q / k / v feedback path (shape: that projection's ``(E, n_in)`` slice)."""
-    direct = model._modules.get("direct_feedback")
+    direct = getattr(model, "direct_feedback", None)
     fed = {}
     if direct is not None and hasattr(direct, "paths"):
         fed = {path.target: (i, path) for i, path in enumerate(direct.paths)}

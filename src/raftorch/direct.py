@@ -114,6 +114,8 @@ def injection_point(model: nn.Module, target: str) -> str:
     parent = model.get_submodule(parent_name)
     if not isinstance(parent, nn.Sequential):
         return target
+    # a Sequential's children by name, a module used twice listed twice (named_children lists it
+    # once; no public API lists them all)
     names = list(parent._modules)
     point = child
     for nxt in names[names.index(child) + 1:]:
@@ -312,7 +314,7 @@ class DirectFeedback(nn.Module):
         if not self.rule.low_rank and rank is not None:
             raise ValueError(f"rule 'dfa' uses a fixed full-rank B and takes no rank (got rank={rank!r}); "
                              "use rule='draf' to limit the rank")
-        if "direct_feedback" in model._modules:
+        if getattr(model, "direct_feedback", None) is not None:
             raise ValueError("model already has a direct_feedback; call "
                              "model.direct_feedback.detach_from(model) first")
         self.oja, self.error_clamp = parse_options(self.rule, options)
@@ -484,8 +486,8 @@ class DirectFeedback(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if model._modules.get("direct_feedback") is self:
-            del model._modules["direct_feedback"]
+        if getattr(model, "direct_feedback", None) is self:
+            delattr(model, "direct_feedback")
 
     # ------------------------------------------------------------------ forward hooks
 

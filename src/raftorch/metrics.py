@@ -25,7 +25,7 @@ def angle_degrees(a: Tensor, b: Tensor) -> float:
 
 
 def _direct_targets(model: nn.Module) -> set[str]:
-    direct = model._modules.get("direct_feedback")
+    direct = getattr(model, "direct_feedback", None)
     return {p.target for p in getattr(direct, "paths", ())} if direct is not None else set()
 
 

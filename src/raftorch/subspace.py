@@ -196,7 +196,7 @@ def _learns_exactly(model: nn.Module) -> bool:
     backprop's), so no plain copy is needed."""
     from raftorch.layers import FeedbackLayer
 
-    if model._modules.get("direct_feedback") is not None:
+    if getattr(model, "direct_feedback", None) is not None:
         return False
     return all(m.rule.name == "bp" for m in model.modules() if isinstance(m, FeedbackLayer))
 
@@ -234,7 +234,7 @@ def track_subspace(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable | N
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     layers = [(n, model.get_submodule(n)) for n in error_layer_names(model)]
     names = [n for n, _ in layers]
-    direct = model._modules.get("direct_feedback")
+    direct = getattr(model, "direct_feedback", None)
     source = None
     if direct is not None and getattr(direct, "rule", None) is not None and direct.rule.low_rank:
         source = direct.source_point
