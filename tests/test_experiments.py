@@ -508,7 +508,10 @@ def test_ctrl_c_stops_cleanly_keeps_the_checkpoint_and_says_how_to_resume(tmp_pa
     res = tmp_path / "results"
     cmd = [sys.executable, "-m", "raftorch", "reproduce", "--spec", str(spec), "--results", str(res),
            "--jobs", "1", "--threads", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default action in the child even where the tests themselves run in the
+    # background (`cmd &` ignores SIGINT, and a child inherits that)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     runs = res / "quick" / "toy" / "runs"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not list(runs.glob("*/checkpoint.pt")):
@@ -590,3 +593,19 @@ def test_seeds_wanted_grows_at_most_twofold_up_to_the_cap(tmp_path):
     assert suite._seeds_wanted(panel, [dict(undecided, seeds_needed=None)], cap=3)[("BP", ())] == [2]
     assert suite._seeds_wanted(panel, [dict(undecided, seeds_needed=20)], cap=2) == {}  # at the cap
     assert suite._seeds_wanted(panel, [dict(undecided, verdict="holds", seeds_needed=3)], cap=8) == {}
+
+
+def test_a_sweep_loads_each_dataset_once_and_drops_it_afterwards(tmp_path, monkeypatch):
+    """The points of a sweep in one process share one load of their dataset (the runner's
+    DatasetCache, passed to train), and the cache is gone when the sweep ends."""
+    import raftorch.training.data as D
+
+    spec = dict(TOY, base={**TOY["base"], "epochs": 1}, claims=[])
+    path = write_spec(tmp_path / "specs", spec)
+    loads = []
+    real = D.load_dataset
+    monkeypatch.setattr(D, "load_dataset", lambda name, **kw: loads.append(name) or real(name, **kw))
+    assert reproduce_cli("--spec", path, "--results", tmp_path / "results") == 0
+    # six points, two seeds: one load per seed (the seed draws the split and subsets)
+    assert len(summary(tmp_path / "results")) == 6 and loads == ["digits", "digits"]
+    assert runner._DATASETS is None

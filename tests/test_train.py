@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -288,11 +289,13 @@ def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(tmp_path):
     cmd = [sys.executable, "-m", "raftorch", "train", "--data", "digits", "--model", "mlp", "--rule", "raf",
            "--rank", "4", "--epochs", "500", "--threads", "1", "--device", "cpu", "--no-progress",
            "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default action in the child even where the tests themselves run in the
+    # background (`cmd &` ignores SIGINT, and a child inherits that)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (out / "checkpoint.pt").exists():
         time.sleep(0.01)
-    import signal
 
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

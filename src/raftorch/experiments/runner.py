@@ -286,7 +286,7 @@ def _execute_held(kind: str, config: dict, theory: dict, folder: Path, resume: b
             from raftorch.training.data import load_dataset
             from raftorch.training.loop import train
 
-            final = train(config, resume=resume, progress=False, load=_DATASETS or load_dataset)
+            final = train(config, resume=resume, progress=False, load=load_dataset if _DATASETS is None else _DATASETS)
         return {"status": "done", "test_accuracy": final.get("test_accuracy"),
                 "seconds": time.perf_counter() - start}
     except KeyboardInterrupt:
