@@ -1,8 +1,7 @@
 """Run the theory's small matrix products on one BLAS thread.
 
 The matrices here are tiny (tens by a thousand); a multi-threaded BLAS spends more time
-waking its threads than multiplying, and on a busy 2-core machine it was measured 5-20x
-slower than one thread. ``threadpoolctl`` comes with scikit-learn (a raftorch dependency);
+waking its threads than multiplying, several times longer than one thread on a busy machine. ``threadpoolctl`` comes with scikit-learn (a raftorch dependency);
 without it this is a no-op.
 """
 from __future__ import annotations
