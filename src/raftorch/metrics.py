@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from raftorch.attention import MultiheadAttention
 from raftorch.convert import feedback_layers, plain_copy
-from raftorch.replace import set_module
+from raftorch.replace import is_weight_layer, set_module
 
 
 def angle_degrees(a: Tensor, b: Tensor) -> float:
@@ -75,7 +75,7 @@ def error_alignment(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable | 
     nothing of the model changes (parameters, ``.grad``, buffers, flags, RNG, fed targets).
     """
     names = [n for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+             if is_weight_layer(m)
              and n != "direct_feedback" and not n.startswith("direct_feedback.")]
     received = capture_errors(model, x, y, loss_fn, names)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})

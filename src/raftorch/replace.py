@@ -39,7 +39,7 @@ _UNSUPPORTED = {
     nn.Bilinear: "Bilinear is not supported",
 }
 
-_WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
+WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)  # what convert() swaps
 # the raftorch twin and the torch.nn twin of each kind of weight layer (layer_arguments' kind)
 _FEEDBACK_CLASSES = {"Linear": Linear, "Conv1d": Conv1d, "Conv2d": Conv2d}
 _PLAIN_CLASSES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d}
@@ -254,7 +254,7 @@ def convert_layers(model: nn.Module, rule, rank=None, *, ranks: dict | None = No
                 not_entered.add(name)
                 break
         else:
-            if isinstance(module, _WEIGHT_TYPES):
+            if isinstance(module, WEIGHT_TYPES):
                 skipped.append((name, type(module).__name__,
                                 "a subclass of a supported layer with its own behaviour; convert it by hand"))
 

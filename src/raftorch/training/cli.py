@@ -18,6 +18,7 @@ from raftorch.training.data import CorruptDatasetError, DatasetNotFoundError
 from raftorch.training.loop import TrainingDiverged, train
 from raftorch.training.runlock import check_writable
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every :class:`TrainConfig` field, plus ``--config``, ``--resume``, ``--no-progress``.
 
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if "default" not in help_text and not isinstance(default, (bool, dict)):
             help_text += f" (default: {default})"
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        flag = meta["flag"] or "--" + name.replace("_", "-")
+        flag = TrainConfig.flag(name)
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.type.startswith("list["):  # repeatable, or a comma list

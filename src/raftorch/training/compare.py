@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from raftorch.training import runlock
-from raftorch.training.checkpoint import write_json, write_text
-from raftorch.training.data import DATASETS, DataSplits, load_dataset
 from raftorch.models import MODELS, build_model
 from raftorch.rules import CONTROL_RULES, DIRECT_RULES, get_rule
+from raftorch.training import runlock
+from raftorch.training.checkpoint import write_json, write_text
 from raftorch.training.config import TrainConfig
+from raftorch.training.data import DATASETS, DataSplits, load_dataset
 from raftorch.training.loop import train
 from raftorch.training.summary import mean_std
 

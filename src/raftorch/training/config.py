@@ -143,6 +143,11 @@ class TrainConfig:
         return {f.name: f for f in dataclasses.fields(cls)}
 
     @classmethod
+    def flag(cls, name: str) -> str:
+        """The command-line flag of setting ``name``: ``--field-name`` unless declared otherwise."""
+        return cls.fields()[name].metadata["flag"] or "--" + name.replace("_", "-")
+
+    @classmethod
     def names_of(cls, *types: str) -> list[str]:
         """The settings declared with one of these types (as written), e.g. ``"float"``, ``"int | None"``."""
         return [name for name, f in cls.fields().items() if f.type in types]
@@ -186,11 +191,11 @@ class TrainConfig:
 
         for name in self.names_of("bool"):  # true / false settings
             if not isinstance(getattr(self, name), bool):
-                bad(name, f"{name} (--{_flag(name)}) must be true or false, got {getattr(self, name)!r}")
+                bad(name, f"{name} ({self.flag(name)}) must be true or false, got {getattr(self, name)!r}")
         for name, example in (("out", "runs/NAME"), ("data_dir", "~/data")):  # folders: null or a name
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
-                bad(name, f"{name} (--{_flag(name)}) must name a folder, got {value!r}; e.g. --{_flag(name)} "
+                bad(name, f"{name} ({self.flag(name)}) must name a folder, got {value!r}; e.g. {self.flag(name)} "
                           f"{example}, or leave it out")
         if not isinstance(self.data, str):
             bad("data", f"data (--data) must be a dataset name such as 'digits' or 'cifar100:50', got {self.data!r}")
@@ -230,22 +235,22 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
                                       or not math.isfinite(value)):
-                bad(name, f"{name} (--{_flag(name)}) must be a finite number, got {value!r}")
+                bad(name, f"{name} ({self.flag(name)}) must be a finite number, got {value!r}")
         if self.momentum and self.optimizer not in ("sgd", "rmsprop"):
             bad("momentum", f"momentum applies to sgd / rmsprop only, not {self.optimizer!r}")
         for name in self.names_of("int"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                bad(name, f"{name} (--{_flag(name)}) must be a non-negative whole number, got {value!r}")
+                bad(name, f"{name} ({self.flag(name)}) must be a non-negative whole number, got {value!r}")
         for name in ("lr", "eval_batch_size", "batch_size", "epochs", "accumulate"):
             if getattr(self, name) <= 0:
-                bad(name, f"{name} must be a positive number, got {getattr(self, name)!r} (--{_flag(name)})")
+                bad(name, f"{name} must be a positive number, got {getattr(self, name)!r} ({self.flag(name)})")
         if self.bf16 and self.fp16:
             bad("fp16", "bf16 and fp16 are two autocast dtypes; choose one")
         for name in self.names_of("int | None"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                bad(name, f"{name} (--{_flag(name)}) must be a positive whole number or null, got {value!r}")
+                bad(name, f"{name} ({self.flag(name)}) must be a positive whole number or null, got {value!r}")
         if self.feedback_lr is not None and self.feedback_lr <= 0:
             bad("feedback_lr", f"feedback_lr must be positive or null, got {self.feedback_lr!r}")
         for name in ("weight_decay", "momentum"):
@@ -295,10 +300,6 @@ class ConfigError(ValueError):
     def __init__(self, message: str, setting: str | None = None):
         super().__init__(message)
         self.setting = setting
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def check_keys(values: dict[str, Any], source: str = "config") -> None:

@@ -33,13 +33,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import raftorch
+from raftorch.models import build_model, zero_output_layer_
+from raftorch.replace import WEIGHT_TYPES
+from raftorch.rules import DIRECT_RULES
 from raftorch.training import checkpoint as ckpt
 from raftorch.training import runlock
 from raftorch.training.config import TrainConfig, dump_config
-from raftorch.training.data import (Augmentation, DataSplits, batch_indices,
-                           load_dataset, shard)
-from raftorch.models import build_model, zero_output_layer_
-from raftorch.rules import DIRECT_RULES
+from raftorch.training.data import Augmentation, DataSplits, batch_indices, load_dataset, shard
 from raftorch.training.threads import auto_threads
 
 FEEDBACK_SUFFIXES = (".B", ".Q", ".P")
@@ -98,8 +98,8 @@ def convert_model(model: nn.Module, cfg: TrainConfig, example_input: torch.Tenso
     converted too, and takes no ``rank``, ``ranks``, ``rule_options`` or ``layer_options``.
     """
     if cfg.rule.lower() == "frozen":
-        for setting, flag in (("rank", "--rank"), ("ranks", "--layer-rank"),
-                              ("rule_options", "--rule-option"), ("layer_options", "--layer-option")):
+        for setting in ("rank", "ranks", "rule_options", "layer_options"):
+            flag = cfg.flag(setting)
             value = getattr(cfg, setting)
             if value is not None and value != {}:
                 raise ValueError(f"rule 'frozen' has no feedback path (only the output layer learns), so "
@@ -131,8 +131,9 @@ def _check_layer_names(model: nn.Module, cfg: TrainConfig) -> None:
     import fnmatch
 
     layers = [n for n, m in model.named_modules()
-              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)) and n]
-    for setting, flag in (("layer_options", "--layer-option"), ("ranks", "--layer-rank")):
+              if isinstance(m, WEIGHT_TYPES) and n]
+    for setting in ("layer_options", "ranks"):
+        flag = cfg.flag(setting)
         for pattern in getattr(cfg, setting):
             if not any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in layers):
                 shown = ", ".join(layers[:16]) + (f", ... ({len(layers)} in all)" if len(layers) > 16 else "")
